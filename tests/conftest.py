@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models made on the spot (no hub), and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (real-model pipeline)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: tiny_models(arch, num_layers=4, seed=0, **kw) -> directory, cached per session."""
+    from dus.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", num_layers: int = 4, seed: int = 0, **kwargs) -> Path:
+        key = (arch, num_layers, seed, tuple(sorted(kwargs.items())))
+        if key not in made:
+            name = f"{arch}-{num_layers}-{seed}-{len(made)}"
+            made[key] = make_tiny_model(root / name, arch, num_layers=num_layers, seed=seed, **kwargs)
+        return made[key]
+
+    return make
+
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `dus ARGS...` in-process; returns CliResult(code, stdout, stderr)."""
+    from dus.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
