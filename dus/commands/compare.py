@@ -1,0 +1,54 @@
+"""`dus compare MODEL [MODEL ...] --data FILE -o DIR`: base vs unhealed vs healed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)
+
+
+def compare(
+    models: list[Path] = typer.Argument(..., help="Model directories (HF format, safetensors), e.g. BASE out/solar out/solar-healed."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for report.md, the PNG plots and metrics.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out text: .txt (one stream) or .jsonl with a 'text' field. Default: data/heldout.txt."),
+    label: list[str] = typer.Option([], "--label", "-l", help="Name of each model in the report, in order (default: directory names)."),
+    window: Optional[int] = typer.Option(None, help="Sliding-window length in tokens (default: 1024 or the smallest context length)."),
+    stride: Optional[int] = typer.Option(None, help="Tokens the window advances each step (default: window / 2)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Only use the first N tokens of the text."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts for greedy generations: .jsonl with 'prompt' or .txt, one per line. Default: data/prompts.jsonl."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Run the greedy generations."),
+    max_new_tokens: int = typer.Option(64, help="New tokens per generation."),
+    skip_perplexity: bool = typer.Option(False, "--skip-perplexity", help="Only layer diagnostics and generations (allows models whose tokenizers differ)."),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    tasks: Optional[str] = typer.Option(None, help="lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval` and its datasets)."),
+    task_limit: Optional[int] = typer.Option(None, help="lm-eval: examples per task (quick checks)."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log metrics, tables and plots to a W&B run (offline unless logged in)."),
+) -> None:
+    """Perplexity, per-layer angular distance and norm (seams marked), and greedy generations, side by side."""
+    from dus.compare.lm_eval_hook import parse_tasks
+    from dus.compare.run import CompareOptions, compare_models, default_data_file
+
+    options = CompareOptions(
+        data=data or default_data_file("heldout.txt"),
+        output=output,
+        labels=label,
+        window=window,
+        stride=stride,
+        max_tokens=max_tokens,
+        prompts=prompts,
+        generate=generate,
+        max_new_tokens=max_new_tokens,
+        perplexity=not skip_perplexity,
+        dtype=dtype,
+        device=device,
+        tasks=parse_tasks(tasks),
+        task_limit=task_limit,
+        wandb=wandb,
+    )
+    compare_models(models, options)

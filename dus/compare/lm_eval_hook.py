@@ -1,0 +1,58 @@
+"""Optional benchmark scores from lm-evaluation-harness (`--tasks`).
+
+dus does not depend on lm-eval (it pins its own torch and datasets and downloads its
+task data from the Hugging Face hub); when it is missing, or its data cannot be reached,
+the comparison carries on and the report says why the scores are absent.
+"""
+
+from __future__ import annotations
+
+INSTALL_HINT = "lm-evaluation-harness is not installed: `pip install 'dus[eval]'` (or `pip install lm-eval`) to add --tasks scores"
+NETWORK_WORDS = ("connection", "offline", "resolve", "network", "timed out", "timeout", "couldn't reach", "could not reach", "hub", "404", "max retries", "name or service")
+
+
+def available() -> bool:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse_tasks(tasks: str | None) -> list[str]:
+    return [task.strip() for task in (tasks or "").split(",") if task.strip()]
+
+
+def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: int | None = None, batch_size: int = 1) -> dict:
+    """{"status": "ok", "results": {task: {metric: value}}} or {"status": ..., "message": ...}."""
+    try:
+        import lm_eval
+    except ImportError:
+        return {"status": "not-installed", "message": INSTALL_HINT}
+    dtype_arg = "auto" if dtype == "auto" else dtype
+    try:
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir},dtype={dtype_arg},trust_remote_code=False",
+            tasks=tasks,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+        )
+    except Exception as error:  # lm-eval raises many kinds; none of them should sink the comparison
+        text = f"{type(error).__name__}: {error}"
+        if isinstance(error, (ConnectionError, TimeoutError)) or any(word in text.lower() for word in NETWORK_WORDS):
+            message = (
+                f"lm-eval could not reach its task datasets ({text.splitlines()[0][:200]}); they download from the "
+                "Hugging Face hub: run where the hub is reachable, or pre-cache the datasets and set HF_DATASETS_OFFLINE=1"
+            )
+            return {"status": "unreachable", "message": message}
+        return {"status": "failed", "message": f"lm-eval failed on tasks {','.join(tasks)}: {text.splitlines()[0][:300]}"}
+    if not output or "results" not in output:
+        return {"status": "failed", "message": "lm-eval returned no results (is this the main process?)"}
+    results = {}
+    for task, metrics in output["results"].items():
+        results[task] = {
+            key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+    return {"status": "ok", "results": results}

@@ -1,0 +1,198 @@
+"""report.md, metrics.json and the terminal summary of a comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def write_json(data: dict, path: Path) -> Path:
+    path.write_text(json.dumps(data, indent=2, default=_plain, allow_nan=True) + "\n")
+    return path
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _cell(text) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)
+
+
+def _delta(value: float, reference: float) -> str:
+    if not reference or math.isnan(reference) or math.isnan(value):
+        return "n/a"
+    return f"{100 * (value / reference - 1):+.1f}%"
+
+
+def render_report(metrics: dict) -> str:
+    models = metrics["models"]
+    settings = metrics["settings"]
+    data = metrics["data"]
+    out = [f"# dus compare: {' vs '.join(m['label'] for m in models)}", ""]
+    out.append(
+        f"Held-out text `{data['path']}` ({data['characters']:,} characters, sha256 `{data['sha256'][:12]}`), "
+        f"sliding window {settings['window']} tokens with stride {settings['stride']}; "
+        f"dtype {settings['dtype']}, device {settings['device']}; dus {metrics['dus_version']}, {metrics['created']}."
+    )
+    out.append("")
+    out += _models_section(models)
+    if settings["perplexity"]:
+        out += _perplexity_section(models, metrics["plots"].get("perplexity"))
+    out += _layers_section(models, metrics["plots"])
+    if any(m.get("generations") for m in models):
+        out += _generations_section(models, settings)
+    if settings.get("tasks"):
+        out += _lm_eval_section(models, settings["tasks"], metrics.get("lm_eval", {}))
+    out += _time_section(models)
+    if metrics.get("wandb"):
+        out += ["", f"W&B run: {metrics['wandb']}"]
+    return "\n".join(out) + "\n"
+
+
+def _models_section(models) -> list[str]:
+    out = ["## Models", "", "| model | path | architecture | layers | dtype | seams | new (zero-init) layers |", "|---|---|---|---:|---|---|---|"]
+    for m in models:
+        out.append(
+            f"| {_cell(m['label'])} | `{_cell(m['path'])}` | {m['architecture']} | {m['num_layers']} | {m['dtype']} | "
+            f"{', '.join(map(str, m['seams'])) or '-'} | {', '.join(map(str, m['new_layers'])) or '-'} |"
+        )
+    return out + [""]
+
+
+def _perplexity_section(models, plot) -> list[str]:
+    reference = models[0]["perplexity"]["perplexity"]
+    out = [
+        "## Perplexity",
+        "",
+        "Each token after the first is scored once, with the context of its sliding window "
+        "(the strided method of the transformers docs); lower is better.",
+        "",
+        f"| model | layers | perplexity | vs {_cell(models[0]['label'])} | mean NLL (nats) | tokens scored |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        p = m["perplexity"]
+        out.append(f"| {_cell(m['label'])} | {m['num_layers']} | {_fmt(p['perplexity'], 3)} | {_delta(p['perplexity'], reference)} | {_fmt(p['mean_nll'])} | {p['tokens_scored']:,} |")
+    if plot:
+        out += ["", f"![perplexity]({plot})"]
+    return out + [""]
+
+
+def _layers_section(models, plots) -> list[str]:
+    out = [
+        "## Per-layer diagnostics",
+        "",
+        "Angular distance of layer l is arccos(cos(h_l, h_l+1)) / pi averaged over the scored tokens: how far "
+        "the layer turns the residual stream (0 = identity). A seam (dashed line, between the two layers that "
+        "were not adjacent in their source) typically shows as a spike in an unhealed model; healing flattens it. "
+        "The norm is the mean L2 norm of each layer's output, before the final norm.",
+        "",
+        f"![angular distance]({plots['angular_distance']})",
+        "",
+        f"![angular distance by relative depth]({plots['angular_distance_relative']})",
+        "",
+        f"![hidden-state norm]({plots['hidden_norm']})",
+        "",
+    ]
+    spikes = [(m["label"], spike) for m in models for spike in m["seam_spikes"]]
+    if spikes:
+        out += ["### Seams", "", "| model | seam (layer) | angular distance there | median of other layers | ratio |", "|---|---:|---:|---:|---:|"]
+        for label, spike in spikes:
+            out.append(f"| {_cell(label)} | {spike['seam']} | {_fmt(spike['angular_distance'])} | {_fmt(spike['median_other_layers'])} | {_fmt(spike['ratio'], 2)} |")
+        out.append("")
+    depth = max(m["num_layers"] for m in models)
+    header = "| layer | " + " | ".join(f"{_cell(m['label'])} distance | {_cell(m['label'])} norm" for m in models) + " |"
+    out += ["<details><summary>Per-layer values (seam layers marked *)</summary>", "", header, "|---:|" + "---:|---:|" * len(models)]
+    for index in range(depth):
+        cells = []
+        for m in models:
+            layers = m["layers"]
+            if index < m["num_layers"]:
+                mark = "*" if index in m["seams"] else ""
+                cells += [f"{_fmt(layers['angular_distance'][index])}{mark}", _fmt(layers["output_norm"][index], 3)]
+            else:
+                cells += ["", ""]
+        out.append(f"| {index} | " + " | ".join(cells) + " |")
+    return out + ["", "</details>", ""]
+
+
+def _generations_section(models, settings) -> list[str]:
+    out = ["## Greedy generations", "", f"Up to {settings['max_new_tokens']} new tokens, greedy, prompts from `{settings['prompts']}`."]
+    if any(not g["chat_template"] for m in models for g in m.get("generations", [])):
+        templated = [m["label"] for m in models if m.get("generations") and not m["generations"][0]["chat_template"]]
+        out.append(f"No chat template in {', '.join(templated)}: those models got the raw prompt followed by a newline.")
+    out.append("")
+    prompts = [g["prompt"] for g in models[0]["generations"]]
+    for number, prompt in enumerate(prompts):
+        out += [f"### {number + 1}. {_cell(prompt)}", "", "| model | output |", "|---|---|"]
+        for m in models:
+            generation = m["generations"][number]
+            out.append(f"| {_cell(m['label'])} | {_cell(generation['output'])} |")
+        out.append("")
+    return out
+
+
+def _lm_eval_section(models, tasks, summary) -> list[str]:
+    out = ["## lm-evaluation-harness", ""]
+    scored = [(m["label"], m["lm_eval"]["results"]) for m in models if (m.get("lm_eval") or {}).get("status") == "ok"]
+    for m in models:
+        result = m.get("lm_eval") or {}
+        if result.get("status") != "ok" and result.get("message"):
+            out.append(f"- {_cell(m['label'])}: {result['message']}")
+    if scored:
+        keys = sorted({(task, metric) for _, results in scored for task, metrics in results.items() for metric in metrics})
+        out += ["", "| model | " + " | ".join(f"{task} {metric}" for task, metric in keys) + " |", "|---|" + "---:|" * len(keys)]
+        for label, results in scored:
+            out.append(f"| {_cell(label)} | " + " | ".join(_fmt(results.get(task, {}).get(metric)) for task, metric in keys) + " |")
+    return out + [""]
+
+
+def _time_section(models) -> list[str]:
+    out = ["## Time", "", "| model | load (s) | perplexity + layers (s) | tokens/s | generations (s) |", "|---|---:|---:|---:|---:|"]
+    for m in models:
+        seconds = m["seconds"]
+        rate = m["tokens"] / seconds["measure"] if seconds.get("measure") else float("nan")
+        out.append(f"| {_cell(m['label'])} | {seconds['load']:.1f} | {seconds['measure']:.1f} | {rate:.0f} | {_fmt(seconds.get('generate'), 1)} |")
+    return out
+
+
+def terminal_table(metrics: dict):
+    """The rich table printed at the end of `dus compare`."""
+    from rich.table import Table
+
+    models = metrics["models"]
+    with_ppl = metrics["settings"]["perplexity"]
+    table = Table(title="dus compare")
+    table.add_column("model")
+    table.add_column("layers", justify="right")
+    table.add_column("dtype")
+    if with_ppl:
+        table.add_column("perplexity", justify="right")
+        table.add_column(f"vs {models[0]['label']}", justify="right")
+        table.add_column("tokens scored", justify="right")
+    table.add_column("seams", justify="right")
+    table.add_column("max seam spike", justify="right")
+    table.add_column("seconds", justify="right")
+    reference = models[0]["perplexity"]["perplexity"] if with_ppl else None
+    for m in models:
+        row = [m["label"], str(m["num_layers"]), m["dtype"]]
+        if with_ppl:
+            p = m["perplexity"]
+            row += [f"{p['perplexity']:.3f}", _delta(p["perplexity"], reference), f"{p['tokens_scored']:,}"]
+        ratios = [spike["ratio"] for spike in m["seam_spikes"]]
+        row += [", ".join(map(str, m["seams"])) or "-", f"{max(ratios):.2f}x" if ratios else "-", f"{sum(m['seconds'].values()):.1f}"]
+        table.add_row(*row)
+    return table

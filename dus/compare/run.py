@@ -1,0 +1,251 @@
+"""`dus compare` as a function: measure each model in turn (one in memory at a time),
+then write plots, metrics.json and report.md, and optionally log to W&B."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dus.errors import DusError
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_WINDOW = 1024
+
+
+@dataclass
+class CompareOptions:
+    data: Path
+    output: Path
+    labels: list[str] = field(default_factory=list)
+    window: int | None = None  # default: min(1024, smallest max_position_embeddings)
+    stride: int | None = None  # default: window // 2
+    max_tokens: int | None = None
+    prompts: Path | None = None  # default: data/prompts.jsonl
+    generate: bool = True
+    max_new_tokens: int = 64
+    perplexity: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+    wandb: bool = False
+
+
+def default_data_file(name: str) -> Path:
+    """`data/NAME` in the working directory, else the one shipped in the repository."""
+    local = Path("data") / name
+    return local if local.is_file() else REPO_DATA / name
+
+
+def model_labels(model_dirs: list[Path], labels: list[str]) -> list[str]:
+    """Given labels, else directory names (made unique with their parent's name)."""
+    if labels:
+        if len(labels) != len(model_dirs):
+            raise DusError(f"{len(labels)} --label values for {len(model_dirs)} models; give one label per model or none")
+        if len(set(labels)) != len(labels):
+            raise DusError("--label values must be distinct")
+        return list(labels)
+    names = [path.resolve().name for path in model_dirs]
+    if len(set(names)) == len(names):
+        return names
+    names = [f"{path.resolve().parent.name}/{path.resolve().name}" for path in model_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}:{name}" for i, name in enumerate(names)]
+
+
+def choose_window(model_dirs: list[Path], window: int | None, stride: int | None) -> tuple[int, int]:
+    from dus.compare.loading import max_positions_of
+
+    limits = [(limit, path) for path in model_dirs if (limit := max_positions_of(path))]
+    smallest = min(limits) if limits else None
+    if window is None:
+        window = min(DEFAULT_WINDOW, smallest[0]) if smallest else DEFAULT_WINDOW
+    elif smallest and window > smallest[0]:
+        raise DusError(f"--window {window} exceeds {smallest[1]}'s max_position_embeddings ({smallest[0]}); use --window {smallest[0]} or less")
+    if stride is None:
+        stride = max(1, window // 2)
+    return window, stride
+
+
+def seams_of(model_dir: Path) -> tuple[list[int], list[int], dict | None]:
+    """(seams, new layers, short build info) from the dus manifest, or empty for other models."""
+    from dus.plan import read_manifest
+
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        return [], [], None
+    plan = manifest.get("plan", {})
+    seams = plan.get("seams", manifest.get("seams", []))
+    built = {"recipe_kind": plan.get("recipe_kind"), "sources": sorted((manifest.get("sources") or plan.get("models") or {}).keys())}
+    if manifest.get("history"):
+        built["history"] = [record.get("stage", record.get("kind", "?")) if isinstance(record, dict) else str(record) for record in manifest["history"]]
+    return list(seams), list(plan.get("new_layers", [])), built
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seam_spikes(distances: list[float], seams: list[int]) -> list[dict]:
+    """For each seam i: layer i's angular distance against the median of non-seam layers."""
+    others = sorted(value for index, value in enumerate(distances) if index not in seams)
+    median = others[len(others) // 2] if others else float("nan")
+    spikes = []
+    for seam in seams:
+        if 0 <= seam < len(distances):
+            value = distances[seam]
+            spikes.append({"seam": seam, "angular_distance": value, "median_other_layers": median, "ratio": value / median if median else float("nan")})
+    return spikes
+
+
+def compare_models(model_dirs: list[str | Path], options: CompareOptions, console=None) -> dict:
+    """Measure every model and write the report; returns the metrics dict (also in metrics.json)."""
+    from rich.console import Console
+
+    from dus import __version__
+    from dus.compare import lm_eval_hook
+    from dus.compare.generate import generations_to_dicts, load_prompts
+    from dus.compare.loading import check_model_dir, check_same_tokenizer, load_tokenizer, num_layers_of, resolve_device
+    from dus.compare.text import read_text
+
+    console = console or Console(stderr=True)
+    if not model_dirs:
+        raise DusError("no models given; pass one or more model directories")
+    model_dirs = [check_model_dir(path) for path in model_dirs]
+    labels = model_labels(model_dirs, options.labels)
+    text = read_text(options.data)
+    window, stride = choose_window(model_dirs, options.window, options.stride)
+    device = resolve_device(options.device)
+    prompts_path = options.prompts or default_data_file("prompts.jsonl")
+    prompts = load_prompts(prompts_path) if options.generate else []
+
+    tokenizers = {label: load_tokenizer(path) for label, path in zip(labels, model_dirs)}
+    if options.perplexity:
+        check_same_tokenizer(tokenizers)
+    if options.tasks and not lm_eval_hook.available():
+        console.print(f"[yellow]--tasks ignored:[/] {lm_eval_hook.INSTALL_HINT}")
+
+    settings = {
+        "window": window, "stride": stride, "max_tokens": options.max_tokens, "dtype": options.dtype,
+        "device": str(device), "max_new_tokens": options.max_new_tokens,
+        "prompts": str(prompts_path) if options.generate else None, "perplexity": options.perplexity,
+        "tasks": options.tasks,
+    }
+    metrics = {
+        "dus_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {"path": str(options.data), "sha256": sha256_of(Path(options.data)), "characters": len(text)},
+        "settings": settings,
+        "models": [],
+    }
+    for label, path in zip(labels, model_dirs):
+        measured = measure_model(label, path, text, tokenizers[label], prompts, window, stride, options, device, console)
+        seams, new_layers, built = seams_of(path)
+        measured.update({"seams": seams, "new_layers": new_layers, "built": built})
+        measured["seam_spikes"] = seam_spikes(measured["layers"]["angular_distance"], seams)
+        if options.tasks:
+            started = time.perf_counter()
+            with console.status(f"lm-eval {','.join(options.tasks)} on {label}"):
+                measured["lm_eval"] = lm_eval_hook.run_tasks(str(path), options.tasks, str(device), options.dtype, options.task_limit)
+            measured["seconds"]["lm_eval"] = time.perf_counter() - started
+            if measured["lm_eval"]["status"] not in ("ok", "not-installed"):
+                console.print(f"[yellow]{label}:[/] {measured['lm_eval']['message']}")
+        if measured["num_layers"] != num_layers_of(path):
+            raise DusError(f"{path}: measured {measured['num_layers']} layers but config.json says {num_layers_of(path)}")
+        metrics["models"].append(measured)
+    if options.tasks:
+        statuses = {model["lm_eval"]["status"] for model in metrics["models"]}
+        metrics["lm_eval"] = {"tasks": options.tasks, "statuses": sorted(statuses)}
+        if statuses == {"not-installed"}:
+            metrics["lm_eval"]["message"] = lm_eval_hook.INSTALL_HINT
+    metrics["tokens"] = {model["label"]: model["tokens"] for model in metrics["models"]}
+    if options.generate:
+        for model in metrics["models"]:
+            model["generations"] = generations_to_dicts(model.pop("_generations"))
+    write_outputs(metrics, Path(options.output), options, console)
+    return metrics
+
+
+def measure_model(label, path, text, tokenizer, prompts, window, stride, options, device, console) -> dict:
+    """Load one model, measure it, free it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from dus.compare.generate import generate_greedy
+    from dus.compare.layerwise import LayerStats
+    from dus.compare.loading import free, load_model, resolve_dtype
+    from dus.compare.perplexity import count_windows, evaluate_stream
+    from dus.compare.text import tokenize_stream
+
+    dtype = resolve_dtype(options.dtype, path, device)
+    ids = tokenize_stream(tokenizer, text, options.max_tokens)
+    seconds = {}
+    started = time.perf_counter()
+    with console.status(f"loading {label} ({dtype}, {device})"):
+        model = load_model(path, dtype, device)
+    seconds["load"] = time.perf_counter() - started
+    stats = LayerStats(max_skip=1)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{label}: {len(ids)} tokens", total=count_windows(len(ids), window, stride))
+        started = time.perf_counter()
+        result = evaluate_stream(model, ids, window, stride, stats=stats, score=options.perplexity, on_window=lambda: progress.advance(task))
+        seconds["measure"] = time.perf_counter() - started
+        generations = []
+        if prompts:
+            gen_task = progress.add_task(f"{label}: greedy generations", total=len(prompts))
+            started = time.perf_counter()
+            generations = generate_greedy(model, tokenizer, prompts, options.max_new_tokens, on_prompt=lambda: progress.advance(gen_task))
+            seconds["generate"] = time.perf_counter() - started
+    measured = {
+        "label": label,
+        "path": str(path),
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "num_layers": stats.num_layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "tokens": len(ids),
+        "perplexity": result.to_dict() if options.perplexity else None,
+        "layers": stats.summary(),
+        "seconds": seconds,
+        "_generations": generations,
+    }
+    free(model)
+    return measured
+
+
+def write_outputs(metrics: dict, output: Path, options: CompareOptions, console) -> None:
+    from dus.compare import plots
+    from dus.compare.report import render_report, terminal_table, write_json
+
+    output.mkdir(parents=True, exist_ok=True)
+    models = metrics["models"]
+    made = {}
+    curves = [plots.Curve(m["label"], m["layers"]["angular_distance"], m["seams"]) for m in models]
+    made["angular_distance"] = plots.plot_layer_curves(
+        curves, output / "angular_distance.png", "Angular distance between a layer's input and output (seams dashed)", "arccos(cos(h_l, h_l+1)) / pi")
+    made["angular_distance_relative"] = plots.plot_layer_curves(
+        curves, output / "angular_distance_relative.png", "Angular distance by relative depth (seams dashed)", "arccos(cos(h_l, h_l+1)) / pi", relative=True)
+    norms = [plots.Curve(m["label"], m["layers"]["output_norm"], m["seams"]) for m in models]
+    made["hidden_norm"] = plots.plot_layer_curves(
+        norms, output / "hidden_norm.png", "Mean norm of each layer's output (before the final norm)", "||h_l+1||")
+    if options.perplexity:
+        made["perplexity"] = plots.plot_perplexity([m["label"] for m in models], [m["perplexity"]["perplexity"] for m in models], output / "perplexity.png")
+    metrics["plots"] = {key: path.name for key, path in made.items()}
+    if options.wandb:
+        from dus.compare.wandb_log import log_compare
+
+        with console.status("logging to W&B"):
+            metrics["wandb"] = log_compare(metrics, made, output)
+        console.print(f"W&B run: {metrics['wandb']}")
+    write_json(metrics, output / "metrics.json")
+    (output / "report.md").write_text(render_report(metrics))
+    console.print(terminal_table(metrics))
+    console.print(f"report: {output / 'report.md'}")

@@ -1,0 +1,59 @@
+"""Held-out text: a .txt file is one stream; a .jsonl file gives one document per line
+(its `text` field), joined by blank lines into one stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dus.errors import DusError
+
+DOCUMENT_SEPARATOR = "\n\n"
+PLAIN_SUFFIXES = {".txt", ".md", ".text", ""}
+
+
+def read_text(path: str | Path) -> str:
+    """The whole held-out stream as one string."""
+    path = Path(path)
+    if not path.is_file():
+        raise DusError(f"{path}: no such file; pass held-out text with --data (a .txt file, or .jsonl with a 'text' field)")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        text = DOCUMENT_SEPARATOR.join(_jsonl_texts(path))
+    elif suffix in PLAIN_SUFFIXES:
+        text = path.read_text(encoding="utf-8")
+    else:
+        raise DusError(f"{path}: unsupported text format {suffix!r}; use a .txt file or a .jsonl file with a 'text' field")
+    if not text.strip():
+        raise DusError(f"{path}: the text is empty; give held-out text to measure on")
+    return text
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DusError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be an object with a 'text' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DusError(f"{path}:{number}: no string 'text' field; each line must look like {{\"text\": \"...\"}}")
+        texts.append(record["text"])
+    return texts
+
+
+def tokenize_stream(tokenizer, text: str, max_tokens: int | None = None):
+    """Token ids of the whole stream (1-D LongTensor), cut to `max_tokens` if given.
+
+    The tokenizer's own special-token handling is kept (a BOS where it adds one), so
+    every model sharing the tokenizer sees exactly the same ids."""
+    import torch
+
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise DusError("the held-out text has fewer than 2 tokens; nothing to score, give a longer text")
+    return torch.tensor(ids, dtype=torch.long)
