@@ -60,20 +60,20 @@ def tiny_config(
     if arch == "llama":
         config = tf.LlamaConfig(**common)
     elif arch == "mistral":
-        config = tf.MistralConfig(**common, sliding_window=64)
+        config = tf.MistralConfig(**common, sliding_window=8)
     elif arch == "qwen2":
         # Sliding window on the upper half: `layer_types` differs per layer.
         config = tf.Qwen2Config(
-            **common, use_sliding_window=True, sliding_window=64, max_window_layers=num_layers // 2
+            **common, use_sliding_window=True, sliding_window=8, max_window_layers=num_layers // 2
         )
     elif arch == "qwen3":
         config = tf.Qwen3Config(**common, head_dim=head_dim)
     elif arch == "gemma2":
-        config = tf.Gemma2Config(**common, head_dim=head_dim, sliding_window=64)
+        config = tf.Gemma2Config(**common, head_dim=head_dim, sliding_window=8)
     elif arch == "gemma3_text":
         # Pattern 3 so that a 4-6 layer model has both sliding and full layers.
         config = tf.Gemma3TextConfig(
-            **common, head_dim=head_dim, sliding_window=64, sliding_window_pattern=3
+            **common, head_dim=head_dim, sliding_window=8, sliding_window_pattern=3
         )
     elif arch == "phi3":
         config = tf.Phi3Config(**common)

@@ -1,0 +1,82 @@
+"""What dus needs to know about a model family, kept small.
+
+Nearly every decoder-only Hugging Face model names a layer's tensors
+`<prefix>.layers.<i>.<rest>`, so one name rule assigns every tensor to a layer or to the
+non-layer set and no family needs a list of tensor names. An adapter states only what
+differs between families: the layer prefix, which tensors are a block's output
+projections (zeroed for a function-preserving new block), and which config fields are
+per-layer and must follow the plan.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dus.errors import DusError
+
+# Config fields that are one entry per layer in any family that has them.
+COMMON_PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "sliding_window_layers")
+# Config fields that list layer *indices* (the set of layers with some property).
+COMMON_LAYER_INDEX_FIELDS = ("mlp_only_layers",)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    layer_prefix: str = "model.layers"
+    # A tensor inside a layer whose name contains one of these is an output projection:
+    # zero it and the block adds nothing to the residual stream.
+    output_projections: tuple[str, ...] = ("o_proj", "down_proj")
+    per_layer_fields: tuple[str, ...] = COMMON_PER_LAYER_FIELDS
+    layer_index_fields: tuple[str, ...] = COMMON_LAYER_INDEX_FIELDS
+    # Scalar fields meaning "layers below this index are X": recomputed from the plan.
+    layer_threshold_fields: tuple[str, ...] = ()
+    notes: str = ""
+
+    def layer_pattern(self) -> re.Pattern:
+        return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.(.+)$")
+
+    def is_output_projection(self, rest: str) -> bool:
+        return any(pattern in rest for pattern in self.output_projections)
+
+
+ADAPTERS = {
+    adapter.model_type: adapter
+    for adapter in [
+        Adapter("llama"),
+        Adapter("mistral"),
+        # Qwen2/3: layers at or above max_window_layers use sliding-window attention.
+        Adapter("qwen2", layer_threshold_fields=("max_window_layers",)),
+        Adapter("qwen3", layer_threshold_fields=("max_window_layers",)),
+        # Gemma 2/3: the sliding/full pattern lives in layer_types and must come from each
+        # output layer's own source layer (the post-norms follow the layer automatically).
+        Adapter("gemma2"),
+        Adapter("gemma3_text"),
+        # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; o_proj and
+        # down_proj keep their names, so nothing else differs.
+        Adapter("phi3"),
+        # Mixtral: experts follow their layer. On disk they are
+        # block_sparse_moe.experts.<e>.w1/w2/w3 (w2 is the down projection); transformers 5
+        # in memory fuses them as mlp.experts.gate_up_proj / down_proj.
+        Adapter("mixtral", output_projections=("o_proj", "down_proj", ".w2.")),
+    ]
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(config: dict, where: str) -> Adapter:
+    """The adapter for a model config, or a DusError naming the supported families."""
+    model_type = config.get("model_type")
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    hint = ""
+    if model_type in ("gemma3", "mistral3", "llava", "qwen2_vl", "qwen2_5_vl"):
+        hint = " (a multimodal checkpoint: extract its text model first)"
+    raise DusError(
+        f"{where}: architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) "
+        f"is not supported{hint}; supported: {', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,186 @@
+"""`dus build`: recipe -> plan -> a complete checkpoint directory, atomically.
+
+Everything is written into a hidden temporary directory beside the output and renamed
+into place only when complete, so an interrupted or failed build never leaves
+something at the output path that looks like a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dus.config_rewrite import output_config, write_config
+from dus.errors import DusError
+from dus.hashing import sha256_file
+from dus.manifest import build_manifest, model_card, write_manifest
+from dus.plan import LayerPlan
+from dus.recipe import Recipe, load_recipe
+from dus.resolve import resolve
+from dus.safetensors_io import parse_size
+from dus.sources import SourceModel, read_license
+from dus.writer import layout, write_shards
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+TEMP_MARKER = ".dus-tmp-"
+
+
+@dataclass
+class BuildResult:
+    plan: LayerPlan
+    output: Path | None
+    warnings: list[str] = field(default_factory=list)
+    manifest: dict | None = None
+    bytes_written: int = 0
+
+
+def build_model(
+    recipe: str | Path | dict | Recipe,
+    output: str | Path | None,
+    force: bool = False,
+    shard_size: str | int = "5GB",
+    dry_run: bool = False,
+    show_progress: bool = False,
+) -> BuildResult:
+    """Resolve `recipe` and, unless `dry_run`, write the model into `output`."""
+    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    resolved = resolve(parsed)
+    plan, sources = resolved.plan, resolved.sources
+    if dry_run:
+        return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
+    if output is None:
+        raise DusError("no output directory given; add -o DIR")
+    try:
+        max_shard = parse_size(shard_size)
+    except ValueError as error:
+        raise DusError(str(error)) from None
+    output = Path(output)
+    if output.exists() and not force:
+        raise DusError(f"{output} already exists; choose another -o, or add --force to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
+    temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress)
+        _move_into_place(temporary, output)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return BuildResult(plan=plan, output=output, warnings=resolved.warnings, manifest=manifest, bytes_written=written)
+
+
+def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool):
+    config, config_notes = output_config(plan, sources)
+    plan.notes.extend(config_notes)
+    tensors = layout(plan, sources)
+    total = sum(tensor.nbytes for tensor in tensors)
+    used = _files_read(plan, sources)
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        # Hash the sources while the kernel copies: the two overlap on two cores.
+        digests = {path: hasher.submit(sha256_file, path) for path in used}
+        with _progress(show_progress, total) as advance:
+            output_files = write_shards(tensors, directory, max_shard, progress=advance)
+        write_config(config, directory)
+        _copy_tokenizer(sources[plan.tokenizer_from].path, directory)
+        source_records = {
+            name: {
+                "path": str(source.path),
+                "architecture": (source.config.get("architectures") or ["?"])[0],
+                "model_type": source.model_type,
+                "num_layers": source.num_layers,
+                "license": read_license(source.path),
+                "files": {
+                    str(path.relative_to(source.path)): digests[path].result()
+                    for path in used if path.parent == source.path
+                },
+            }
+            for name, source in sources.items()
+        }
+    manifest = build_manifest(
+        recipe.raw, str(recipe.source_file) if recipe.source_file else None, plan, config, source_records,
+        output_files, warnings,
+    )
+    write_manifest(manifest, directory)
+    (directory / "README.md").write_text(model_card(manifest, plan))
+    return manifest, total
+
+
+def _files_read(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[Path]:
+    files: list[Path] = []
+    for source in sources.values():
+        files += [source.path / "config.json", *source.weight_files]
+        index = source.path / "model.safetensors.index.json"
+        if index.is_file():
+            files.append(index)
+    tokenizer_dir = sources[plan.tokenizer_from].path
+    files += [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    return sorted(set(files))
+
+
+def _copy_tokenizer(source: Path, directory: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+
+
+def _move_into_place(temporary: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.parent / f".{output.name}.dus-old-{os.getpid()}"
+        output.rename(retired)
+        temporary.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        temporary.rename(output)
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporaries of builds that were killed (their process is gone) are removed."""
+    for candidate in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
+        pid_text = candidate.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _progress:
+    """A rich progress bar over bytes written, or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("writing", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False

@@ -1,0 +1,90 @@
+"""`dus build`: assemble a deeper model from layers of existing ones."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dus.errors import DusError
+
+
+def build(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (mergekit passthrough or a dus preset)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output model directory."),
+    solar: Optional[str] = typer.Option(None, "--solar", help="Shortcut: SOLAR build of this model directory."),
+    trim: int = typer.Option(None, "--trim", help="With --solar: layers dropped from each copy (SOLAR used n/4)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard, like 5GB or 500MB."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); overrides the recipe."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan and write nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
+    from rich.console import Console
+
+    from dus.build import build_model
+    from dus.recipe import load_recipe
+
+    console = Console(stderr=False)
+    if (recipe is None) == (solar is None):
+        raise DusError("give either a RECIPE file or --solar MODEL --trim M (not both)")
+    if solar is not None:
+        if trim is None:
+            raise DusError("--solar needs --trim M (the number of layers dropped from each copy)")
+        parsed = load_recipe({"solar": {"model": solar, "trim": trim}})
+    else:
+        parsed = load_recipe(recipe)
+    if dtype is not None:
+        parsed = _with_dtype(parsed, dtype)
+    started = time.perf_counter()
+    result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if dry_run:
+        print_plan(result.plan, console)
+        return
+    if not quiet:
+        seconds = time.perf_counter() - started
+        gigabytes = result.bytes_written / 1e9
+        console.print(
+            f"[green]built[/] {result.output}: {result.plan.num_layers} layers, seams at "
+            f"{result.plan.seams or 'none'}, {gigabytes:.2f} GB in {seconds:.1f} s"
+        )
+
+
+def _with_dtype(parsed, dtype: str):
+    from dus.recipe import _dtype
+
+    parsed.out_dtype = _dtype({"dtype": dtype}, "dtype")
+    return parsed
+
+
+def print_plan(plan, console) -> None:
+    """The plan as a table: one row per output layer, seams highlighted."""
+    from rich.table import Table
+
+    seams = set(plan.seams)
+    table = Table(title=f"Layer plan: {plan.num_layers} layers ({plan.recipe_kind})")
+    table.add_column("out", justify="right")
+    table.add_column("source model")
+    table.add_column("layer", justify="right")
+    table.add_column("transform")
+    for index, layer in enumerate(plan.layers):
+        marker = "  [bold red]<- seam[/]" if index in seams else ""
+        table.add_row(str(index), layer.model, str(layer.layer), layer.transform + marker)
+    console.print(table)
+    console.print(f"seams: {plan.seams or 'none'}")
+    if plan.new_layers:
+        console.print(f"new (zero-init) blocks: {plan.new_layers}")
+    console.print(f"embeddings from {plan.embeddings.model}; final norm and lm_head from {plan.head.model}")
+    console.print(f"config from {plan.config_from}; tokenizer from {plan.tokenizer_from}")
+    console.print(f"dtype: {plan.output_dtype or 'as in the sources'}")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build")(build)

@@ -1,0 +1,67 @@
+"""sha256 of source files, for provenance, without paying for it twice.
+
+Hashes are cached by (path, size, mtime), and a file in the Hugging Face hub cache is a
+symlink to a blob named by its sha256, which is used as is. The build hashes in a
+background thread while the kernel copies bytes, so on two cores the two overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DUS_CACHE", Path.home() / ".cache" / "dus"))
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "sha256.json"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, digest: str) -> None:
+    with _lock:
+        cache = _load_cache()
+        cache[key] = digest
+        try:
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            temporary = _cache_file().with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            temporary.write_text(json.dumps(cache, indent=0, sort_keys=True))
+            temporary.replace(_cache_file())
+        except OSError:
+            pass  # a read-only home only costs a re-hash next time
+
+
+def sha256_file(path: Path) -> str:
+    path = Path(path)
+    if path.is_symlink():
+        target = Path(os.readlink(path)).name
+        if HEX64.match(target):
+            return target
+    real = path.resolve()
+    stat = real.stat()
+    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    cached = _load_cache().get(key)
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    with open(real, "rb", buffering=0) as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    result = digest.hexdigest()
+    _store(key, result)
+    return result

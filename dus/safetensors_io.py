@@ -1,0 +1,154 @@
+"""Safetensors at the byte level: read headers, lay out output files, move bytes.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape and
+byte offsets of each tensor), then the raw bytes. So the whole output header can be
+computed before any data moves, and a tensor that passes through unchanged (most of a
+depth up-scaling build) is a byte-range copy from its source file, done in the kernel
+with `os.copy_file_range` without passing through Python buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+# names users write in recipes -> safetensors dtype names
+DTYPE_ALIASES = {
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+COPY_CHUNK = 1 << 30  # copy_file_range moves at most this much per call
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """All tensors of a safetensors file (by name) and its `__metadata__`."""
+    with open(path, "rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > 100 * 1024 * 1024:
+            raise ValueError(f"{path} is not a safetensors file (header length {length})")
+        header = json.loads(handle.read(length))
+    data_start = 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        tensors[name] = TensorInfo(
+            name=name,
+            dtype=entry["dtype"],
+            shape=tuple(entry["shape"]),
+            file=Path(path),
+            start=data_start + begin,
+            end=data_start + end,
+        )
+    return tensors, metadata
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_SIZES[dtype]
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict) -> bytes:
+    """The header block (length prefix + JSON padded to 8 bytes) for tensors laid out
+    back to back in the given order. entries: (name, dtype, shape, nbytes)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+    """Copy `length` bytes between files at explicit offsets, in the kernel when it can."""
+    try:
+        while length > 0:
+            moved = os.copy_file_range(src_fd, dst_fd, min(length, COPY_CHUNK), src_offset, dst_offset)
+            if moved == 0:
+                raise OSError("copy_file_range made no progress")
+            src_offset += moved
+            dst_offset += moved
+            length -= moved
+    except OSError:
+        # Kernels or filesystems without copy_file_range (or across some mounts): plain pread/pwrite.
+        while length > 0:
+            chunk = os.pread(src_fd, min(length, 64 << 20), src_offset)
+            if not chunk:
+                raise
+            os.pwrite(dst_fd, chunk, dst_offset)
+            src_offset += len(chunk)
+            dst_offset += len(chunk)
+            length -= len(chunk)
+
+
+def read_tensor(info: TensorInfo):
+    """Load one tensor into memory as a torch tensor (only for tensors being transformed)."""
+    import torch
+
+    with open(info.file, "rb") as handle:
+        handle.seek(info.start)
+        data = bytearray(handle.read(info.nbytes))
+    torch_dtype = getattr(torch, TORCH_NAMES.get(info.dtype, ""), None)
+    if torch_dtype is None:
+        raise ValueError(f"tensor {info.name} has dtype {info.dtype}, which dus cannot transform")
+    if not data:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    return torch.frombuffer(data, dtype=torch_dtype).reshape(info.shape)
+
+
+def tensor_bytes(tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20 (Hugging Face's convention for shard sizes)."""
+    if isinstance(text, int):
+        return text
+    value = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            try:
+                return int(float(number) * factor)
+            except ValueError:
+                break
+    raise ValueError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB")

@@ -1,0 +1,205 @@
+"""A local Hugging Face model directory as a source of layers.
+
+Only headers are read up front: tensor names, dtypes, shapes and byte offsets. Weights
+stay on disk until the writer copies them. Pickled `.bin` weights are refused, never
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from dus.architectures import Adapter, adapter_for
+from dus.errors import DusError
+from dus.safetensors_io import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Config fields whose disagreement makes two models' layers incompatible.
+SHAPE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "num_local_experts", "moe_intermediate_size",
+)
+
+
+@dataclass
+class SourceModel:
+    name: str  # as written in the recipe
+    path: Path
+    config: dict
+    adapter: Adapter
+    tensors: dict[str, TensorInfo]
+    weight_files: list[Path]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @cached_property
+    def layers(self) -> dict[int, dict[str, TensorInfo]]:
+        """layer index -> {name inside the layer: tensor}."""
+        pattern = self.adapter.layer_pattern()
+        layers: dict[int, dict[str, TensorInfo]] = {}
+        for name, info in self.tensors.items():
+            match = pattern.match(name)
+            if match:
+                layers.setdefault(int(match.group(1)), {})[match.group(2)] = info
+        return layers
+
+    @cached_property
+    def non_layer(self) -> dict[str, TensorInfo]:
+        pattern = self.adapter.layer_pattern()
+        return {name: info for name, info in self.tensors.items() if not pattern.match(name)}
+
+    def layer(self, index: int) -> dict[str, TensorInfo]:
+        return self.layers[index]
+
+
+def load_source(name: str, path_text: str, base_dir: Path | None = None) -> SourceModel:
+    """Open a model directory, with a one-line DusError for each way it can be unusable."""
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        candidate = base_dir / path
+        if candidate.exists():
+            path = candidate
+    if not path.exists():
+        raise DusError(
+            f"model {name!r}: {path} does not exist; give a local Hugging Face model directory "
+            "(download it first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`, or `dus import FILE.gguf`)"
+        )
+    if not path.is_dir():
+        if path.suffix == ".gguf":
+            raise DusError(f"model {name!r}: {path} is a GGUF file; convert it first with `dus import {path} -o DIR`")
+        raise DusError(f"model {name!r}: {path} is a file; give the model's directory")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise DusError(f"model {name!r}: {path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DusError(f"model {name!r}: {config_path} is not valid JSON ({error})") from None
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise DusError(
+            f"model {name!r}: weights are quantized ({method}); dus builds from unquantized "
+            "float weights: use the original float16/bfloat16 checkpoint"
+        )
+    adapter = adapter_for(config, f"model {name!r} ({path})")
+    files = _weight_files(name, path)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict = {}
+    for file in files:
+        try:
+            file_tensors, metadata = read_header(file)
+        except (ValueError, OSError, json.JSONDecodeError) as error:
+            raise DusError(f"model {name!r}: cannot read {file} ({error}); re-download or re-save it") from None
+        tensors.update(file_tensors)
+    source = SourceModel(name, path, config, adapter, tensors, files, metadata)
+    _check_layers_present(source)
+    return source
+
+
+def _weight_files(name: str, path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / file for file in weight_map.values()})
+        missing = [str(file.name) for file in files if not file.is_file()]
+        if missing:
+            raise DusError(
+                f"model {name!r}: {INDEX_NAME} lists {', '.join(missing[:3])} but the file is missing; "
+                "re-download the model completely"
+            )
+        return files
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    others = sorted(path.glob("*.safetensors"))
+    if others:
+        return others
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    if pickled:
+        raise DusError(
+            f"model {name!r}: {path} has only pickled weights ({pickled[0]}), which dus never unpickles; "
+            "convert them once, if you trust the file: `python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\"`"
+        )
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        raise DusError(f"model {name!r}: {path} holds a GGUF file; convert it with `dus import {ggufs[0]} -o DIR`")
+    raise DusError(f"model {name!r}: no *.safetensors weights in {path}")
+
+
+def _check_layers_present(source: SourceModel) -> None:
+    found = sorted(source.layers)
+    expected = list(range(source.num_layers))
+    if found != expected:
+        raise DusError(
+            f"model {source.name!r}: config.json says {source.num_layers} layers but the weights hold "
+            f"layers {_ranges(found)} under {source.adapter.layer_prefix}; the checkpoint is incomplete or mislabelled"
+        )
+
+
+def _ranges(indices: list[int]) -> str:
+    if not indices:
+        return "none"
+    return f"{indices[0]}..{indices[-1]} ({len(indices)} layers)"
+
+
+def check_compatible(models: list[SourceModel]) -> None:
+    """All models of a build must share architecture and tensor shapes layer for layer."""
+    first = models[0]
+    for other in models[1:]:
+        if other.model_type != first.model_type:
+            raise DusError(
+                f"models {first.name!r} ({first.model_type}) and {other.name!r} ({other.model_type}) "
+                "are different architectures; all sources of a build must be one family"
+            )
+        for key in SHAPE_FIELDS:
+            a, b = first.config.get(key), other.config.get(key)
+            if a != b:
+                raise DusError(
+                    f"models {first.name!r} and {other.name!r} disagree on {key} ({a} vs {b}); "
+                    "their layers cannot be stacked: use fine-tunes of the same base model"
+                )
+        names_a, names_b = set(first.layer(0)), set(other.layer(0))
+        if names_a != names_b:
+            diff = sorted(names_a ^ names_b)[0]
+            raise DusError(
+                f"models {first.name!r} and {other.name!r} name their layer tensors differently ({diff!r}); "
+                "use fine-tunes of the same base model"
+            )
+        for rest, info in first.layer(0).items():
+            if other.layer(0)[rest].shape != info.shape:
+                raise DusError(
+                    f"models {first.name!r} and {other.name!r} disagree on the shape of layer tensor {rest} "
+                    f"({list(info.shape)} vs {list(other.layer(0)[rest].shape)})"
+                )
+
+
+LICENSE_LINE = re.compile(r"^license:\s*(\S.*?)\s*$", re.MULTILINE)
+
+
+def read_license(path: Path) -> str:
+    """The license a model directory declares: model-card front matter, else a LICENSE file."""
+    card = path / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---"):
+            front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+            match = LICENSE_LINE.search(front)
+            if match:
+                return match.group(1).strip("'\"")
+    for candidate in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+        if (path / candidate).is_file():
+            first_line = (path / candidate).read_text(errors="replace").strip().splitlines()[:1]
+            return f"see {candidate}" + (f" ({first_line[0][:60]})" if first_line else "")
+    return "unknown"

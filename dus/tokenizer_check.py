@@ -1,0 +1,56 @@
+"""Do two model directories tokenize alike? Answered from files, without loading them.
+
+Layers from models with different vocabularies see token ids they were not trained on;
+a graft or interleave across such models is allowed but warned about, naming the first
+difference so the user can judge it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def _vocab(path: Path) -> dict[str, int] | None:
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.is_file():
+        data = json.loads(tokenizer_file.read_text())
+        vocab = data.get("model", {}).get("vocab")
+        if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+            vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
+        vocab = dict(vocab or {})
+        for added in data.get("added_tokens", []):
+            vocab[added["content"]] = added["id"]
+        return vocab
+    vocab_file = path / "vocab.json"
+    if vocab_file.is_file():
+        return json.loads(vocab_file.read_text())
+    return None
+
+
+def _file_digest(path: Path) -> str | None:
+    for name in ("tokenizer.model", "tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            return hashlib.sha256((path / name).read_bytes()).hexdigest()
+    return None
+
+
+def first_tokenizer_difference(a: Path, b: Path) -> str | None:
+    """None when the tokenizers agree, else a short description of the first difference."""
+    size_a = json.loads((a / "config.json").read_text()).get("vocab_size")
+    size_b = json.loads((b / "config.json").read_text()).get("vocab_size")
+    if size_a != size_b:
+        return f"vocab_size {size_a} vs {size_b}"
+    vocab_a, vocab_b = _vocab(a), _vocab(b)
+    if vocab_a is None or vocab_b is None:
+        if (vocab_a is None) != (vocab_b is None):
+            return "only one of them has a tokenizer.json or vocab.json"
+        digest_a, digest_b = _file_digest(a), _file_digest(b)
+        return None if digest_a == digest_b else "tokenizer files differ"
+    by_id_a = {i: token for token, i in vocab_a.items()}
+    by_id_b = {i: token for token, i in vocab_b.items()}
+    for token_id in sorted(set(by_id_a) | set(by_id_b)):
+        if by_id_a.get(token_id) != by_id_b.get(token_id):
+            return f"token id {token_id} is {by_id_a.get(token_id)!r} vs {by_id_b.get(token_id)!r}"
+    return None

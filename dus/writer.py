@@ -1,0 +1,217 @@
+"""Execute a LayerPlan: lay out the output tensors, then stream them into shards.
+
+Every output tensor is described (name, dtype, shape, where its bytes come from, what is
+done to them) before any byte moves, so the headers and the shard index are computed up
+front. Unchanged tensors are byte-range copies in the kernel; only transformed ones
+(dtype change, scale, zero-init, blend) are loaded, one at a time, so peak memory is one
+tensor (two for a blend) plus a constant, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dus.plan import Blend, LayerPlan, NonLayerSource, scale_for
+from dus.safetensors_io import (
+    DTYPE_ALIASES,
+    DTYPE_SIZES,
+    TORCH_NAMES,
+    TensorInfo,
+    copy_range,
+    encode_header,
+    read_tensor,
+    tensor_bytes,
+    tensor_nbytes,
+)
+from dus.sources import SourceModel
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str  # safetensors dtype of the output
+    shape: tuple[int, ...]
+    source: TensorInfo
+    compute_dtype: str | None = None  # recipe `dtype`: convert before transforming
+    scale: float | None = None
+    zero: bool = False
+    blend: tuple[TensorInfo, Blend] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+    @property
+    def is_byte_copy(self) -> bool:
+        return (
+            not self.zero
+            and self.blend is None
+            and self.scale in (None, 1.0)
+            and self.dtype == self.source.dtype
+            and self.compute_dtype in (None, self.source.dtype)
+        )
+
+
+def _st_dtype(name: str | None) -> str | None:
+    return DTYPE_ALIASES[name] if name else None
+
+
+def layout(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[OutputTensor]:
+    """Every output tensor, in checkpoint order: embeddings, layers 0..L-1, norm and head."""
+    out_dtype = _st_dtype(plan.output_dtype)
+    compute_dtype = _st_dtype(plan.dtype)
+    tensors: list[OutputTensor] = []
+
+    def add(name: str, info: TensorInfo, scale=None, zero=False, blend=None):
+        floating = info.dtype in TORCH_NAMES
+        tensors.append(
+            OutputTensor(
+                name=name,
+                dtype=(out_dtype or compute_dtype or info.dtype) if floating else info.dtype,
+                shape=info.shape,
+                source=info,
+                compute_dtype=compute_dtype if floating else None,
+                scale=scale,
+                zero=zero,
+                blend=blend,
+            )
+        )
+
+    def add_non_layer(group: NonLayerSource, is_embedding: bool):
+        source = sources[group.model]
+        for name, info in sorted(source.non_layer.items()):
+            if _is_embedding(name) == is_embedding:
+                add(name, info, scale=scale_for(group.scale, name))
+
+    add_non_layer(plan.embeddings, is_embedding=True)
+    for index, layer in enumerate(plan.layers):
+        source = sources[layer.model]
+        prefix = source.adapter.layer_prefix
+        for rest, info in sorted(source.layer(layer.layer).items()):
+            name = f"{prefix}.{index}.{rest}"
+            blend = None
+            if layer.blend is not None:
+                blend = (sources[layer.blend.model].layer(layer.blend.layer)[rest], layer.blend)
+            zero = layer.zero_output and source.adapter.is_output_projection(rest)
+            add(name, info, scale=scale_for(layer.scale, name), zero=zero, blend=blend)
+    add_non_layer(plan.head, is_embedding=False)
+    return tensors
+
+
+def _is_embedding(name: str) -> bool:
+    """Embeddings come before the layers (mergekit's "pre" weights); all other non-layer
+    tensors (final norm, lm_head) come after them."""
+    return "embed" in name or name.endswith("wte.weight")
+
+
+def shard(tensors: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+    """Greedy shards in checkpoint order; a tensor larger than the limit gets its own.
+    Within a shard, wider dtypes go first so every tensor stays aligned to its element
+    size (the format allows no gaps between tensors)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    order = {tensor.name: i for i, tensor in enumerate(tensors)}
+    return [sorted(group, key=lambda t: (-DTYPE_SIZES[t.dtype], order[t.name])) for group in shards]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_shards(tensors: list[OutputTensor], directory: Path, max_bytes: int, progress=None) -> list[str]:
+    """Write all shards (and the index when there are several) into `directory`."""
+    groups = shard(tensors, max_bytes)
+    names = shard_names(len(groups))
+    source_fds: dict[Path, int] = {}
+    try:
+        for name, group in zip(names, groups):
+            _write_one(directory / name, group, source_fds, progress)
+    finally:
+        for fd in source_fds.values():
+            os.close(fd)
+    if len(groups) > 1:
+        weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int], progress) -> None:
+    header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], {"format": "pt"})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, header)
+        offset = len(header)
+        for tensor in group:
+            if tensor.is_byte_copy:
+                source_path = tensor.source.file
+                if source_path not in source_fds:
+                    source_fds[source_path] = os.open(source_path, os.O_RDONLY)
+                copy_range(source_fds[source_path], tensor.source.start, fd, offset, tensor.nbytes)
+            else:
+                data = tensor_bytes(materialize(tensor))
+                assert len(data) == tensor.nbytes, tensor.name
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+            offset += tensor.nbytes
+            if progress is not None:
+                progress(tensor.nbytes)
+    finally:
+        os.close(fd)
+
+
+def materialize(tensor: OutputTensor):
+    """The output value of a transformed tensor, in the order mergekit applies the same
+    steps: convert to the compute dtype, (blend,) scale, convert to the output dtype."""
+    import torch
+
+    out_dtype = getattr(torch, TORCH_NAMES.get(tensor.dtype, ""), None)
+    if tensor.zero:
+        return torch.zeros(tensor.shape, dtype=out_dtype)
+    value = read_tensor(tensor.source)
+    if tensor.compute_dtype:
+        value = value.to(getattr(torch, TORCH_NAMES[tensor.compute_dtype]))
+    if tensor.blend is not None:
+        other_info, blend = tensor.blend
+        other = read_tensor(other_info)
+        value = blend_tensors(value, other, blend.t, blend.method).to(value.dtype)
+    if tensor.scale is not None:
+        value = value * tensor.scale
+    return value.to(out_dtype)
+
+
+def blend_tensors(a, b, t: float, method: str):
+    """Interpolate two same-shaped tensors in float32: linearly, or along the great
+    circle between them (SLERP), falling back to linear when they are nearly parallel."""
+    import torch
+
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if method == "linear":
+        return (1 - t) * a32 + t * b32
+    flat_a, flat_b = a32.reshape(-1), b32.reshape(-1)
+    norm_a, norm_b = flat_a.norm(), flat_b.norm()
+    if norm_a == 0 or norm_b == 0:
+        return (1 - t) * a32 + t * b32
+    cosine = torch.clamp(torch.dot(flat_a / norm_a, flat_b / norm_b), -1.0, 1.0)
+    if cosine.abs() > 0.9995:
+        return (1 - t) * a32 + t * b32
+    omega = torch.arccos(cosine)
+    sin_omega = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / sin_omega) * a32 + (torch.sin(t * omega) / sin_omega) * b32
