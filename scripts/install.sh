@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install dus and what it needs into the current Python environment.
+# torch comes first and pinned to the CPU build 2.13.0 when no torch is present: the
+# project's own range (torch>=2.4) is then already satisfied and pip pulls no CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip --disable-pip-version-check"
+if ! python -c "import torch" >/dev/null 2>&1; then
+    $PIP install --quiet "torch==2.13.0"
+fi
+$PIP install --quiet -e ".[test]"
+python -c "import torch, transformers, trl, peft; print(f'dus installed: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
