@@ -6,20 +6,22 @@ so one resolver, one plan format and one writer serve them all.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from dus.errors import DusError
 from dus.recipe import Recipe, SliceSpec
+from dus.sources import SourceModel
 
-OUTPUT_PROJECTION_SCALE = "o_proj", "down_proj"
 
-
-def expand_preset(recipe: Recipe, depth: Callable[[str], int]) -> list[SliceSpec]:
-    """Slices for `recipe`'s preset; `depth(model)` gives a model's number of layers."""
+def expand_preset(recipe: Recipe, sources: dict[str, SourceModel]) -> list[SliceSpec]:
+    """Slices for `recipe`'s preset, given the opened source models."""
     spec, places = recipe.preset, recipe.preset_where
+
+    def depth(model: str) -> int:
+        return sources[model].num_layers
+
+    if recipe.kind == "duplicate":
+        return _duplicate(spec, places, depth, sources[spec["model"]].adapter.output_projections)
     builder = {
         "solar": _solar,
-        "duplicate": _duplicate,
         "interleave": _interleave,
         "graft": _graft,
         "expand": _expand,
@@ -40,7 +42,7 @@ def _solar(spec, places, depth) -> list[SliceSpec]:
     ]
 
 
-def _duplicate(spec, places, depth) -> list[SliceSpec]:
+def _duplicate(spec, places, depth, output_projections: tuple[str, ...]) -> list[SliceSpec]:
     """Repeat layers [start, end) in place, `times` extra times (Yi-9B: [12, 28) of 32 -> 48)."""
     model = spec["model"]
     start, end = spec["layers"]
@@ -51,7 +53,7 @@ def _duplicate(spec, places, depth) -> list[SliceSpec]:
     if "scale" in spec:
         # Every copy of the repeated range is scaled, so the copies together add about
         # what the one original did to the residual stream.
-        params = {"scale": [{"filter": name, "value": spec["scale"]} for name in OUTPUT_PROJECTION_SCALE]}
+        params = {"scale": [{"filter": name, "value": spec["scale"]} for name in output_projections]}
     slices = [SliceSpec(model, 0, start, places["model"])] if start > 0 else []
     for _ in range(1 + spec.get("times", 1)):
         slices.append(SliceSpec(model, start, end, places["layers"], slice_parameters=params))

@@ -33,7 +33,7 @@ def resolve(recipe: Recipe) -> Resolved:
     if recipe.kind == "slices":
         slices = recipe.slices
     else:
-        slices = expand_preset(recipe, lambda model: sources[model].num_layers)
+        slices = expand_preset(recipe, sources)
     for spec in slices:
         depth = sources[spec.model].num_layers
         if spec.end > depth:

@@ -17,10 +17,22 @@ def load(path, dtype=torch.float32):
     return model.eval()
 
 
-def assemble(sources: dict, order: list[tuple[str, int]], base: str, zero_output: set[int] = frozenset()):
+def assemble(
+    sources: dict,
+    order: list[tuple[str, int]],
+    base: str,
+    zero_output: set[int] = frozenset(),
+    head_from: str | None = None,
+    scale_output: dict[int, float] | None = None,
+):
     """A copy of sources[base] whose decoder layers are sources[model].layers[i] for each
-    (model, i) in `order`; output layers in `zero_output` get o_proj/down_proj zeroed."""
+    (model, i) in `order`; output layers in `zero_output` get o_proj/down_proj zeroed,
+    those in `scale_output` get them multiplied; final norm and lm_head from `head_from`."""
     reference = copy.deepcopy(sources[base])
+    if head_from is not None and head_from != base:
+        reference.model.norm = copy.deepcopy(sources[head_from].model.norm)
+        if not reference.config.tie_word_embeddings:
+            reference.lm_head = copy.deepcopy(sources[head_from].lm_head)
     layers = []
     for index, (name, layer_index) in enumerate(order):
         layer = copy.deepcopy(sources[name].model.layers[layer_index])
@@ -32,6 +44,11 @@ def assemble(sources: dict, order: list[tuple[str, int]], base: str, zero_output
                 for param_name, param in layer.named_parameters():
                     if "o_proj" in param_name or "down_proj" in param_name:
                         param.zero_()
+        if scale_output and index in scale_output:
+            with torch.no_grad():
+                for param_name, param in layer.named_parameters():
+                    if "o_proj" in param_name or "down_proj" in param_name:
+                        param.mul_(scale_output[index])
         layers.append(layer)
     reference.model.layers = torch.nn.ModuleList(layers)
     reference.config.num_hidden_layers = len(layers)
