@@ -1,7 +1,9 @@
 """Sliding-window perplexity (the strided method in the transformers docs): windows of
 `window` tokens advance by `stride`; each window scores only the tokens no earlier
-window scored, so every token after the first is scored exactly once, with up to
-`window - stride` tokens of context it did not itself have to predict.
+window scored, so with stride < window every token after the first is scored exactly
+once, with at least `window - stride` tokens of context. With stride == window (no
+overlap) the first token of each window has no context and is not scored; the number
+of tokens scored is always reported.
 
 The same forward pass can feed per-layer statistics for exactly the scored tokens,
 so `dus compare` reads perplexity and layer diagnostics from one pass per window.
@@ -41,7 +43,7 @@ class PerplexityResult:
 
 
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
-    """Windows covering tokens 1 .. num_tokens-1 once each (token 0 has no context)."""
+    """Windows scoring each token at most once: tokens 1 .. num_tokens-1 when stride < window."""
     if window < 2:
         raise DusError(f"--window {window} is too short; use at least 2 tokens")
     if not 1 <= stride <= window:

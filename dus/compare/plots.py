@@ -43,7 +43,7 @@ def plot_layer_curves(curves: list[Curve], path: str | Path, title: str, ylabel:
     for curve, color in zip(curves, _colors(len(curves))):
         depth = len(curve.values)
         xs = [(i + 0.5) / depth for i in range(depth)] if relative else list(range(depth))
-        ax.plot(xs, curve.values, marker="o", markersize=3, linewidth=1.6, color=color, label=f"{curve.label} ({depth} layers)")
+        ax.plot(xs, curve.values, marker="o", markersize=3, linewidth=1.6, alpha=0.85, color=color, label=f"{curve.label} ({depth} layers)")
         for seam in curve.seams:
             x = seam / depth if relative else seam - 0.5
             ax.axvline(x, color=color, linestyle="--", linewidth=1.0, alpha=0.8, label=None if seam_drawn else "seam (dashed, model's colour)")
@@ -86,8 +86,8 @@ def plot_distance_heatmap(matrix: dict[int, list[float]], num_layers: int, path:
     for skip, values in matrix.items():
         grid[skip - 1, : len(values)] = values
     fig, ax = plt.subplots(figsize=(8, 6))
-    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", extent=(-0.5, num_layers - 0.5, 0.5, num_layers + 0.5))
-    fig.colorbar(image, ax=ax, label="angular distance d(h_l, h_{l+n})")
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", extent=(-0.5, num_layers - 0.5, 0.5, num_layers + 0.5))
+    fig.colorbar(image, ax=ax, label=r"angular distance $d(h_l, h_{l+n})$")
     ax.set_xlabel("first layer l of the block")
     ax.set_ylabel("block size n (layers)")
     ax.set_title(title)

@@ -19,8 +19,9 @@ def _plain(value):
 
 
 def _cell(text) -> str:
-    """Text safe inside a markdown table cell."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+    """Text safe inside a markdown table cell (control characters shown as escapes)."""
+    text = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or " "
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -175,20 +176,19 @@ def terminal_table(metrics: dict):
 
     models = metrics["models"]
     with_ppl = metrics["settings"]["perplexity"]
-    table = Table(title="dus compare")
-    table.add_column("model")
+    table = Table(title=f"dus compare (change: perplexity vs {models[0]['label']})")
+    table.add_column("model", overflow="fold")
     table.add_column("layers", justify="right")
-    table.add_column("dtype")
     if with_ppl:
-        table.add_column("perplexity", justify="right")
-        table.add_column(f"vs {models[0]['label']}", justify="right")
-        table.add_column("tokens scored", justify="right")
+        table.add_column("perplexity", justify="right", no_wrap=True)
+        table.add_column("change", justify="right")
+        table.add_column("tokens", justify="right")
     table.add_column("seams", justify="right")
-    table.add_column("max seam spike", justify="right")
-    table.add_column("seconds", justify="right")
+    table.add_column("seam spike", justify="right")
+    table.add_column("s", justify="right")
     reference = models[0]["perplexity"]["perplexity"] if with_ppl else None
     for m in models:
-        row = [m["label"], str(m["num_layers"]), m["dtype"]]
+        row = [m["label"], str(m["num_layers"])]
         if with_ppl:
             p = m["perplexity"]
             row += [f"{p['perplexity']:.3f}", _delta(p["perplexity"], reference), f"{p['tokens_scored']:,}"]

@@ -222,6 +222,8 @@ def measure_model(label, path, text, tokenizer, prompts, window, stride, options
 
 
 def write_outputs(metrics: dict, output: Path, options: CompareOptions, console) -> None:
+    from rich.console import Console
+
     from dus.compare import plots
     from dus.compare.report import render_report, terminal_table, write_json
 
@@ -247,5 +249,6 @@ def write_outputs(metrics: dict, output: Path, options: CompareOptions, console)
         console.print(f"W&B run: {metrics['wandb']}")
     write_json(metrics, output / "metrics.json")
     (output / "report.md").write_text(render_report(metrics))
-    console.print(terminal_table(metrics))
-    console.print(f"report: {output / 'report.md'}")
+    results = Console()  # results on stdout, progress and notes on stderr
+    results.print(terminal_table(metrics))
+    results.print(f"report: {output / 'report.md'}", soft_wrap=True)
