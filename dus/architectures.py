@@ -32,13 +32,20 @@ class Adapter:
     layer_index_fields: tuple[str, ...] = COMMON_LAYER_INDEX_FIELDS
     # Scalar fields meaning "layers below this index are X": recomputed from the plan.
     layer_threshold_fields: tuple[str, ...] = ()
-    notes: str = ""
+    # (regex, replacement): other names of an on-disk tensor, as transformers names it
+    # in memory; recipe filters (`filter: down_proj`) match either name.
+    name_aliases: tuple[tuple[str, str], ...] = ()
 
     def layer_pattern(self) -> re.Pattern:
         return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.(.+)$")
 
+    def names(self, rest: str) -> tuple[str, ...]:
+        """A layer tensor's name and its aliases."""
+        aliases = [re.sub(pattern, replacement, rest) for pattern, replacement in self.name_aliases]
+        return (rest, *[alias for alias in aliases if alias != rest])
+
     def is_output_projection(self, rest: str) -> bool:
-        return any(pattern in rest for pattern in self.output_projections)
+        return any(pattern in name for name in self.names(rest) for pattern in self.output_projections)
 
 
 ADAPTERS = {
@@ -58,8 +65,16 @@ ADAPTERS = {
         Adapter("phi3"),
         # Mixtral: experts follow their layer. On disk they are
         # block_sparse_moe.experts.<e>.w1/w2/w3 (w2 is the down projection); transformers 5
-        # in memory fuses them as mlp.experts.gate_up_proj / down_proj.
-        Adapter("mixtral", output_projections=("o_proj", "down_proj", ".w2.")),
+        # in memory fuses them as mlp.experts.gate_up_proj / down_proj, the names mergekit
+        # 0.1.5 filters on, so both names count.
+        Adapter(
+            "mixtral",
+            name_aliases=(
+                (r"^block_sparse_moe\.experts\.\d+\.w2\.weight$", "mlp.experts.down_proj"),
+                (r"^block_sparse_moe\.experts\.\d+\.w[13]\.weight$", "mlp.experts.gate_up_proj"),
+                (r"^block_sparse_moe\.gate\.", "mlp.gate."),
+            ),
+        ),
     ]
 }
 

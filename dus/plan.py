@@ -26,13 +26,14 @@ class ScaleRule:
     value: float
     filter: str | None = None
 
-    def matches(self, tensor_name: str) -> bool:
-        return self.filter is None or self.filter in tensor_name
+    def matches(self, tensor_names: tuple[str, ...]) -> bool:
+        return self.filter is None or any(self.filter in name for name in tensor_names)
 
 
-def scale_for(rules: tuple[ScaleRule, ...], tensor_name: str) -> float | None:
+def scale_for(rules: tuple[ScaleRule, ...], *tensor_names: str) -> float | None:
+    """The value of the first rule matching the tensor (by any of its names), or None."""
     for rule in rules:
-        if rule.matches(tensor_name):
+        if rule.matches(tensor_names):
             return rule.value
     return None
 

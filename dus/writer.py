@@ -98,7 +98,8 @@ def layout(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[OutputTenso
             if layer.blend is not None:
                 blend = (sources[layer.blend.model].layer(layer.blend.layer)[rest], layer.blend)
             zero = layer.zero_output and source.adapter.is_output_projection(rest)
-            add(name, info, scale=scale_for(layer.scale, name), zero=zero, blend=blend)
+            names = [f"{prefix}.{index}.{alias}" for alias in source.adapter.names(rest)]
+            add(name, info, scale=scale_for(layer.scale, *names), zero=zero, blend=blend)
     add_non_layer(plan.head, is_embedding=False)
     return tensors
 
