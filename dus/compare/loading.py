@@ -80,10 +80,18 @@ def load_tokenizer(model_dir: str | Path):
 def load_model(model_dir: str | Path, dtype, device):
     """The causal LM in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
+    # Our own progress bars show the measurement; transformers' per-load bar is noise here.
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     return model.to(device).eval()
 
 
