@@ -85,7 +85,7 @@ def model_card(manifest: dict, plan: LayerPlan) -> str:
     lines += [
         f"# Depth up-scaled {manifest['architecture']} ({plan.num_layers} layers)",
         "",
-        f"Built by [dus](https://pypi.org/project/dus/) {manifest['dus_version']} from a "
+        f"Built by dus {manifest['dus_version']} (depth up-scaling) from a "
         f"`{plan.recipe_kind}` recipe. This model has not been trained since it was assembled; "
         "its seams usually cost quality until it is healed (`dus heal`).",
         "",
