@@ -1,0 +1,80 @@
+"""`dus heal`: fine-tune an assembled model on instruction data (or distil its source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def heal(
+    model: Path = typer.Argument(..., help="Model directory to heal (usually a `dus build` output)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory: healed model, checkpoints, W&B run."),
+    config: Optional[str] = typer.Option(
+        None, "-c", "--config", help="Heal YAML, or a name in train/ (lora-seam, full, qlora, expand, distill). "
+        "Default: the built-in lora-seam settings."
+    ),
+    mode: Optional[str] = typer.Option(None, "--mode", help="lora | qlora | full | expand | distill"),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data: file, save_to_disk dir or hub name."),
+    data_format: Optional[str] = typer.Option(
+        None, "--format", help="auto | messages | alpaca | sharegpt | prompt-completion | text"
+    ),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out data evaluated during training."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Training steps (sft.max_steps)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Train for epochs instead of steps."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", "--learning-rate", help="sft.learning_rate"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sft.per_device_train_batch_size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="sft.max_length (tokens per sequence)"),
+    rank: Optional[int] = typer.Option(None, "--lora-r", "--rank", help="LoRA rank (lora.r)"),
+    radius: Optional[int] = typer.Option(None, "--radius", help="Seam band: layers within this many of a seam."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="wandb | none | tensorboard ..."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sft.seed"),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Distill: teacher model directory "
+                                          "(default: the source named in the manifest)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Write a standalone model with LoRA "
+                                         "merged in (default on)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier heal output in OUT."),
+    settings: List[str] = typer.Option([], "--set", help="Any config key: --set sft.warmup_steps=0 (repeatable)."),
+) -> None:
+    """Heal MODEL: fine-tune the layers around its seams with TRL + PEFT; write OUT."""
+    from dus.heal.config import load_config, parse_set_option
+    from dus.heal.run import heal as run_heal
+    from dus.heal.run import is_main_process
+
+    overrides: dict = {}
+    flags = {
+        "mode": mode,
+        "data.path": data,
+        "data.format": data_format,
+        "data.eval_path": eval_data,
+        "sft.learning_rate": learning_rate,
+        "sft.per_device_train_batch_size": batch_size,
+        "sft.max_length": max_length,
+        "lora.r": rank,
+        "seam.radius": radius,
+        "sft.report_to": report_to,
+        "sft.seed": seed,
+        "sft.save_steps": save_steps,
+        "merge": merge,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    if max_steps is not None:
+        overrides["sft.max_steps"] = max_steps
+    if epochs is not None:
+        overrides["sft.num_train_epochs"] = epochs
+        overrides["sft.max_steps"] = max_steps if max_steps is not None else -1
+    for item in settings:
+        key, value = parse_set_option(item)
+        overrides[key] = value
+    cfg = load_config(config, overrides)
+    result = run_heal(model, output, cfg, resume=resume, force=force, teacher=teacher)
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    if is_main_process():
+        print(f"healed: {result.output} ({result.mode}, {result.steps} steps, final loss {loss})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("heal")(heal)

@@ -1,0 +1,325 @@
+"""The heal YAML: a few dus sections around TRL's and PEFT's own config objects.
+
+A config file has top-level sections; `sft:` holds fields of `trl.SFTConfig` and `lora:`
+fields of `peft.LoraConfig`, passed through unchanged, so anything TRL or PEFT document
+works here. dus adds only what it decides itself: the training mode, where the data is,
+how wide the seam band is, distillation, W&B placement and whether to merge.
+Every key is checked against the object it feeds; a typo is an error that names the
+key, its section, and the closest valid spelling.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dus.errors import DusError
+
+MODES = ("lora", "qlora", "full", "expand", "distill")
+DISTILL_STUDENTS = ("lora", "full", "expand")
+
+# The built-in defaults are train/lora-seam.yaml (a test keeps the two identical), so
+# `dus heal MODEL -o OUT` without `-c` behaves like the shipped default config.
+DEFAULTS: dict[str, Any] = {
+    "mode": "lora",
+    "merge": True,
+    "data": {
+        "path": "data/chat/train.jsonl",
+        "format": "auto",
+        "split": "train",
+        "eval_path": None,
+        "eval_split": None,
+        "max_samples": None,
+        "eval_max_samples": None,
+    },
+    "seam": {"radius": 2, "layers": "auto"},
+    "sft": {
+        "learning_rate": 2.0e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 10,
+        "max_steps": 500,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_length": 1024,
+        "packing": False,
+        "assistant_only_loss": True,
+        "activation_checkpointing": True,
+        "logging_steps": 10,
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "report_to": "wandb",
+        "seed": 42,
+    },
+    "lora": {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": "auto",
+        "bias": "none",
+    },
+    "distill": {"teacher": "auto", "alpha": 1.0, "temperature": 1.0, "student": "lora"},
+    "quantization": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_use_double_quant": True,
+    },
+    "wandb": {"project": "dus", "name": None, "dir": None, "tags": []},
+}
+
+DUS_SECTIONS = {
+    "data": "dus data source",
+    "seam": "dus seam selection",
+    "distill": "dus distillation",
+    "wandb": "dus W&B placement",
+}
+SCALARS = {"mode", "merge"}
+
+# sft fields that dus sets itself; a config that sets them would be silently overridden.
+SFT_OWNED = {
+    "output_dir": "dus writes checkpoints to OUT/checkpoints; choose OUT with -o",
+    "resume_from_checkpoint": "use --resume, which continues from the latest checkpoint in OUT",
+    "run_name": "set wandb.name instead",
+}
+LORA_OWNED = {"task_type": "dus heals causal LMs (CAUSAL_LM)"}
+
+
+@dataclass
+class HealConfig:
+    """A resolved heal config: the merged YAML plus where it came from."""
+
+    raw: dict[str, Any]
+    source: str = "built-in defaults (= train/lora-seam.yaml)"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return self.raw["mode"]
+
+    @property
+    def merge(self) -> bool:
+        return bool(self.raw["merge"])
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.raw[name]
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode in ("lora", "qlora") or (
+            self.mode == "distill" and self.raw["distill"]["student"] == "lora"
+        )
+
+    @property
+    def trains(self) -> str:
+        """Which parameters train: lora, full or expand (qlora trains LoRA too)."""
+        if self.mode == "distill":
+            return self.raw["distill"]["student"]
+        return "lora" if self.mode == "qlora" else self.mode
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.raw)
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _sft_fields() -> set[str]:
+    from trl import SFTConfig
+
+    return _field_names(SFTConfig)
+
+
+def _lora_fields() -> set[str]:
+    from peft import LoraConfig
+
+    return _field_names(LoraConfig)
+
+
+def _quantization_fields() -> set[str]:
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    return {p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs")}
+
+
+def _unknown_key(key: str, section: str, known: set[str], what: str) -> DusError:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; see the {what} documentation for valid keys"
+    return DusError(f"unknown key '{key}' in section '{section}' ({what}){hint}")
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config path as given, or a short name (`full`, `qlora.yaml`) looked up in ./train/
+    and in the train/ directory shipped beside the dus package."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    candidates = [Path("train") / name, Path(__file__).resolve().parents[2] / "train" / name]
+    if len(path.parts) == 1:
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+    raise DusError(
+        f"heal config {config} not found; give a YAML path or one of the names in train/ "
+        "(lora-seam, full, qlora, expand, distill)"
+    )
+
+
+def load_config(config: str | Path | dict | None = None, overrides: dict[str, Any] | None = None) -> HealConfig:
+    """Defaults, then the YAML (or dict), then CLI overrides given as dotted keys
+    (`{"sft.learning_rate": 1e-4}`); everything validated against TRL/PEFT fields."""
+    raw = copy.deepcopy(DEFAULTS)
+    source = "built-in defaults (= train/lora-seam.yaml)"
+    if config is not None:
+        if isinstance(config, dict):
+            user, source = config, "dict"
+        else:
+            path = resolve_config_path(config)
+            try:
+                user = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as error:
+                raise DusError(f"{path}: not valid YAML ({error.__class__.__name__}: {error})") from None
+            source = str(path)
+        if not isinstance(user, dict):
+            raise DusError(f"{source}: a heal config is a mapping of sections (mode, data, sft, lora, ...)")
+        _merge_into(raw, user, source)
+    for dotted, value in (overrides or {}).items():
+        _apply_override(raw, dotted, value)
+    _validate(raw, source)
+    return HealConfig(raw=raw, source=source, overrides=dict(overrides or {}))
+
+
+def _merge_into(raw: dict, user: dict, source: str) -> None:
+    known_top = set(DEFAULTS)
+    for key, value in user.items():
+        if key not in known_top:
+            close = difflib.get_close_matches(str(key), sorted(known_top), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise DusError(
+                f"{source}: unknown top-level key '{key}'; known: {', '.join(sorted(known_top))}{hint}"
+            )
+        if key in SCALARS:
+            raw[key] = value
+        elif value is None:
+            continue
+        elif not isinstance(value, dict):
+            raise DusError(f"{source}: section '{key}' must be a mapping of keys, got {type(value).__name__}")
+        else:
+            # The user's keys replace or extend the defaults of that section.
+            raw[key].update(value)
+
+
+def _apply_override(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1:
+        if parts[0] not in SCALARS:
+            raise DusError(f"override '{dotted}': give section.key (e.g. sft.learning_rate=1e-4) or mode/merge")
+        raw[parts[0]] = value
+        return
+    if len(parts) != 2 or parts[0] not in raw or parts[0] in SCALARS:
+        raise DusError(
+            f"override '{dotted}': the section must be one of {', '.join(sorted(set(DEFAULTS) - SCALARS))}"
+        )
+    raw[parts[0]][parts[1]] = value
+
+
+def _validate(raw: dict, source: str) -> None:
+    if raw["mode"] not in MODES:
+        raise DusError(f"{source}: mode '{raw['mode']}' is not one of {', '.join(MODES)}")
+    for section, what in DUS_SECTIONS.items():
+        known = set(DEFAULTS[section])
+        for key in raw[section]:
+            if key not in known:
+                raise _unknown_key(key, section, known, what)
+    checks = (
+        ("sft", _sft_fields(), "fields of trl.SFTConfig", SFT_OWNED),
+        ("lora", _lora_fields(), "fields of peft.LoraConfig", LORA_OWNED),
+        ("quantization", _quantization_fields(), "arguments of transformers.BitsAndBytesConfig", {}),
+    )
+    for section, known, what, owned in checks:
+        for key in raw[section]:
+            if key in owned:
+                raise DusError(f"{source}: '{section}.{key}' is set by dus: {owned[key]}")
+            if key not in known:
+                raise _unknown_key(key, section, known, what)
+    if raw["distill"]["student"] not in DISTILL_STUDENTS:
+        raise DusError(
+            f"{source}: distill.student '{raw['distill']['student']}' is not one of {', '.join(DISTILL_STUDENTS)}"
+        )
+    alpha = raw["distill"]["alpha"]
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise DusError(f"{source}: distill.alpha must be a number in [0, 1] (1 = pure KL), got {alpha!r}")
+    temperature = raw["distill"]["temperature"]
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise DusError(f"{source}: distill.temperature must be a positive number, got {temperature!r}")
+    radius = raw["seam"]["radius"]
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
+        raise DusError(f"{source}: seam.radius must be a whole number >= 1, got {radius!r}")
+    layers = raw["seam"]["layers"]
+    if layers != "auto" and not (
+        isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise DusError(f"{source}: seam.layers must be 'auto' or a list of layer indices, got {layers!r}")
+    if not raw["data"]["path"]:
+        raise DusError(f"{source}: data.path is empty; give a data file, a save_to_disk directory or a hub name")
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """`section.key=value` from `--set`, the value read as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise DusError(f"--set {item}: expected section.key=value, e.g. --set sft.warmup_steps=0")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def build_sft_config(cfg: HealConfig, output_dir: Path, run_name: str, use_cpu: bool, extra_cls=None, extra=None):
+    """The `trl.SFTConfig` (or a subclass) from the `sft:` section plus what dus decides."""
+    from trl import SFTConfig
+
+    kwargs = dict(cfg.section("sft"))
+    kwargs.pop("model_init_kwargs", None)  # dus loads the model itself with these
+    kwargs["output_dir"] = str(output_dir)
+    kwargs["run_name"] = run_name
+    if use_cpu:
+        kwargs.setdefault("use_cpu", True)
+        # No bf16 autocast on CPU unless asked: fp32 is the faster and safer default there.
+        kwargs.setdefault("bf16", False)
+    report_to = kwargs.get("report_to")
+    if report_to in (None, "none", []) or report_to == ["none"]:
+        kwargs["report_to"] = "none"
+    kwargs.update(extra or {})
+    cls = extra_cls or SFTConfig
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise DusError(f"sft: {error}".splitlines()[0]) from None
+
+
+def build_lora_config(cfg: HealConfig, target_modules: list[str] | str, layers: list[int] | None, layers_pattern: str):
+    """A `peft.LoraConfig` from the `lora:` section; `target_modules: auto` and the layer
+    list come from the seam selection (targets.py)."""
+    from peft import LoraConfig
+
+    kwargs = dict(cfg.section("lora"))
+    if kwargs.get("target_modules") in ("auto", None):
+        kwargs["target_modules"] = target_modules
+    if "layers_to_transform" not in kwargs and layers is not None:
+        kwargs["layers_to_transform"] = layers
+        kwargs.setdefault("layers_pattern", layers_pattern)
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **kwargs)
+    except (ValueError, TypeError) as error:
+        raise DusError(f"lora: {error}".splitlines()[0]) from None

@@ -1,0 +1,241 @@
+"""Training data: load it from wherever it is, recognise its format, hand TRL one of its own.
+
+TRL's SFTTrainer understands three shapes: conversations (`messages`), prompt/completion
+pairs and plain `text`. Data in the wild comes as alpaca rows, sharegpt conversations and
+the like, so everything is converted here into one of TRL's shapes, and the rest of the
+heal stage never looks at formats again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dus.errors import DusError
+
+FORMATS = {
+    "messages": "chat: a `messages` list of {role, content}",
+    "alpaca": "`instruction`, optional `input`, `output`",
+    "sharegpt": "`conversations`: a list of {from, value}",
+    "prompt-completion": "`prompt` and `completion`",
+    "text": "plain `text` (continued pretraining)",
+}
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class LoadedData:
+    dataset: Any  # datasets.Dataset in one of TRL's shapes
+    format: str  # the format found in the source
+    shape: str  # "messages", "prompt-completion" or "text": what TRL receives
+    source: str
+    rows: int
+
+    def describe(self) -> str:
+        converted = "" if self.format == self.shape else f", converted to {self.shape}"
+        return f"{self.source}: {self.rows} rows, format {self.format}{converted}"
+
+
+def accepted_formats() -> str:
+    return "; ".join(f"{name} ({what})" for name, what in FORMATS.items())
+
+
+def load_raw(spec: str, split: str | None = "train"):
+    """A `datasets.Dataset` from a local file, a save_to_disk directory, or a hub name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DusError(
+                f"data {spec}: a directory, but not one written by datasets' save_to_disk; give a "
+                "JSONL/JSON/parquet/CSV/TXT file or a save_to_disk directory"
+            )
+        loaded = datasets.load_from_disk(str(path))
+        return _pick_split(loaded, split, spec)
+    if path.is_file():
+        loader = FILE_LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise DusError(
+                f"data {spec}: unknown file type '{path.suffix}'; accepted: {', '.join(FILE_LOADERS)}"
+                " or a save_to_disk directory"
+            )
+        kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
+        try:
+            return datasets.load_dataset(loader, data_files=str(path), split="train", **kwargs)
+        except Exception as error:  # noqa: BLE001 - any parser failure is a bad file
+            raise DusError(f"data {spec}: could not be read as {loader} ({_first_line(error)})") from None
+    if path.suffix.lower() in FILE_LOADERS or spec.startswith((".", "/", "~")):
+        raise DusError(f"data {spec}: no such file or directory (relative paths are read from {Path.cwd()})")
+    try:
+        return datasets.load_dataset(spec, split=split or "train")
+    except Exception as error:  # noqa: BLE001 - hub failures come in many types
+        raise DusError(
+            f"data {spec}: not a local file or directory, and loading it from the Hugging Face Hub failed "
+            f"({_first_line(error)}); give a local JSONL/JSON/parquet/CSV/TXT file or a save_to_disk directory"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _pick_split(loaded, split: str | None, spec: str):
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DusError(f"data {spec}: no split '{split}'; splits: {', '.join(loaded)} (set data.split)")
+        return loaded[split]
+    return loaded
+
+
+def detect_format(columns: list[str], first: dict) -> str:
+    """The format of a dataset from its columns (and, for chats, the first row's shape)."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        turns = first.get("conversations") or []
+        if turns and isinstance(turns[0], dict) and "from" in turns[0]:
+            return "sharegpt"
+        if turns and isinstance(turns[0], dict) and "role" in turns[0]:
+            return "messages-conversations"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt-completion"
+    if "text" in cols:
+        return "text"
+    raise DusError(
+        f"data: unknown format; columns found: {', '.join(sorted(cols)) or '(none)'}; "
+        f"accepted: {accepted_formats()}"
+    )
+
+
+def _check_messages(messages: Any, where: str) -> list[dict]:
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise DusError(f"data {where}: `messages` is a string, not a list of {{role, content}}") from None
+    if not isinstance(messages, list) or not messages:
+        raise DusError(f"data {where}: `messages` must be a non-empty list of {{role, content}}")
+    clean = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DusError(f"data {where}: each message needs `role` and `content`, got {str(message)[:80]}")
+        if message["role"] not in CHAT_ROLES:
+            raise DusError(
+                f"data {where}: unknown role '{message['role']}'; use {', '.join(sorted(CHAT_ROLES))}"
+            )
+        clean.append({"role": message["role"], "content": str(message["content"] or "")})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise DusError(f"data {where}: a conversation without an assistant turn has nothing to learn from")
+    return clean
+
+
+def _convert(row: dict, fmt: str, index: int) -> dict:
+    where = f"row {index}"
+    if fmt in ("messages", "messages-conversations"):
+        key = "messages" if fmt == "messages" else "conversations"
+        return {"messages": _check_messages(row[key], where)}
+    if fmt == "sharegpt":
+        messages = []
+        for turn in row["conversations"]:
+            speaker = str(turn.get("from", "")).lower()
+            if speaker not in SHAREGPT_ROLES:
+                raise DusError(
+                    f"data {where}: unknown sharegpt speaker '{turn.get('from')}'; known: "
+                    f"{', '.join(sorted(SHAREGPT_ROLES))}"
+                )
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": str(turn.get("value") or "")})
+        return {"messages": _check_messages(messages, where)}
+    if fmt == "alpaca":
+        instruction = str(row["instruction"] or "").strip()
+        extra = str(row.get("input") or "").strip()
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return {
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": str(row["output"] or "")},
+            ]
+        }
+    if fmt == "prompt-completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            both = _check_messages(prompt + completion, where)
+            return {"prompt": both[: len(prompt)], "completion": both[len(prompt) :]}
+        return {"prompt": str(prompt or ""), "completion": str(completion or "")}
+    if fmt == "text":
+        return {"text": str(row["text"] or "")}
+    raise AssertionError(fmt)
+
+
+def shape_of(fmt: str) -> str:
+    if fmt in ("messages", "messages-conversations", "sharegpt", "alpaca"):
+        return "messages"
+    return fmt
+
+
+def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_samples: int | None = None) -> LoadedData:
+    """Load `spec` and convert it to one of TRL's shapes (messages / prompt-completion / text)."""
+    import datasets
+
+    raw = load_raw(spec, split)
+    if len(raw) == 0:
+        raise DusError(f"data {spec}: the data set is empty")
+    if max_samples:
+        raw = raw.select(range(min(int(max_samples), len(raw))))
+    first = raw[0]
+    found = detect_format(raw.column_names, first)
+    if fmt != "auto":
+        wanted = "messages" if fmt == "chat" else fmt
+        if wanted not in FORMATS:
+            raise DusError(f"data.format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
+        if wanted != found and not (wanted == "messages" and found == "messages-conversations"):
+            raise DusError(
+                f"data {spec}: data.format is '{fmt}' but the columns ({', '.join(raw.column_names)}) "
+                f"look like {found}; fix data.format or use auto"
+            )
+    rows = [_convert(row, found, i) for i, row in enumerate(raw)]
+    if shape_of(found) == "text":
+        rows = [row for row in rows if row["text"].strip()]
+        if not rows:
+            raise DusError(f"data {spec}: every `text` row is empty")
+    dataset = datasets.Dataset.from_list(rows)
+    label = "messages" if found == "messages-conversations" else found
+    return LoadedData(dataset, label, shape_of(found), spec, len(dataset))
+
+
+def split_last_turn(dataset):
+    """Conversations -> conversational prompt/completion on the last assistant turn.
+
+    Used when the chat template cannot mark assistant tokens ({% generation %}) and TRL has
+    no patched template for it: TRL then finds the completion by tokenizing the prompt and
+    the prompt+completion, so the loss still falls on assistant tokens only (earlier
+    assistant turns become context)."""
+
+    def split(row):
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return {"prompt": messages[:last], "completion": [messages[last]]}
+
+    return dataset.map(split, remove_columns=["messages"]).filter(lambda row: len(row["prompt"]) > 0)

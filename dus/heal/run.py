@@ -1,0 +1,484 @@
+"""One heal run, start to finish: model, data, targets, TRL trainer, healed model.
+
+Everything here is plumbing between objects TRL, PEFT and transformers already provide:
+the choices (which layers, which loss, which format) are made in the sibling modules, and
+this file wires them into an SFTTrainer and writes what comes out. It runs the same way
+in one process and under `accelerate launch` (every rank runs it; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from dus.errors import DusError
+from dus.heal.config import HealConfig, build_lora_config, build_sft_config
+from dus.heal.data import LoadedData, load_data, split_last_turn
+from dus.heal.merge import file_sha256, weights_digest, write_healed_model
+from dus.heal.targets import (
+    HealTargets,
+    choose_layers,
+    describe_targets,
+    find_layer_stack,
+    manifest_new_layers,
+)
+from dus.plan import MANIFEST_NAME, read_manifest
+
+RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
+CHECKPOINTS = "checkpoints"
+
+# Used only when the tokenizer has no chat template: plain-text role headers (no new
+# tokens needed), the assistant turn inside {% generation %} so that assistant-only loss
+# works, and the tokenizer's EOS closing each answer so that the model learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
+    "{% else %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
+@dataclass
+class HealResult:
+    output: Path
+    mode: str
+    steps: int
+    final_loss: float | None
+    record: dict
+    targets: HealTargets | None = None
+    wandb_description: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str) -> None:
+    if is_main_process():
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(message)
+
+
+def accelerator_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise DusError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if not any(model_dir.glob("*.safetensors")):
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+            raise DusError(
+                f"{model_dir}: weights are pickled (.bin/.pt), which dus does not load; "
+                "convert them to safetensors first"
+            )
+        raise DusError(f"{model_dir}: no .safetensors weights")
+
+
+def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dict | None:
+    """Check OUT before anything runs; returns the previous run's marker when resuming."""
+    if out.resolve() == model_dir.resolve():
+        raise DusError(f"-o {out} is the input model directory; write the healed model elsewhere")
+    marker = out / RUN_MARKER
+    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoints = out / CHECKPOINTS
+        if not checkpoints.is_dir() or get_last_checkpoint(str(checkpoints)) is None:
+            raise DusError(f"--resume: no checkpoint in {checkpoints}; run without --resume to start afresh")
+        return previous
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise DusError(
+                f"{out} exists and is not empty; use --resume to continue its run, --force to replace it, "
+                "or choose another -o"
+            )
+        if previous is None:
+            raise DusError(f"--force: {out} is not a dus heal output (no {RUN_MARKER}); refusing to delete it")
+    return None
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - any failure means no usable tokenizer
+        raise DusError(f"{model_dir}: cannot load its tokenizer ({type(error).__name__}: {error})") from None
+
+
+def fit_data_to_template(data: LoadedData, tokenizer, assistant_only_loss: bool, notes: list[str]):
+    """Make the data and the chat template agree; returns (dataset, assistant_only_loss)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    dataset = data.dataset
+    conversational = data.shape == "messages" or (
+        data.shape == "prompt-completion" and isinstance(dataset[0]["prompt"], list)
+    )
+    if conversational and not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        notes.append("the tokenizer has no chat template: using dus's fallback (### User / ### Assistant headers)")
+    if data.shape != "messages":
+        if assistant_only_loss:
+            kind = "completion tokens" if data.shape == "prompt-completion" else "every token"
+            notes.append(f"{data.shape} data: the loss falls on {kind} (assistant_only_loss applies to chats)")
+        return dataset, False
+    if not assistant_only_loss or has_generation_markers(tokenizer.chat_template):
+        return dataset, assistant_only_loss
+    try:
+        get_training_chat_template(tokenizer)
+        return dataset, True  # TRL swaps in its patched version of this known template
+    except ValueError:
+        notes.append(
+            "the chat template has no {% generation %} markers and TRL has no patched version of it: each "
+            "conversation is split into prompt + last assistant turn, and the loss falls on that turn"
+        )
+        return split_last_turn(dataset), False
+
+
+def load_model(model_dir: Path, cfg: HealConfig, use_cpu: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(cfg.section("sft").get("model_init_kwargs") or {})
+    kwargs.setdefault("dtype", "float32" if use_cpu else "auto")
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    if kwargs.pop("trust_remote_code", False):
+        raise DusError("sft.model_init_kwargs.trust_remote_code: dus never runs a model's remote code")
+    if cfg.mode == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg)
+        kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, **kwargs)
+
+
+def quantization_config(cfg: HealConfig):
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise DusError("mode qlora loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+                       "none is visible here: use mode lora (train/lora-seam.yaml) instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DusError("mode qlora needs bitsandbytes: pip install bitsandbytes (or dus[gpu])")
+    kwargs = dict(cfg.section("quantization"))
+    if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
+        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
+    return BitsAndBytesConfig(**kwargs)
+
+
+def select_trainable(model, cfg: HealConfig, manifest: dict | None, notes: list[str]):
+    """Targets and PEFT config for LoRA modes; requires_grad flags for full/expand."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    trains = cfg.trains
+    if trains == "lora":
+        seam = cfg.section("seam")
+        targets = choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
+        targets = describe_targets(model, targets)
+        stack = find_layer_stack(model)
+        lora = build_lora_config(cfg, targets.linear_modules, targets.layers, stack.pattern)
+        if lora.layers_to_transform is not None:
+            explicit = lora.layers_to_transform
+            targets.layers = [explicit] if isinstance(explicit, int) else list(explicit)
+        return targets, lora
+    if trains == "expand":
+        new = manifest_new_layers(manifest)
+        if not new:
+            raise DusError(
+                "mode expand trains the new blocks of an expand build, but "
+                + ("the model has no dus-manifest.json" if manifest is None else "its manifest lists no new layers")
+                + "; use mode lora or full"
+            )
+        stack = find_layer_stack(model)
+        model.requires_grad_(False)
+        for index in new:
+            model.get_submodule(stack.path)[index].requires_grad_(True)
+        return HealTargets(new, [], "new blocks of the expand build (all their parameters)"), None
+    model.requires_grad_(True)
+    return HealTargets(list(range(num_layers)), [], "full fine-tuning: every parameter"), None
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this process actually ran (a resumed run runs only the rest)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def run_name(cfg: HealConfig, model_dir: Path, manifest: dict | None) -> str:
+    if cfg.section("wandb")["name"]:
+        return cfg.section("wandb")["name"]
+    recipe = (manifest or {}).get("recipe") or {}
+    base = recipe.get("name") if isinstance(recipe, dict) else None
+    return f"heal-{base or model_dir.name}-{cfg.mode}"
+
+
+def heal(
+    model_dir: str | Path,
+    output: str | Path,
+    cfg: HealConfig,
+    resume: bool = False,
+    force: bool = False,
+    teacher: str | None = None,
+) -> HealResult:
+    """Fine-tune the model in `model_dir` as `cfg` says and write the healed model to `output`."""
+    from accelerate.utils import gather_object
+
+    model_dir, out = Path(model_dir), Path(output)
+    check_model_dir(model_dir)
+    manifest = read_manifest(model_dir)
+    previous = prepare_output(out, model_dir, resume, force)
+    use_cpu = not accelerator_available()
+    notes: list[str] = []
+    if cfg.mode == "qlora":
+        quantization_config(cfg)  # fail before the data is read
+
+    # Data and chat template first: they decide assistant_only_loss before TRL sees it.
+    tokenizer = load_tokenizer(model_dir)
+    data_cfg = cfg.section("data")
+    train_data = load_data(data_cfg["path"], data_cfg["format"], data_cfg["split"], data_cfg["max_samples"])
+    sft = cfg.section("sft")
+    train_set, assistant_only = fit_data_to_template(
+        train_data, tokenizer, bool(sft.get("assistant_only_loss", False)), notes
+    )
+    eval_set, eval_data = None, None
+    if data_cfg["eval_path"]:
+        eval_data = load_data(
+            data_cfg["eval_path"], data_cfg["format"], data_cfg["eval_split"] or data_cfg["split"],
+            data_cfg["eval_max_samples"],
+        )
+        eval_set, _ = fit_data_to_template(eval_data, tokenizer, bool(sft.get("assistant_only_loss", False)), [])
+    extra = {"assistant_only_loss": assistant_only}
+    if eval_set is not None and sft.get("eval_strategy", "no") == "no":
+        extra.update(eval_strategy="steps", eval_steps=sft.get("eval_steps") or sft.get("save_steps", 100))
+
+    # Distributed state starts here (TrainingArguments), before anything is written.
+    name = run_name(cfg, model_dir, manifest)
+    args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)
+    state = args.distributed_state
+
+    model = load_model(model_dir, cfg, use_cpu)
+    source_dtype = str(model.config.dtype).replace("torch.", "") if getattr(model.config, "dtype", None) else None
+    saved_dtype = _checkpoint_dtype(model_dir) or source_dtype
+    targets, peft_config = select_trainable(model, cfg, manifest, notes)
+    if cfg.trains == "expand" and args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    teacher_model, teacher_dir = None, None
+    if cfg.mode == "distill":
+        from transformers import AutoModelForCausalLM
+
+        from dus.heal.distill import teacher_path
+
+        teacher_dir = teacher_path(model_dir, manifest, teacher or cfg.section("distill")["teacher"])
+        check_model_dir(teacher_dir)
+        teacher_model = AutoModelForCausalLM.from_pretrained(
+            str(teacher_dir), dtype=model.dtype, use_safetensors=True
+        )
+
+    for warning in targets.warnings:
+        say(f"[yellow]warning:[/] {warning}")
+    for note in notes:
+        say(f"[cyan]note:[/] {note}")
+    say(f"[bold]dus heal[/] {model_dir} -> {out}  (mode {cfg.mode}, config {cfg.source})")
+    say(f"  data: {train_data.describe()}" + (f"; eval: {eval_data.describe()}" if eval_data else ""))
+    say(f"  layers trained: {targets.layers}  ({targets.reason})")
+    if targets.linear_modules:
+        say(f"  LoRA r={peft_config.r} on: {', '.join(targets.linear_modules)}")
+    if teacher_dir:
+        say(f"  teacher: {teacher_dir} (alpha {cfg.section('distill')['alpha']}, "
+            f"temperature {cfg.section('distill')['temperature']})")
+    kind = "single process" if args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
+    say(f"  processes: {args.world_size} ({kind}), device {args.device}")
+
+    # Everything checked: only now is OUT created (or, with --force, replaced).
+    if state.is_main_process:
+        if force and out.exists() and not resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    dus_config = {
+        "dus": {
+            "heal_config": cfg.to_dict(),
+            "config_file": cfg.source,
+            "overrides": cfg.overrides,
+            "model": str(model_dir),
+            "layers": targets.layers,
+            "reason": targets.reason,
+            "seams": targets.seams,
+            "plan": (manifest or {}).get("plan"),
+            "recipe": (manifest or {}).get("recipe"),
+            "data": train_data.describe(),
+        }
+    }
+    wandb_run = None
+    if "wandb" in (args.report_to or []) and state.is_main_process:
+        from dus.heal.tracking import start_run
+
+        wandb_cfg = cfg.section("wandb")
+        wandb_run = start_run(
+            Path(wandb_cfg["dir"]) if wandb_cfg["dir"] else out,
+            wandb_cfg["project"],
+            name,
+            dus_config,
+            wandb_cfg["tags"],
+            run_id=(previous or {}).get("wandb_run_id") if resume else None,
+        )
+        say(f"  {wandb_run.describe()}")
+
+    if state.is_main_process:
+        marker = {
+            "model": str(model_dir),
+            "config": cfg.to_dict(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "wandb_run_id": wandb_run.run_id if wandb_run else None,
+            "finished": False,
+        }
+        (out / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+    trainer_kwargs = dict(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    if teacher_model is not None:
+        from dus.heal.distill import DistillSFTTrainer
+
+        distill = cfg.section("distill")
+        trainer = DistillSFTTrainer(
+            teacher_model=teacher_model, alpha=distill["alpha"], temperature=distill["temperature"], **trainer_kwargs
+        )
+    else:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(**trainer_kwargs)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+
+    resumed_from = None
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resumed_from = get_last_checkpoint(str(out / CHECKPOINTS))
+        say(f"  resuming from {resumed_from}")
+    counter = StepCounter()
+    trainer.add_callback(counter)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resumed_from)
+    seconds = time.time() - started
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    digests = gather_object([weights_digest(unwrapped)])
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    record = {
+        "stage": "heal",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mode": cfg.mode,
+        "trains": cfg.trains,
+        "layers": targets.layers,
+        "reason": targets.reason,
+        "seams": targets.seams,
+        "lora_modules": targets.linear_modules,
+        "not_covered": targets.left_out,
+        "teacher": str(teacher_dir) if teacher_dir else None,
+        "data": {
+            "path": train_data.source,
+            "format": train_data.format,
+            "rows": train_data.rows,
+            "sha256": file_sha256(Path(train_data.source)),
+        },
+        "eval_data": eval_data.source if eval_data else None,
+        "steps": trainer.state.global_step,
+        "steps_this_run": counter.steps,
+        "epochs": trainer.state.epoch,
+        "tokens": trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None,
+        "final_loss": float(losses[-1]) if losses else _maybe_float(result.training_loss),
+        "train_loss": _maybe_float(result.training_loss),
+        "final_eval_loss": float(evals[-1]) if evals else None,
+        "loss_curve": [
+            {k: entry[k] for k in ("step", "loss", "eval_loss", "distill_kl", "nll", "num_tokens") if k in entry}
+            for entry in history
+            if "loss" in entry or "eval_loss" in entry
+        ],
+        "world_size": args.world_size,
+        "rank_digests": digests,
+        "ranks_agree": len(set(digests)) == 1,
+        "resumed_from": resumed_from,
+        "seconds": round(seconds, 1),
+        "config": cfg.to_dict(),
+        "config_file": cfg.source,
+        "overrides": cfg.overrides,
+        "notes": notes,
+    }
+    if not record["ranks_agree"]:
+        say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
+
+    if state.is_main_process:
+        if peft_config is not None:
+            unwrapped.save_pretrained(str(out / "adapter"))
+            tokenizer.save_pretrained(str(out / "adapter"))
+        if cfg.merge or peft_config is None:
+            write_healed_model(unwrapped, tokenizer, model_dir, out, manifest, record, dtype=saved_dtype)
+            say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
+        else:
+            (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
+            say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
+        marker = json.loads((out / RUN_MARKER).read_text())
+        marker.update(finished=True, steps=record["steps"], final_loss=record["final_loss"])
+        (out / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if wandb_run is not None:
+        from dus.heal.tracking import finish_run
+
+        finish_run({"dus/final_loss": record["final_loss"], "dus/steps": record["steps"]})
+    state.wait_for_everyone()
+    return HealResult(
+        out, cfg.mode, record["steps"], record["final_loss"], record, targets,
+        wandb_run.describe() if wandb_run else None, notes,
+    )
+
+
+def _maybe_float(value) -> float | None:
+    return float(value) if value is not None else None
+
+
+def _checkpoint_dtype(model_dir: Path) -> str | None:
+    """The dtype the source checkpoint was saved in (config `dtype`/`torch_dtype`), which
+    the healed model keeps even though CPU training runs in float32."""
+    config = json.loads((model_dir / "config.json").read_text())
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) and value != "auto" else None
+
+
+__all__ = ["heal", "HealResult", "FALLBACK_CHAT_TEMPLATE", "MANIFEST_NAME"]

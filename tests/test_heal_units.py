@@ -1,0 +1,247 @@
+"""`dus heal` pieces that need no training: config parsing, data formats, seam targets,
+the distillation loss. Fast; the end-to-end runs are in test_heal.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dus.errors import DusError
+from dus.heal.config import DEFAULTS, load_config
+from dus.heal.data import detect_format, load_data, split_last_turn
+from dus.heal.distill import distillation_loss
+from dus.heal.targets import choose_layers, describe_targets, find_layer_stack
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- config ---------------------------------------------------------------------------
+
+def test_builtin_defaults_are_the_shipped_lora_seam_config():
+    assert load_config(REPO / "train" / "lora-seam.yaml").raw == DEFAULTS
+
+
+@pytest.mark.parametrize("name, mode", [
+    ("lora-seam", "lora"), ("full", "full"), ("qlora", "qlora"), ("expand", "expand"), ("distill", "distill"),
+])
+def test_every_shipped_config_loads_and_builds_trl_objects(name, mode, tmp_path):
+    from trl import SFTConfig
+
+    from dus.heal.config import build_lora_config, build_sft_config
+
+    cfg = load_config(REPO / "train" / f"{name}.yaml")
+    assert cfg.mode == mode
+    args = build_sft_config(cfg, tmp_path, "run", use_cpu=True)
+    assert isinstance(args, SFTConfig) and args.output_dir == str(tmp_path)
+    lora = build_lora_config(cfg, ["self_attn.q_proj"], [1, 2], "layers")
+    assert lora.layers_to_transform == [1, 2] and lora.r == cfg.section("lora")["r"]
+
+
+def test_overrides_reach_the_trl_and_peft_objects(tmp_path):
+    from dus.heal.config import build_lora_config, build_sft_config
+
+    cfg = load_config("lora-seam", {"sft.learning_rate": 1e-3, "lora.r": 4, "sft.max_steps": 7, "mode": "full"})
+    args = build_sft_config(cfg, tmp_path, "run", use_cpu=True)
+    assert (args.learning_rate, args.max_steps, cfg.mode) == (1e-3, 7, "full")
+    assert build_lora_config(cfg, ["q"], None, "layers").r == 4
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"sft": {"lerning_rate": 1}}, "unknown key 'lerning_rate' in section 'sft' (fields of trl.SFTConfig); did you mean 'learning_rate'?"),
+    ({"lora": {"rank": 8}}, "unknown key 'rank' in section 'lora' (fields of peft.LoraConfig)"),
+    ({"seam": {"raduis": 1}}, "unknown key 'raduis' in section 'seam'"),
+    ({"trainer": {}}, "unknown top-level key 'trainer'"),
+    ({"mode": "dora"}, "mode 'dora' is not one of lora, qlora, full, expand, distill"),
+    ({"sft": {"output_dir": "x"}}, "'sft.output_dir' is set by dus"),
+    ({"seam": {"radius": 0}}, "seam.radius must be a whole number >= 1"),
+    ({"distill": {"alpha": 2}}, "distill.alpha must be a number in [0, 1]"),
+    ({"distill": {"student": "qlora"}}, "distill.student 'qlora' is not one of lora, full, expand"),
+])
+def test_bad_config_keys_are_named(config, message):
+    with pytest.raises(DusError) as error:
+        load_config(config)
+    assert message in str(error.value)
+
+
+def test_bad_sft_value_is_a_clean_error(tmp_path):
+    from dus.heal.config import build_sft_config
+
+    cfg = load_config({"sft": {"lr_scheduler_type": "sideways"}})
+    with pytest.raises(DusError, match="^sft: "):
+        build_sft_config(cfg, tmp_path, "run", use_cpu=True)
+
+
+def test_missing_config_file_names_the_choices():
+    with pytest.raises(DusError, match="lora-seam, full, qlora, expand, distill"):
+        load_config("no-such-config")
+
+
+# --- data formats ---------------------------------------------------------------------
+
+FORMAT_ROWS = {
+    "messages": [CHAT],
+    "alpaca": [{"instruction": "Add", "input": "2 and 3", "output": "5"}],
+    "sharegpt": [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}],
+    "prompt-completion": [{"prompt": "2+3=", "completion": "5"}],
+    "text": [{"text": "Plain prose to continue pretraining on."}],
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_each_format_converts_to_a_trl_shape(fmt, tmp_path):
+    data = load_data(str(write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS[fmt] * 3)))
+    assert data.format == fmt and data.rows == 3
+    row = data.dataset[0]
+    if fmt in ("messages", "alpaca", "sharegpt"):
+        assert data.shape == "messages"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    if fmt == "alpaca":
+        assert row["messages"][0]["content"] == "Add\n\n2 and 3"
+        assert row["messages"][1]["content"] == "5"
+    if fmt == "sharegpt":
+        assert row["messages"][1] == {"role": "assistant", "content": "hello"}
+    if fmt == "prompt-completion":
+        assert row == {"prompt": "2+3=", "completion": "5"}
+    if fmt == "text":
+        assert row == {"text": "Plain prose to continue pretraining on."}
+
+
+def test_other_containers_parquet_csv_json_txt_and_save_to_disk(tmp_path):
+    import datasets
+
+    table = datasets.Dataset.from_list(FORMAT_ROWS["alpaca"] * 4)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    (tmp_path / "d.json").write_text(json.dumps(FORMAT_ROWS["alpaca"] * 4))
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "disk"))
+    for name in ("d.parquet", "d.csv", "d.json", "disk"):
+        data = load_data(str(tmp_path / name))
+        assert (data.format, data.rows) == ("alpaca", 4), name
+    assert load_data(str(tmp_path / "disk"), split="test").rows == 1
+    (tmp_path / "d.txt").write_text("First paragraph.\nStill first.\n\nSecond paragraph.\n")
+    text = load_data(str(tmp_path / "d.txt"))
+    assert text.format == "text" and text.rows == 2
+
+
+def test_unknown_format_lists_columns_and_formats(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DusError) as error:
+        load_data(str(path))
+    message = str(error.value)
+    assert "columns found: answer, question" in message
+    for fmt in ("messages", "alpaca", "sharegpt", "prompt-completion", "text"):
+        assert fmt in message
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": [{"role": "user", "content": "only a question"}]}], "without an assistant turn"),
+    ([{"messages": [{"role": "wizard", "content": "x"}]}], "unknown role 'wizard'"),
+    ([{"conversations": [{"from": "robot", "value": "x"}]}], "unknown sharegpt speaker 'robot'"),
+])
+def test_malformed_rows_are_clean_errors(rows, message, tmp_path):
+    with pytest.raises(DusError, match=message):
+        load_data(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+
+
+def test_bad_data_locations(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DusError, match="no such file or directory"):
+        load_data(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(DusError, match="unknown file type '.xlsx'"):
+        load_data(str(tmp_path / "d.xlsx"))
+    (tmp_path / "plain-dir").mkdir()
+    with pytest.raises(DusError, match="not one written by datasets' save_to_disk"):
+        load_data(str(tmp_path / "plain-dir"))
+    with pytest.raises(DusError, match="loading it from the Hugging Face Hub failed"):
+        load_data("someone/some-dataset-that-is-not-here")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DusError):
+        load_data(str(tmp_path / "empty.jsonl"))
+
+
+def test_declared_format_must_match(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT])
+    with pytest.raises(DusError, match="data.format is 'alpaca' but the columns"):
+        load_data(str(path), fmt="alpaca")
+
+
+def test_split_last_turn_keeps_the_context():
+    import datasets
+
+    conversation = [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+    ]
+    split = split_last_turn(datasets.Dataset.from_list([{"messages": conversation}]))
+    assert split[0]["prompt"] == conversation[:3]
+    assert split[0]["completion"] == conversation[3:]
+
+
+def test_detect_format_prefers_messages():
+    assert detect_format(["messages", "text"], {}) == "messages"
+
+
+# --- seam targets ---------------------------------------------------------------------
+
+def test_layers_around_seams_and_fallbacks():
+    manifest = {"num_layers": 12, "seams": [4, 9]}
+    targets = choose_layers(12, manifest, radius=1)
+    assert targets.layers == [3, 4, 8, 9] and targets.seams == [4, 9] and not targets.warnings
+    assert choose_layers(12, manifest, radius=2).layers == [2, 3, 4, 5, 7, 8, 9, 10]
+    no_manifest = choose_layers(6, None, radius=2)
+    assert no_manifest.layers == list(range(6)) and "no dus-manifest.json" in no_manifest.warnings[0]
+    assert choose_layers(12, manifest, 2, explicit=[0, 11]).layers == [0, 11]
+    with pytest.raises(DusError, match="out of range"):
+        choose_layers(12, manifest, 2, explicit=[12])
+    with pytest.raises(DusError, match="manifest belongs to another model"):
+        choose_layers(10, manifest, 2)
+
+
+@pytest.mark.parametrize("arch, expected, left_out", [
+    ("llama", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], []),
+    ("phi3", ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"], []),
+    ("mixtral", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+])
+def test_linear_projections_are_discovered(arch, expected, left_out, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(arch, num_layers=2))
+    assert find_layer_stack(model).path == "model.layers"
+    targets = describe_targets(model, choose_layers(2, None, 1))
+    assert targets.linear_modules == expected
+    for name in left_out:
+        assert name in targets.left_out
+    if left_out:
+        assert any("not covered" in warning for warning in targets.warnings)
+
+
+# --- distillation loss ----------------------------------------------------------------
+
+def test_distillation_loss_is_kl_on_labelled_tokens():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, 8]])
+    loss, kl, nll, count = distillation_loss(student, teacher, labels, alpha=1.0, temperature=1.0)
+    mask = labels[:, 1:] != -100
+    p = torch.softmax(teacher[:, :-1][mask], -1)
+    expected = (p * (p.log() - torch.log_softmax(student[:, :-1][mask], -1))).sum()
+    assert count == 6 and torch.allclose(loss, expected) and torch.allclose(kl, expected)
+    same, *_ = distillation_loss(teacher, teacher, labels, 1.0, 2.0)
+    assert same.abs() < 1e-5
+    mixed, kl2, nll2, _ = distillation_loss(student, teacher, labels, alpha=0.25, temperature=1.0)
+    assert torch.allclose(mixed, 0.25 * kl2 + 0.75 * nll2)
+    ce = torch.nn.functional.cross_entropy(student[:, :-1][mask], labels[:, 1:][mask], reduction="sum")
+    assert torch.allclose(nll2, ce)
