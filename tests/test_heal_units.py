@@ -245,3 +245,32 @@ def test_distillation_loss_is_kl_on_labelled_tokens():
     assert torch.allclose(mixed, 0.25 * kl2 + 0.75 * nll2)
     ce = torch.nn.functional.cross_entropy(student[:, :-1][mask], labels[:, 1:][mask], reduction="sum")
     assert torch.allclose(nll2, ce)
+
+
+# --- launch configs -------------------------------------------------------------------
+
+LAUNCH_CONFIGS = sorted((REPO / "launch").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=[p.name for p in LAUNCH_CONFIGS])
+def test_launch_configs_are_valid_accelerate_configs(path):
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown top-level keys
+    options = {action.dest for action in launch_command_parser()._actions}
+    raw = yaml.safe_load(path.read_text())
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in raw.get(section, {}):
+            assert key in options, f"{path.name}: {section}.{key} is not an accelerate launch option"
+    assert config.num_processes >= 1
+
+
+def test_launch_has_every_setup_and_a_valid_slurm_script():
+    import subprocess
+
+    names = {p.name for p in (REPO / "launch").iterdir()}
+    assert {"single-gpu.yaml", "ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml", "multi-node.yaml",
+            "cpu-2proc.yaml", "slurm.sh", "README.md"} <= names
+    subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sh")], check=True)

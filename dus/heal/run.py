@@ -383,6 +383,8 @@ def heal(
         trainer = SFTTrainer(**trainer_kwargs)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        say(f"  sharding: {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}")
     say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
 
     resumed_from = None
@@ -397,8 +399,16 @@ def heal(
     result = trainer.train(resume_from_checkpoint=resumed_from)
     seconds = time.time() - started
 
+    # Under FSDP / DeepSpeed each rank holds shards: the Trainer gathers the full weights
+    # into files, and the healed model is rebuilt from those on rank 0.
+    sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    digests = gather_object([weights_digest(unwrapped)])
+    trained_dir = out / ("adapter" if peft_config is not None else ".trained")
+    if sharded:
+        trainer.save_model(str(trained_dir))
+        digests = None
+    else:
+        digests = gather_object([weights_digest(unwrapped)])
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
@@ -434,7 +444,7 @@ def heal(
         ],
         "world_size": args.world_size,
         "rank_digests": digests,
-        "ranks_agree": len(set(digests)) == 1,
+        "ranks_agree": len(set(digests)) == 1 if digests else None,
         "resumed_from": resumed_from,
         "seconds": round(seconds, 1),
         "config": cfg.to_dict(),
@@ -442,15 +452,19 @@ def heal(
         "overrides": cfg.overrides,
         "notes": notes,
     }
-    if not record["ranks_agree"]:
+    if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
 
     if state.is_main_process:
         if peft_config is not None:
-            unwrapped.save_pretrained(str(out / "adapter"))
-            tokenizer.save_pretrained(str(out / "adapter"))
+            if not sharded:
+                unwrapped.save_pretrained(str(trained_dir))
+            tokenizer.save_pretrained(str(trained_dir))
         if cfg.merge or peft_config is None:
-            write_healed_model(unwrapped, tokenizer, model_dir, out, manifest, record, dtype=saved_dtype)
+            final = reload_trained(model_dir, trained_dir, peft_config is not None) if sharded else unwrapped
+            write_healed_model(final, tokenizer, model_dir, out, manifest, record, dtype=saved_dtype)
+            if trained_dir.name == ".trained":
+                shutil.rmtree(trained_dir, ignore_errors=True)
             say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
         else:
             (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -467,6 +481,18 @@ def heal(
         out, cfg.mode, record["steps"], record["final_loss"], record, targets,
         wandb_run.describe() if wandb_run else None, notes,
     )
+
+
+def reload_trained(model_dir: Path, trained_dir: Path, is_adapter: bool):
+    """The trained model rebuilt from the files the Trainer gathered (sharded runs)."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_adapter:
+        return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype="auto", use_safetensors=True)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", use_safetensors=True)
+    return PeftModel.from_pretrained(base, str(trained_dir))
 
 
 def _maybe_float(value) -> float | None:
