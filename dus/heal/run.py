@@ -245,8 +245,12 @@ def heal(
     resume: bool = False,
     force: bool = False,
     teacher: str | None = None,
+    callbacks: list | None = None,
 ) -> HealResult:
-    """Fine-tune the model in `model_dir` as `cfg` says and write the healed model to `output`."""
+    """Fine-tune the model in `model_dir` as `cfg` says and write the healed model to `output`.
+
+    `callbacks` (transformers TrainerCallbacks) are handed to the trainer as they are, for
+    library users who want to watch or steer the run (the benchmark measures with them)."""
     from accelerate.utils import gather_object
 
     model_dir, out = Path(model_dir), Path(output)
@@ -369,6 +373,7 @@ def heal(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=list(callbacks or []),
     )
     if teacher_model is not None:
         from dus.heal.distill import DistillSFTTrainer
