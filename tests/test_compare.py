@@ -175,7 +175,7 @@ def test_compare_report_plots_and_json(tiny_models, tmp_path, heldout, prompts, 
     base_m, built_m = metrics["models"]
     assert (base_m["num_layers"], built_m["num_layers"]) == (4, 6)
     assert base_m["seams"] == [] and built_m["seams"] == [3]
-    assert built_m["seam_spikes"][0]["seam"] == 3
+    assert built_m["seam_layers"][0]["seam"] == 3
     for m in (base_m, built_m):
         assert m["perplexity"]["tokens_scored"] == m["tokens"] - 1
         assert 1 < m["perplexity"]["perplexity"] < 1e4
@@ -341,3 +341,16 @@ def test_wandb_offline_run_is_written(tiny_models, tmp_path, heldout, run_cli, m
     assert run_dir.startswith(str(out / "wandb" / "offline-run-"))
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert any(p.name.endswith(".png") for p in (out / "wandb").rglob("*.png"))
+
+
+def test_missing_default_prompt_file_skips_generations_with_a_note(tiny_models, tmp_path, heldout, run_cli, monkeypatch):
+    import dus.compare.run as run
+
+    monkeypatch.setattr(run, "REPO_DATA", tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("compare", tiny_models("llama", 4), "--data", heldout, "-o", tmp_path / "out", "--window", 64)
+    assert result.code == 0, result
+    assert "--prompts" in result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["models"][0]["generations"] == [] and metrics["settings"]["prompts"] is None
+    assert "## Greedy generations" not in (tmp_path / "out" / "report.md").read_text()

@@ -98,8 +98,10 @@ def _layers_section(models, plots) -> list[str]:
         "",
         "Angular distance of layer l is arccos(cos(h_l, h_l+1)) / pi averaged over the scored tokens: how far "
         "the layer turns the residual stream (0 = identity). A seam (dashed line, between the two layers that "
-        "were not adjacent in their source) typically shows as a spike in an unhealed model; healing flattens it. "
-        "The norm is the mean L2 norm of each layer's output, before the final norm.",
+        "were not adjacent in their source) shows as a break in the curve of an unhealed model: the layers after it "
+        "get a residual stream they were not trained on (a spike where they over-react, a step down where the stream "
+        "has grown larger than they expect and their updates turn it less); healing should bring the curve back "
+        "towards the base's. The norm is the mean L2 norm of each layer's output, before the final norm.",
         "",
         f"![angular distance]({plots['angular_distance']})",
         "",
@@ -108,9 +110,9 @@ def _layers_section(models, plots) -> list[str]:
         f"![hidden-state norm]({plots['hidden_norm']})",
         "",
     ]
-    spikes = [(m["label"], spike) for m in models for spike in m["seam_spikes"]]
+    spikes = [(m["label"], spike) for m in models for spike in m["seam_layers"]]
     if spikes:
-        out += ["### Seams", "", "| model | seam (layer) | angular distance there | median of other layers | ratio |", "|---|---:|---:|---:|---:|"]
+        out += ["### Seams", "", "| model | seam (layer) | angular distance there | median of other layers | seam / median (>1 spike, <1 dip) |", "|---|---:|---:|---:|---:|"]
         for label, spike in spikes:
             out.append(f"| {_cell(label)} | {spike['seam']} | {_fmt(spike['angular_distance'])} | {_fmt(spike['median_other_layers'])} | {_fmt(spike['ratio'], 2)} |")
         out.append("")
@@ -184,7 +186,7 @@ def terminal_table(metrics: dict):
         table.add_column("change", justify="right")
         table.add_column("tokens", justify="right")
     table.add_column("seams", justify="right")
-    table.add_column("seam spike", justify="right")
+    table.add_column("seam/median", justify="right")
     table.add_column("s", justify="right")
     reference = models[0]["perplexity"]["perplexity"] if with_ppl else None
     for m in models:
@@ -192,7 +194,7 @@ def terminal_table(metrics: dict):
         if with_ppl:
             p = m["perplexity"]
             row += [f"{p['perplexity']:.3f}", _delta(p["perplexity"], reference), f"{p['tokens_scored']:,}"]
-        ratios = [spike["ratio"] for spike in m["seam_spikes"]]
-        row += [", ".join(map(str, m["seams"])) or "-", f"{max(ratios):.2f}x" if ratios else "-", f"{sum(m['seconds'].values()):.1f}"]
+        ratios = ", ".join(f"{spike['ratio']:.2f}" for spike in m["seam_layers"])
+        row += [", ".join(map(str, m["seams"])) or "-", ratios or "-", f"{sum(m['seconds'].values()):.1f}"]
         table.add_row(*row)
     return table

@@ -94,7 +94,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def seam_spikes(distances: list[float], seams: list[int]) -> list[dict]:
+def seam_layer_stats(distances: list[float], seams: list[int]) -> list[dict]:
     """For each seam i: layer i's angular distance against the median of non-seam layers."""
     others = sorted(value for index, value in enumerate(distances) if index not in seams)
     median = others[len(others) // 2] if others else float("nan")
@@ -125,7 +125,11 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     window, stride = choose_window(model_dirs, options.window, options.stride)
     device = resolve_device(options.device)
     prompts_path = options.prompts or default_data_file("prompts.jsonl")
-    prompts = load_prompts(prompts_path) if options.generate else []
+    generate = options.generate
+    if generate and options.prompts is None and not prompts_path.is_file():
+        console.print(f"[yellow]no generations:[/] the default prompt file {prompts_path} is missing; pass --prompts FILE")
+        generate = False
+    prompts = load_prompts(prompts_path) if generate else []
 
     tokenizers = {label: load_tokenizer(path) for label, path in zip(labels, model_dirs)}
     if options.perplexity:
@@ -136,7 +140,7 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     settings = {
         "window": window, "stride": stride, "max_tokens": options.max_tokens, "dtype": options.dtype,
         "device": str(device), "max_new_tokens": options.max_new_tokens,
-        "prompts": str(prompts_path) if options.generate else None, "perplexity": options.perplexity,
+        "prompts": str(prompts_path) if generate else None, "perplexity": options.perplexity,
         "tasks": options.tasks,
     }
     metrics = {
@@ -150,7 +154,7 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         measured = measure_model(label, path, text, tokenizers[label], prompts, window, stride, options, device, console)
         seams, new_layers, built = seams_of(path)
         measured.update({"seams": seams, "new_layers": new_layers, "built": built})
-        measured["seam_spikes"] = seam_spikes(measured["layers"]["angular_distance"], seams)
+        measured["seam_layers"] = seam_layer_stats(measured["layers"]["angular_distance"], seams)
         if options.tasks:
             started = time.perf_counter()
             with console.status(f"lm-eval {','.join(options.tasks)} on {label}"):
@@ -167,9 +171,8 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         if statuses == {"not-installed"}:
             metrics["lm_eval"]["message"] = lm_eval_hook.INSTALL_HINT
     metrics["tokens"] = {model["label"]: model["tokens"] for model in metrics["models"]}
-    if options.generate:
-        for model in metrics["models"]:
-            model["generations"] = generations_to_dicts(model.pop("_generations"))
+    for model in metrics["models"]:
+        model["generations"] = generations_to_dicts(model.pop("_generations"))
     write_outputs(metrics, Path(options.output), options, console)
     return metrics
 
