@@ -145,8 +145,9 @@ def test_layer_states_are_the_inputs_of_each_layer_and_the_last_is_before_the_fi
     import torch
 
     from dus.compare.layerwise import capture_layer_states
+    from dus.tiny import ARCHITECTURES
 
-    for arch in ("llama", "gemma2", "qwen2"):
+    for arch in ARCHITECTURES:
         model, tokenizer = _load(tiny_models(arch, 4))
         ids = _ids(tokenizer)[None, :40]
         with torch.no_grad(), capture_layer_states(model) as states:
