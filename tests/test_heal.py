@@ -244,7 +244,7 @@ def test_model_without_manifest_trains_all_layers_and_no_merge_keeps_the_adapter
 
 def test_chat_template_fallbacks(workspace, tmp_path):
     from dus.heal.data import load_data
-    from dus.heal.run import FALLBACK_CHAT_TEMPLATE, fit_data_to_template
+    from dus.heal.template import FALLBACK_CHAT_TEMPLATE, fit_data_to_template
     from dus.tiny import tiny_tokenizer
 
     data = load_data(str(workspace / "chat.jsonl"))

@@ -110,12 +110,6 @@ class HealConfig:
         return self.raw[name]
 
     @property
-    def uses_lora(self) -> bool:
-        return self.mode in ("lora", "qlora") or (
-            self.mode == "distill" and self.raw["distill"]["student"] == "lora"
-        )
-
-    @property
     def trains(self) -> str:
         """Which parameters train: lora, full or expand (qlora trains LoRA too)."""
         if self.mode == "distill":

@@ -19,8 +19,10 @@ from transformers import TrainerCallback
 
 from dus.errors import DusError
 from dus.heal.config import HealConfig, build_lora_config, build_sft_config
-from dus.heal.data import LoadedData, load_data, split_last_turn
-from dus.heal.merge import file_sha256, weights_digest, write_healed_model
+from dus.heal.data import LoadedData, load_data
+from dus.heal.merge import weights_digest, write_healed_model
+from dus.heal.record import heal_record
+from dus.heal.template import fit_data_to_template
 from dus.heal.targets import (
     HealTargets,
     choose_layers,
@@ -28,24 +30,10 @@ from dus.heal.targets import (
     find_layer_stack,
     manifest_new_layers,
 )
-from dus.plan import MANIFEST_NAME, read_manifest
+from dus.plan import read_manifest
 
 RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
 CHECKPOINTS = "checkpoints"
-
-# Used only when the tokenizer has no chat template: plain-text role headers (no new
-# tokens needed), the assistant turn inside {% generation %} so that assistant-only loss
-# works, and the tokenizer's EOS closing each answer so that the model learns to stop.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
-    "{% else %}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -125,35 +113,6 @@ def load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - any failure means no usable tokenizer
         raise DusError(f"{model_dir}: cannot load its tokenizer ({type(error).__name__}: {error})") from None
-
-
-def fit_data_to_template(data: LoadedData, tokenizer, assistant_only_loss: bool, notes: list[str]):
-    """Make the data and the chat template agree; returns (dataset, assistant_only_loss)."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    dataset = data.dataset
-    conversational = data.shape == "messages" or (
-        data.shape == "prompt-completion" and isinstance(dataset[0]["prompt"], list)
-    )
-    if conversational and not tokenizer.chat_template:
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-        notes.append("the tokenizer has no chat template: using dus's fallback (### User / ### Assistant headers)")
-    if data.shape != "messages":
-        if assistant_only_loss:
-            kind = "completion tokens" if data.shape == "prompt-completion" else "every token"
-            notes.append(f"{data.shape} data: the loss falls on {kind} (assistant_only_loss applies to chats)")
-        return dataset, False
-    if not assistant_only_loss or has_generation_markers(tokenizer.chat_template):
-        return dataset, assistant_only_loss
-    try:
-        get_training_chat_template(tokenizer)
-        return dataset, True  # TRL swaps in its patched version of this known template
-    except ValueError:
-        notes.append(
-            "the chat template has no {% generation %} markers and TRL has no patched version of it: each "
-            "conversation is split into prompt + last assistant turn, and the loss falls on that turn"
-        )
-        return split_last_turn(dataset), False
 
 
 def load_model(model_dir: Path, cfg: HealConfig, use_cpu: bool):
@@ -238,6 +197,125 @@ def run_name(cfg: HealConfig, model_dir: Path, manifest: dict | None) -> str:
     return f"heal-{base or model_dir.name}-{cfg.mode}"
 
 
+@dataclass
+class Inputs:
+    """Everything read before training: tokenizer, data (in TRL's shape) and what changed."""
+
+    tokenizer: object
+    train_data: LoadedData
+    train_set: object
+    eval_data: LoadedData | None
+    eval_set: object
+    assistant_only_loss: bool
+    notes: list[str]
+
+
+def read_inputs(model_dir: Path, cfg: HealConfig) -> Inputs:
+    """Tokenizer and data first: they decide assistant_only_loss before TRL sees it."""
+    tokenizer = load_tokenizer(model_dir)
+    data_cfg, wanted = cfg.section("data"), bool(cfg.section("sft").get("assistant_only_loss", False))
+    notes: list[str] = []
+    train_data = load_data(data_cfg["path"], data_cfg["format"], data_cfg["split"], data_cfg["max_samples"])
+    train_set, assistant_only = fit_data_to_template(train_data, tokenizer, wanted, notes)
+    eval_data, eval_set = None, None
+    if data_cfg["eval_path"]:
+        split = data_cfg["eval_split"] or data_cfg["split"]
+        eval_data = load_data(data_cfg["eval_path"], data_cfg["format"], split, data_cfg["eval_max_samples"])
+        eval_set, _ = fit_data_to_template(eval_data, tokenizer, wanted, [])
+    return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
+
+
+def load_teacher(model_dir: Path, manifest: dict | None, cfg: HealConfig, teacher: str | None, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from dus.heal.distill import teacher_path
+
+    teacher_dir = teacher_path(model_dir, manifest, teacher or cfg.section("distill")["teacher"])
+    check_model_dir(teacher_dir)
+    return teacher_dir, AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype, use_safetensors=True)
+
+
+def announce(model_dir, out, cfg, inputs: Inputs, targets, peft_config, teacher_dir, args) -> None:
+    for warning in targets.warnings:
+        say(f"[yellow]warning:[/] {warning}")
+    for note in inputs.notes:
+        say(f"[cyan]note:[/] {note}")
+    say(f"[bold]dus heal[/] {model_dir} -> {out}  (mode {cfg.mode}, config {cfg.source})")
+    evaluation = f"; eval: {inputs.eval_data.describe()}" if inputs.eval_data else ""
+    say(f"  data: {inputs.train_data.describe()}{evaluation}")
+    say(f"  layers trained: {targets.layers}  ({targets.reason})")
+    if targets.linear_modules:
+        say(f"  LoRA r={peft_config.r} on: {', '.join(targets.linear_modules)}")
+    if teacher_dir:
+        distill = cfg.section("distill")
+        say(f"  teacher: {teacher_dir} (alpha {distill['alpha']}, temperature {distill['temperature']})")
+    state = args.distributed_state
+    kind = "single process" if args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
+    say(f"  processes: {args.world_size} ({kind}), device {args.device}")
+
+
+def start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, run_name_, previous, resume):
+    """The W&B run (rank 0, when report_to has wandb), with the build plan as its config."""
+    if "wandb" not in (args.report_to or []) or not args.distributed_state.is_main_process:
+        return None
+    from dus.heal.tracking import start_run
+
+    config = {
+        "dus": {
+            "heal_config": cfg.to_dict(),
+            "config_file": cfg.source,
+            "overrides": cfg.overrides,
+            "model": str(model_dir),
+            "layers": targets.layers,
+            "reason": targets.reason,
+            "seams": targets.seams,
+            "plan": (manifest or {}).get("plan"),
+            "recipe": (manifest or {}).get("recipe"),
+            "data": inputs.train_data.describe(),
+        }
+    }
+    wandb_cfg = cfg.section("wandb")
+    run = start_run(
+        Path(wandb_cfg["dir"]) if wandb_cfg["dir"] else out,
+        wandb_cfg["project"],
+        run_name_,
+        config,
+        wandb_cfg["tags"],
+        run_id=(previous or {}).get("wandb_run_id") if resume else None,
+    )
+    say(f"  {run.describe()}")
+    return run
+
+
+def make_trainer(cfg, model, args, inputs: Inputs, peft_config, teacher_model, callbacks):
+    kwargs = dict(
+        model=model,
+        args=args,
+        train_dataset=inputs.train_set,
+        eval_dataset=inputs.eval_set,
+        processing_class=inputs.tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks or []),
+    )
+    if teacher_model is None:
+        from trl import SFTTrainer
+
+        return SFTTrainer(**kwargs)
+    from dus.heal.distill import DistillSFTTrainer
+
+    distill = cfg.section("distill")
+    return DistillSFTTrainer(
+        teacher_model=teacher_model, alpha=distill["alpha"], temperature=distill["temperature"], **kwargs
+    )
+
+
+def write_marker(out: Path, **fields) -> None:
+    path = out / RUN_MARKER
+    marker = json.loads(path.read_text()) if path.is_file() else {}
+    marker.update(fields)
+    path.write_text(json.dumps(marker, indent=2) + "\n")
+
+
 def heal(
     model_dir: str | Path,
     output: str | Path,
@@ -252,151 +330,57 @@ def heal(
     `callbacks` (transformers TrainerCallbacks) are handed to the trainer as they are, for
     library users who want to watch or steer the run (the benchmark measures with them)."""
     from accelerate.utils import gather_object
+    from transformers.trainer_utils import get_last_checkpoint
 
     model_dir, out = Path(model_dir), Path(output)
     check_model_dir(model_dir)
     manifest = read_manifest(model_dir)
     previous = prepare_output(out, model_dir, resume, force)
     use_cpu = not accelerator_available()
-    notes: list[str] = []
     if cfg.mode == "qlora":
         quantization_config(cfg)  # fail before the data is read
+    inputs = read_inputs(model_dir, cfg)
 
-    # Data and chat template first: they decide assistant_only_loss before TRL sees it.
-    tokenizer = load_tokenizer(model_dir)
-    data_cfg = cfg.section("data")
-    train_data = load_data(data_cfg["path"], data_cfg["format"], data_cfg["split"], data_cfg["max_samples"])
-    sft = cfg.section("sft")
-    train_set, assistant_only = fit_data_to_template(
-        train_data, tokenizer, bool(sft.get("assistant_only_loss", False)), notes
-    )
-    eval_set, eval_data = None, None
-    if data_cfg["eval_path"]:
-        eval_data = load_data(
-            data_cfg["eval_path"], data_cfg["format"], data_cfg["eval_split"] or data_cfg["split"],
-            data_cfg["eval_max_samples"],
-        )
-        eval_set, _ = fit_data_to_template(eval_data, tokenizer, bool(sft.get("assistant_only_loss", False)), [])
-    extra = {"assistant_only_loss": assistant_only}
-    if eval_set is not None and sft.get("eval_strategy", "no") == "no":
+    extra = {"assistant_only_loss": inputs.assistant_only_loss}
+    if inputs.eval_set is not None and cfg.section("sft").get("eval_strategy", "no") == "no":
+        sft = cfg.section("sft")
         extra.update(eval_strategy="steps", eval_steps=sft.get("eval_steps") or sft.get("save_steps", 100))
-
-    # Distributed state starts here (TrainingArguments), before anything is written.
     name = run_name(cfg, model_dir, manifest)
-    args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)
+    args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
     state = args.distributed_state
 
     model = load_model(model_dir, cfg, use_cpu)
-    source_dtype = str(model.config.dtype).replace("torch.", "") if getattr(model.config, "dtype", None) else None
-    saved_dtype = _checkpoint_dtype(model_dir) or source_dtype
-    targets, peft_config = select_trainable(model, cfg, manifest, notes)
+    saved_dtype = _checkpoint_dtype(model_dir) or str(model.dtype).replace("torch.", "")
+    targets, peft_config = select_trainable(model, cfg, manifest, inputs.notes)
     if cfg.trains == "expand" and args.gradient_checkpointing:
         model.enable_input_require_grads()
-
-    teacher_model, teacher_dir = None, None
+    teacher_dir, teacher_model = None, None
     if cfg.mode == "distill":
-        from transformers import AutoModelForCausalLM
+        teacher_dir, teacher_model = load_teacher(model_dir, manifest, cfg, teacher, model.dtype)
+    announce(model_dir, out, cfg, inputs, targets, peft_config, teacher_dir, args)
 
-        from dus.heal.distill import teacher_path
-
-        teacher_dir = teacher_path(model_dir, manifest, teacher or cfg.section("distill")["teacher"])
-        check_model_dir(teacher_dir)
-        teacher_model = AutoModelForCausalLM.from_pretrained(
-            str(teacher_dir), dtype=model.dtype, use_safetensors=True
-        )
-
-    for warning in targets.warnings:
-        say(f"[yellow]warning:[/] {warning}")
-    for note in notes:
-        say(f"[cyan]note:[/] {note}")
-    say(f"[bold]dus heal[/] {model_dir} -> {out}  (mode {cfg.mode}, config {cfg.source})")
-    say(f"  data: {train_data.describe()}" + (f"; eval: {eval_data.describe()}" if eval_data else ""))
-    say(f"  layers trained: {targets.layers}  ({targets.reason})")
-    if targets.linear_modules:
-        say(f"  LoRA r={peft_config.r} on: {', '.join(targets.linear_modules)}")
-    if teacher_dir:
-        say(f"  teacher: {teacher_dir} (alpha {cfg.section('distill')['alpha']}, "
-            f"temperature {cfg.section('distill')['temperature']})")
-    kind = "single process" if args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
-    say(f"  processes: {args.world_size} ({kind}), device {args.device}")
-
-    # Everything checked: only now is OUT created (or, with --force, replaced).
+    # Everything checked, on every rank (the barrier keeps a slow rank's check of OUT from
+    # seeing what rank 0 writes next): only now is OUT created (or, with --force, replaced).
+    state.wait_for_everyone()
     if state.is_main_process:
         if force and out.exists() and not resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-
-    dus_config = {
-        "dus": {
-            "heal_config": cfg.to_dict(),
-            "config_file": cfg.source,
-            "overrides": cfg.overrides,
-            "model": str(model_dir),
-            "layers": targets.layers,
-            "reason": targets.reason,
-            "seams": targets.seams,
-            "plan": (manifest or {}).get("plan"),
-            "recipe": (manifest or {}).get("recipe"),
-            "data": train_data.describe(),
-        }
-    }
-    wandb_run = None
-    if "wandb" in (args.report_to or []) and state.is_main_process:
-        from dus.heal.tracking import start_run
-
-        wandb_cfg = cfg.section("wandb")
-        wandb_run = start_run(
-            Path(wandb_cfg["dir"]) if wandb_cfg["dir"] else out,
-            wandb_cfg["project"],
-            name,
-            dus_config,
-            wandb_cfg["tags"],
-            run_id=(previous or {}).get("wandb_run_id") if resume else None,
-        )
-        say(f"  {wandb_run.describe()}")
-
+    wandb_run = start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, name, previous, resume)
     if state.is_main_process:
-        marker = {
-            "model": str(model_dir),
-            "config": cfg.to_dict(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "wandb_run_id": wandb_run.run_id if wandb_run else None,
-            "finished": False,
-        }
-        (out / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        write_marker(out, model=str(model_dir), config=cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     wandb_run_id=wandb_run.run_id if wandb_run else None, finished=False)
 
-    trainer_kwargs = dict(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=list(callbacks or []),
-    )
-    if teacher_model is not None:
-        from dus.heal.distill import DistillSFTTrainer
-
-        distill = cfg.section("distill")
-        trainer = DistillSFTTrainer(
-            teacher_model=teacher_model, alpha=distill["alpha"], temperature=distill["temperature"], **trainer_kwargs
-        )
-    else:
-        from trl import SFTTrainer
-
-        trainer = SFTTrainer(**trainer_kwargs)
+    trainer = make_trainer(cfg, model, args, inputs, peft_config, teacher_model, callbacks)
+    sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    if sharded:
+        say(f"  sharding: {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        say(f"  sharding: {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}")
     say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-
-    resumed_from = None
-    if resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resumed_from = get_last_checkpoint(str(out / CHECKPOINTS))
+    resumed_from = get_last_checkpoint(str(out / CHECKPOINTS)) if resume else None
+    if resumed_from:
         say(f"  resuming from {resumed_from}")
     counter = StepCounter()
     trainer.add_callback(counter)
@@ -405,62 +389,27 @@ def heal(
     seconds = time.time() - started
 
     # Under FSDP / DeepSpeed each rank holds shards: the Trainer gathers the full weights
-    # into files, and the healed model is rebuilt from those on rank 0.
-    sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    # into files, and the healed model is rebuilt from those on rank 0. Otherwise every
+    # rank hashes its weights, which must agree.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     trained_dir = out / ("adapter" if peft_config is not None else ".trained")
+    digests = None
     if sharded:
         trainer.save_model(str(trained_dir))
-        digests = None
     else:
         digests = gather_object([weights_digest(unwrapped)])
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    record = {
-        "stage": "heal",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "mode": cfg.mode,
-        "trains": cfg.trains,
-        "layers": targets.layers,
-        "reason": targets.reason,
-        "seams": targets.seams,
-        "lora_modules": targets.linear_modules,
-        "not_covered": targets.left_out,
-        "teacher": str(teacher_dir) if teacher_dir else None,
-        "data": {
-            "path": train_data.source,
-            "format": train_data.format,
-            "rows": train_data.rows,
-            "sha256": file_sha256(Path(train_data.source)),
-        },
-        "eval_data": eval_data.source if eval_data else None,
-        "steps": trainer.state.global_step,
+    record = heal_record(cfg, targets, inputs.train_data, inputs.eval_data, teacher_dir, trainer, result, {
         "steps_this_run": counter.steps,
-        "epochs": trainer.state.epoch,
-        "tokens": trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None,
-        "final_loss": float(losses[-1]) if losses else _maybe_float(result.training_loss),
-        "train_loss": _maybe_float(result.training_loss),
-        "final_eval_loss": float(evals[-1]) if evals else None,
-        "loss_curve": [
-            {k: entry[k] for k in ("step", "loss", "eval_loss", "distill_kl", "nll", "num_tokens") if k in entry}
-            for entry in history
-            if "loss" in entry or "eval_loss" in entry
-        ],
-        "world_size": args.world_size,
         "rank_digests": digests,
-        "ranks_agree": len(set(digests)) == 1 if digests else None,
         "resumed_from": resumed_from,
         "seconds": round(seconds, 1),
-        "config": cfg.to_dict(),
-        "config_file": cfg.source,
-        "overrides": cfg.overrides,
-        "notes": notes,
-    }
+        "notes": inputs.notes,
+    })
     if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
 
     if state.is_main_process:
+        tokenizer = inputs.tokenizer
         if peft_config is not None:
             if not sharded:
                 unwrapped.save_pretrained(str(trained_dir))
@@ -474,9 +423,7 @@ def heal(
         else:
             (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
             say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
-        marker = json.loads((out / RUN_MARKER).read_text())
-        marker.update(finished=True, steps=record["steps"], final_loss=record["final_loss"])
-        (out / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
     if wandb_run is not None:
         from dus.heal.tracking import finish_run
 
@@ -484,7 +431,7 @@ def heal(
     state.wait_for_everyone()
     return HealResult(
         out, cfg.mode, record["steps"], record["final_loss"], record, targets,
-        wandb_run.describe() if wandb_run else None, notes,
+        wandb_run.describe() if wandb_run else None, inputs.notes,
     )
 
 
@@ -500,10 +447,6 @@ def reload_trained(model_dir: Path, trained_dir: Path, is_adapter: bool):
     return PeftModel.from_pretrained(base, str(trained_dir))
 
 
-def _maybe_float(value) -> float | None:
-    return float(value) if value is not None else None
-
-
 def _checkpoint_dtype(model_dir: Path) -> str | None:
     """The dtype the source checkpoint was saved in (config `dtype`/`torch_dtype`), which
     the healed model keeps even though CPU training runs in float32."""
@@ -512,4 +455,4 @@ def _checkpoint_dtype(model_dir: Path) -> str | None:
     return value if isinstance(value, str) and value != "auto" else None
 
 
-__all__ = ["heal", "HealResult", "FALLBACK_CHAT_TEMPLATE", "MANIFEST_NAME"]
+__all__ = ["heal", "HealResult"]
