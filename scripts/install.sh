@@ -9,4 +9,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     $PIP install --quiet "torch==2.13.0"
 fi
 $PIP install --quiet -e ".[test]"
+# mergekit is the reference that tests/test_mergekit_compat.py and benchmarks/ compare
+# against; dus never imports it. Its requirements are all satisfied by the line above.
+$PIP install --quiet "mergekit==0.1.5"
 python -c "import torch, transformers, trl, peft; print(f'dus installed: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
