@@ -159,23 +159,45 @@ def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int
     try:
         os.write(fd, header)
         offset = len(header)
-        for tensor in group:
-            if tensor.is_byte_copy:
-                source_path = tensor.source.file
+        for run in _runs(group):
+            first = run[0]
+            nbytes = sum(tensor.nbytes for tensor in run)
+            if first.is_byte_copy:
+                source_path = first.source.file
                 if source_path not in source_fds:
                     source_fds[source_path] = os.open(source_path, os.O_RDONLY)
-                copy_range(source_fds[source_path], tensor.source.start, fd, offset, tensor.nbytes)
+                copy_range(source_fds[source_path], first.source.start, fd, offset, nbytes)
             else:
-                data = tensor_bytes(materialize(tensor))
-                assert len(data) == tensor.nbytes, tensor.name
+                data = tensor_bytes(materialize(first))
+                assert len(data) == first.nbytes, first.name
                 written = 0
                 while written < len(data):
                     written += os.pwrite(fd, data[written:], offset + written)
-            offset += tensor.nbytes
+            offset += nbytes
             if progress is not None:
-                progress(tensor.nbytes)
+                progress(nbytes)
     finally:
         os.close(fd)
+
+
+def _runs(group: list[OutputTensor]) -> list[list[OutputTensor]]:
+    """Consecutive byte copies whose source bytes are also consecutive in one file (a whole
+    layer, in a checkpoint written by safetensors, which stores tensors sorted by name) are
+    one run, moved by one copy call; every transformed tensor is a run of its own."""
+    runs: list[list[OutputTensor]] = []
+    for tensor in group:
+        previous = runs[-1][-1] if runs else None
+        if (
+            previous is not None
+            and tensor.is_byte_copy
+            and previous.is_byte_copy
+            and tensor.source.file == previous.source.file
+            and tensor.source.start == previous.source.end
+        ):
+            runs[-1].append(tensor)
+        else:
+            runs.append([tensor])
+    return runs
 
 
 def materialize(tensor: OutputTensor):
