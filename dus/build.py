@@ -80,16 +80,23 @@ def build_model(
 
 
 def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool):
-    config, config_notes = output_config(plan, sources)
-    plan.notes.extend(config_notes)
     tensors = layout(plan, sources)
     total = sum(tensor.nbytes for tensor in tensors)
     used = _files_read(plan, sources)
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        # Hash the sources while the kernel copies: the two overlap on two cores.
-        digests = {path: hasher.submit(sha256_file, path) for path in used}
-        with _progress(show_progress, total) as advance:
-            output_files = write_shards(tensors, directory, max_shard, progress=advance)
+    with ThreadPoolExecutor(max_workers=2) as helpers:
+        # While the kernel copies: the config is rewritten (importing transformers and torch
+        # for it takes seconds, most of a small build), and the sources are hashed.
+        config_future = helpers.submit(output_config, plan, sources)
+        digests = {path: helpers.submit(sha256_file, path) for path in used}
+        try:
+            with _progress(show_progress, total) as advance:
+                output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(config_future, advance))
+            config, config_notes = config_future.result()
+        except BaseException:
+            for digest in digests.values():
+                digest.cancel()  # do not hash the rest of the sources for a failed build
+            raise
+        plan.notes.extend(config_notes)
         write_config(config, directory)
         _copy_tokenizer(sources[plan.tokenizer_from].path, directory)
         source_records = {
@@ -113,6 +120,19 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     write_manifest(manifest, directory)
     (directory / "README.md").write_text(model_card(manifest, plan))
     return manifest, total
+
+
+def _stop_on_error(future, advance):
+    """A progress callback that aborts the copy as soon as `future` has failed, so a bad
+    config is reported without waiting for the whole model to be written."""
+
+    def callback(nbytes: int) -> None:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+        if advance is not None:
+            advance(nbytes)
+
+    return callback
 
 
 def _files_read(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[Path]:
