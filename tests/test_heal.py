@@ -256,14 +256,16 @@ def test_chat_template_fallbacks(workspace, tmp_path):
     rendered = tokenizer.apply_chat_template(dataset[0]["messages"], tokenize=False)
     assert rendered.startswith("### User:\nadd") and "### Assistant:\n" in rendered
 
-    # A template without {% generation %} that TRL cannot patch: loss on the last turn.
+    # A template without {% generation %} that TRL cannot patch: dus labels the turns itself.
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
         "{% endgeneration %}", "")
     notes = []
     dataset, assistant_only = fit_data_to_template(data, tokenizer, True, notes)
-    assert not assistant_only and set(dataset.column_names) == {"prompt", "completion"}
-    assert "last assistant turn" in notes[0]
+    assert not assistant_only and set(dataset.column_names) == {"input_ids", "labels"}
+    assert "labels those tokens" in notes[0]
+    answer = data.dataset[0]["messages"][1]["content"]
+    assert tokenizer.decode([t for t in dataset[0]["labels"] if t != -100]) == answer + "<|im_end|>\n"
 
 
 def test_healing_with_a_template_trl_cannot_patch_still_trains(workspace, tmp_path):
@@ -280,7 +282,7 @@ def test_healing_with_a_template_trl_cannot_patch_still_trains(workspace, tmp_pa
             "{% endgeneration %}", "")
         (model / "tokenizer_config.json").write_text(json.dumps(config))
     result = run(workspace, tmp_path / "out", steps=2, model=model)
-    assert any("last assistant turn" in note for note in result.notes)
+    assert any("labels those tokens" in note for note in result.notes)
     assert result.steps == 2 and result.final_loss is not None
 
 

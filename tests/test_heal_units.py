@@ -11,7 +11,7 @@ import torch
 
 from dus.errors import DusError
 from dus.heal.config import DEFAULTS, load_config
-from dus.heal.data import detect_format, load_data, split_last_turn
+from dus.heal.data import detect_format, load_data
 from dus.heal.distill import distillation_loss
 from dus.heal.targets import choose_layers, describe_targets, find_layer_stack
 
@@ -176,16 +176,40 @@ def test_declared_format_must_match(tmp_path):
         load_data(str(path), fmt="alpaca")
 
 
-def test_split_last_turn_keeps_the_context():
+def test_assistant_turns_are_labelled_without_generation_markers():
     import datasets
 
+    from dus.heal.template import label_assistant_turns
+    from dus.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", "")
     conversation = [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "second answer"},
     ]
-    split = split_last_turn(datasets.Dataset.from_list([{"messages": conversation}]))
-    assert split[0]["prompt"] == conversation[:3]
-    assert split[0]["completion"] == conversation[3:]
+    row = label_assistant_turns(datasets.Dataset.from_list([{"messages": conversation}]), tokenizer)[0]
+    assert len(row["input_ids"]) == len(row["labels"])
+    labelled = tokenizer.decode([t for t in row["labels"] if t != -100])
+    assert labelled == "first answer<|im_end|>\nsecond answer<|im_end|>\n"
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def test_a_template_that_rewrites_history_is_refused():
+    import datasets
+
+    from dus.heal.template import label_assistant_turns
+    from dus.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    # Renders the number of messages first: no rendering is a prefix of a longer one.
+    tokenizer.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(DusError, match="not prefix-preserving"):
+        label_assistant_turns(rows, tokenizer)
 
 
 def test_detect_format_prefers_messages():

@@ -223,19 +223,3 @@ def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_sam
     dataset = datasets.Dataset.from_list(rows)
     label = "messages" if found == "messages-conversations" else found
     return LoadedData(dataset, label, shape_of(found), spec, len(dataset))
-
-
-def split_last_turn(dataset):
-    """Conversations -> conversational prompt/completion on the last assistant turn.
-
-    Used when the chat template cannot mark assistant tokens ({% generation %}) and TRL has
-    no patched template for it: TRL then finds the completion by tokenizing the prompt and
-    the prompt+completion, so the loss still falls on assistant tokens only (earlier
-    assistant turns become context)."""
-
-    def split(row):
-        messages = row["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return {"prompt": messages[:last], "completion": [messages[last]]}
-
-    return dataset.map(split, remove_columns=["messages"]).filter(lambda row: len(row["prompt"]) > 0)

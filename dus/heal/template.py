@@ -3,13 +3,16 @@
 TRL trains on assistant tokens only when the chat template marks them with
 `{% generation %}`; it patches the templates it knows and refuses the rest. dus keeps
 every model trainable: a fallback template when there is none, and, for a template
-nobody can mark, conversations split into prompt + last assistant turn, which TRL masks
-by tokenizing the prompt alone.
+nobody marked (SmolLM2's, for one), the assistant tokens are found by rendering: the
+conversation up to an assistant turn with the generation prompt is a prefix of the
+conversation including that turn, and the text between the two is the turn. The
+conversations are then handed to TRL already tokenized, with labels.
 """
 
 from __future__ import annotations
 
-from dus.heal.data import LoadedData, split_last_turn
+from dus.errors import DusError
+from dus.heal.data import LoadedData
 
 # Used only when the tokenizer has no chat template: plain-text role headers (no new
 # tokens needed), the assistant turn inside {% generation %} so that assistant-only loss
@@ -49,7 +52,48 @@ def fit_data_to_template(data: LoadedData, tokenizer, assistant_only_loss: bool,
         return dataset, True  # TRL swaps in its patched version of this known template
     except ValueError:
         notes.append(
-            "the chat template has no {% generation %} markers and TRL has no patched version of it: each "
-            "conversation is split into prompt + last assistant turn, and the loss falls on that turn"
+            "the chat template has no {% generation %} markers and TRL has no patched version of it: dus "
+            "finds the assistant turns by rendering each conversation turn by turn and labels those tokens"
         )
-        return split_last_turn(dataset), False
+        return label_assistant_turns(dataset, tokenizer), False
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it."""
+    def render(part, prompt=False):
+        return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, upto = render(messages[:index], prompt=True), render(messages[: index + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise DusError(
+                "the chat template renders a conversation differently from its beginning (not prefix-preserving), "
+                "so assistant tokens cannot be found; set sft.assistant_only_loss: false, or give the tokenizer a "
+                "template with {% generation %} markers"
+            )
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def label_assistant_turns(dataset, tokenizer):
+    """Conversations -> `input_ids` + `labels` (-100 outside assistant turns), for TRL."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DusError(
+            "finding assistant tokens needs a fast tokenizer (character offsets); set sft.assistant_only_loss: "
+            "false, or give the tokenizer a chat template with {% generation %} markers"
+        )
+
+    def encode(row):
+        text, spans = assistant_spans(tokenizer, row["messages"])
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [
+            token if any(begin <= start < end for begin, end in spans) else -100
+            for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+        ]
+        return {"input_ids": encoded["input_ids"], "labels": labels}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)

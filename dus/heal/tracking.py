@@ -88,3 +88,7 @@ def finish_run(summary: dict | None = None) -> None:
     for key, value in (summary or {}).items():
         wandb.run.summary[key] = value
     wandb.finish()
+    # finish() can return before the service has written the run file (seen with offline
+    # runs in wandb 0.31); teardown waits for the service, so the run is complete on disk
+    # when dus exits and `wandb sync` can follow at once.
+    wandb.teardown()
