@@ -35,6 +35,9 @@ class Adapter:
     # (regex, replacement): other names of an on-disk tensor, as transformers names it
     # in memory; recipe filters (`filter: down_proj`) match either name.
     name_aliases: tuple[tuple[str, str], ...] = ()
+    # Per-layer fields transformers derives when config.json lacks them (from
+    # max_window_layers, a sliding-window pattern, ...): only then is transformers asked.
+    derived_fields: tuple[str, ...] = ()
 
     def layer_pattern(self) -> re.Pattern:
         return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.(.+)$")
@@ -54,12 +57,12 @@ ADAPTERS = {
         Adapter("llama"),
         Adapter("mistral"),
         # Qwen2/3: layers at or above max_window_layers use sliding-window attention.
-        Adapter("qwen2", layer_threshold_fields=("max_window_layers",)),
-        Adapter("qwen3", layer_threshold_fields=("max_window_layers",)),
+        Adapter("qwen2", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",)),
+        Adapter("qwen3", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",)),
         # Gemma 2/3: the sliding/full pattern lives in layer_types and must come from each
         # output layer's own source layer (the post-norms follow the layer automatically).
-        Adapter("gemma2"),
-        Adapter("gemma3_text"),
+        Adapter("gemma2", derived_fields=("layer_types",)),
+        Adapter("gemma3_text", derived_fields=("layer_types",)),
         # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; o_proj and
         # down_proj keep their names, so nothing else differs.
         Adapter("phi3"),

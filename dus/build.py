@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dus.config_rewrite import output_config, write_config
+from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
 from dus.hashing import sha256_file
 from dus.manifest import build_manifest, model_card, write_manifest
@@ -97,7 +97,7 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
                 digest.cancel()  # do not hash the rest of the sources for a failed build
             raise
         plan.notes.extend(config_notes)
-        write_config(config, directory)
+        write_config(config, directory, validate=has_layer_fields(config, sources[plan.config_from]))
         _copy_tokenizer(sources[plan.tokenizer_from].path, directory)
         source_records = {
             name: {

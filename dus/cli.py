@@ -41,5 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="dus")
     except DusError as error:
-        print(f"dus: error: {error}", file=sys.stderr)
+        one_line = " ".join(str(error).split())  # messages quoting other tools may wrap
+        print(f"dus: error: {one_line}", file=sys.stderr)
         sys.exit(2)

@@ -19,17 +19,26 @@ from dus.plan import LayerPlan
 from dus.sources import SourceModel
 
 
+def _layer_fields(source: SourceModel) -> tuple[str, ...]:
+    adapter = source.adapter
+    return (*adapter.per_layer_fields, *adapter.layer_index_fields, *adapter.layer_threshold_fields)
+
+
 def _materialised(source: SourceModel) -> dict:
-    """The source config as transformers sees it (derived per-layer lists filled in)."""
+    """The source's per-layer config values. Read from config.json; only when a field that
+    transformers derives is absent there is transformers asked (importing it and torch
+    costs seconds, more than copying a 1.5B model)."""
+    values = {field: source.config[field] for field in _layer_fields(source) if source.config.get(field) is not None}
+    if all(field in values for field in source.adapter.derived_fields):
+        return values
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    values = {}
-    adapter = source.adapter
-    for field in (*adapter.per_layer_fields, *adapter.layer_index_fields, *adapter.layer_threshold_fields):
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except Exception as error:  # transformers raises ValueError, KeyError, ... on bad configs
+        raise DusError(f"model {source.name!r}: transformers rejects its config.json ({error}); fix the source config") from None
+    for field in _layer_fields(source):
         value = getattr(config, field, None)
-        if value is None:
-            value = source.config.get(field)
         if value is not None:
             values[field] = value
     return values
@@ -87,10 +96,17 @@ def output_config(plan: LayerPlan, sources: dict[str, SourceModel]) -> tuple[dic
     return config, notes
 
 
-def write_config(config: dict, directory: Path) -> None:
-    """Write config.json and check that transformers accepts it, so a broken config is an
-    error at build time rather than at load time."""
+def has_layer_fields(config: dict, source: SourceModel) -> bool:
+    """Whether the rewritten config carries per-layer fields worth validating."""
+    return any(field in config for field in _layer_fields(source))
+
+
+def write_config(config: dict, directory: Path, validate: bool = True) -> None:
+    """Write config.json and, when it carries per-layer fields, check that transformers
+    accepts it, so a broken config is an error at build time rather than at load time."""
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not validate:
+        return
     from transformers import AutoConfig
 
     try:

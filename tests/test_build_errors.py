@@ -138,3 +138,19 @@ def test_solar_cli_needs_trim_and_one_source(tiny_models, tmp_path, run_cli):
     result = run_cli("build", "--solar", model, "--trim", 4, "-o", tmp_path / "out")
     assert result.code == 2 and "leaves no layers" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("breakage", ["short_layer_types", "bad_derived_config"])
+def test_source_config_that_transformers_rejects(breakage, tiny_models, tmp_path, run_cli):
+    source = tiny_models("qwen2", num_layers=4)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    config = json.loads((broken / "config.json").read_text())
+    if breakage == "short_layer_types":
+        config["layer_types"] = config["layer_types"][:2]
+    else:
+        del config["layer_types"]  # transformers derives it, and rejects this config
+        config["max_window_layers"] = "two"
+    (broken / "config.json").write_text(json.dumps(config))
+    message = _run(run_cli, tmp_path, f"solar: {{model: {broken}, trim: 1}}\n")
+    assert "config" in message and "fix the source config" in message
