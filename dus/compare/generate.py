@@ -8,10 +8,10 @@ model prompted properly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dus.compare.text import jsonl_strings
 from dus.errors import DusError
 
 
@@ -28,19 +28,10 @@ def load_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DusError(f"{path}: no such prompt file; pass --prompts a .jsonl with a 'prompt' field or a .txt with one prompt per line")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix.lower() != ".jsonl":
-        prompts = [line.strip() for line in lines]
+    if path.suffix.lower() == ".jsonl":
+        prompts = jsonl_strings(path, "prompt")
     else:
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DusError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise DusError(f"{path}:{number}: no string 'prompt' field; lines must look like {{\"prompt\": \"...\"}}")
-            prompts.append(record["prompt"])
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise DusError(f"{path}: no prompts in the file")
     return prompts

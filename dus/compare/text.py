@@ -19,7 +19,7 @@ def read_text(path: str | Path) -> str:
         raise DusError(f"{path}: no such file; pass held-out text with --data (a .txt file, or .jsonl with a 'text' field)")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        text = DOCUMENT_SEPARATOR.join(_jsonl_texts(path))
+        text = DOCUMENT_SEPARATOR.join(jsonl_strings(path, "text"))
     elif suffix in PLAIN_SUFFIXES:
         text = path.read_text(encoding="utf-8")
     else:
@@ -29,19 +29,21 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
+def jsonl_strings(path: Path, field: str) -> list[str]:
+    """The string `field` of every non-empty line of a JSONL file; a one-line DusError
+    naming the line for anything else."""
+    values = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DusError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be an object with a 'text' field") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DusError(f"{path}:{number}: no string 'text' field; each line must look like {{\"text\": \"...\"}}")
-        texts.append(record["text"])
-    return texts
+            raise DusError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be an object with a '{field}' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DusError(f"{path}:{number}: no string '{field}' field; each line must look like {{\"{field}\": \"...\"}}")
+        values.append(record[field])
+    return values
 
 
 def tokenize_stream(tokenizer, text: str, max_tokens: int | None = None):
