@@ -1,0 +1,36 @@
+"""The main job end to end on the real SmolLM2-135M-Instruct (fetched from PyPI):
+import, SOLAR build, LoRA heal, compare. Slow: run with
+
+    python -m pytest --run-slow tests/test_pipeline_slow.py
+
+It runs scripts/demo.sh itself (with a short heal) so the README's command is what is tested."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_smollm2(tmp_path):
+    env = dict(os.environ, DUS_RUN=str(tmp_path / "run"), HEAL_STEPS="6", EVAL_TOKENS="2048")
+    subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, check=True, timeout=3600)
+    run = tmp_path / "run"
+    manifest = json.loads((run / "solar" / "dus-manifest.json").read_text())
+    assert manifest["num_layers"] == 44 and manifest["seams"] == [22]
+    healed_manifest = json.loads((run / "solar-healed" / "dus-manifest.json").read_text())
+    assert healed_manifest["history"][-1]["stage"] == "heal"
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    for label in ("base", "unhealed", "healed"):
+        assert label in text
+    assert (run / "report" / "report.md").is_file()
+    assert list((run / "report").glob("*.png"))
+    stages = dict(line.split("\t") for line in (run / "timings.tsv").read_text().splitlines())
+    assert {"build", "heal", "compare"} <= set(stages)
