@@ -275,8 +275,13 @@ def main(argv=None):
 
     source, built = prepare_models(args)
     base = {"model": str(built), "data": args.data, "batch_size": args.batch_size, "max_length": args.max_length}
-    results: dict = {"source": str(source), "built": str(built), "settings": vars(args) | {"workdir": str(args.workdir)}}
-    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in results["settings"].items()}
+    # A run that skips a part keeps that part's earlier results (same workdir, same build).
+    previous = args.workdir / "results.json"
+    results: dict = json.loads(previous.read_text()) if previous.is_file() else {}
+    if results.get("built") != str(built):
+        results = {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results.update({"source": str(source), "built": str(built), "settings": settings})
     print(f"source {source.name}, SOLAR build {built.name}", flush=True)
 
     if not args.skip_throughput:
