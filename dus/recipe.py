@@ -159,10 +159,13 @@ def _dtype(data: dict, key: str) -> str | None:
     value = data.get(key)
     if value is None:
         return None
+    return dtype_name(value, f"{where(data, key)}: {key}")
+
+
+def dtype_name(value, label: str = "dtype") -> str:
+    """The canonical name (float32, float16, bfloat16) of a dtype a user wrote."""
     if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
-        raise DusError(
-            f"{where(data, key)}: {key} {value!r} is not a dtype dus writes; use float32, float16 or bfloat16"
-        )
+        raise DusError(f"{label} {value!r} is not a dtype dus writes; use float32, float16 or bfloat16")
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[DTYPE_ALIASES[value.lower()]]
 
 

@@ -147,7 +147,7 @@ def _smooth_seams(
     claimed: set[int] = set()
     for seam in find_seams(layers):
         window = range(seam - width, seam + width)
-        left, right = layers[seam - 1], layers[seam] if seam < len(layers) else None
+        left, right = layers[seam - 1], layers[seam]
         reason = _smoothing_obstacle(layers, seam, width, sources, claimed)
         if reason:
             notes.append(f"seam at {seam}: not smoothed ({reason})")

@@ -26,7 +26,7 @@ def build(
     from rich.console import Console
 
     from dus.build import build_model
-    from dus.recipe import load_recipe
+    from dus.recipe import dtype_name, load_recipe
 
     console = Console(stderr=False)
     if (recipe is None) == (solar is None):
@@ -38,7 +38,7 @@ def build(
     else:
         parsed = load_recipe(recipe)
     if dtype is not None:
-        parsed = _with_dtype(parsed, dtype)
+        parsed.out_dtype = dtype_name(dtype, "--dtype")
     started = time.perf_counter()
     result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet)
     for warning in result.warnings:
@@ -53,13 +53,6 @@ def build(
             f"[green]built[/] {result.output}: {result.plan.num_layers} layers, seams at "
             f"{result.plan.seams or 'none'}, {gigabytes:.2f} GB in {seconds:.1f} s"
         )
-
-
-def _with_dtype(parsed, dtype: str):
-    from dus.recipe import _dtype
-
-    parsed.out_dtype = _dtype({"dtype": dtype}, "dtype")
-    return parsed
 
 
 def print_plan(plan, console) -> None:
