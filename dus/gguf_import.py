@@ -13,7 +13,6 @@ bf16 weights): what llama.cpp would compute with, stored losslessly in float32 b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from dus import __version__
 from dus.errors import DusError
+from dus.hashing import sha256_file
 
 IMPORT_RECORD = "dus-import.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -136,14 +136,6 @@ def check_gguf(path: str | Path) -> dict:
             f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return metadata
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------

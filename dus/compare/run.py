@@ -3,13 +3,13 @@ then write plots, metrics.json and report.md, and optionally log to W&B."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dus.errors import DusError
+from dus.hashing import sha256_file
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_WINDOW = 1024
@@ -86,14 +86,6 @@ def seams_of(model_dir: Path) -> tuple[list[int], list[int], dict | None]:
     return list(seams), list(plan.get("new_layers", [])), built
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def seam_layer_stats(distances: list[float], seams: list[int]) -> list[dict]:
     """For each seam i: layer i's angular distance against the median of non-seam layers."""
     others = sorted(value for index, value in enumerate(distances) if index not in seams)
@@ -146,7 +138,7 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     metrics = {
         "dus_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"path": str(options.data), "sha256": sha256_of(Path(options.data)), "characters": len(text)},
+        "data": {"path": str(options.data), "sha256": sha256_file(Path(options.data)), "characters": len(text)},
         "settings": settings,
         "models": [],
     }

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from dus.hashing import sha256_file
 from dus.plan import MANIFEST_NAME
 
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
@@ -35,11 +36,7 @@ def weights_digest(model, trainable_only: bool = True) -> str:
 def file_sha256(path: Path) -> str | None:
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def standalone_model(model, base_dir: Path | None = None, dtype=None):
