@@ -72,9 +72,13 @@ def resolve_dtype(name: str, model_dir: str | Path, device):
 
 
 def load_tokenizer(model_dir: str | Path):
+    """The directory's tokenizer (never remote code); a one-line DusError when there is none."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - any failure means no usable tokenizer
+        raise DusError(f"{model_dir}: cannot load its tokenizer ({type(error).__name__}: {error})") from None
 
 
 def load_model(model_dir: str | Path, dtype, device):

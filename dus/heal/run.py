@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from dus.compare.loading import load_tokenizer
 from dus.errors import DusError
 from dus.heal.config import HealConfig, build_lora_config, build_sft_config
 from dus.heal.data import LoadedData, load_data
@@ -104,15 +105,6 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dic
         if previous is None:
             raise DusError(f"--force: {out} is not a dus heal output (no {RUN_MARKER}); refusing to delete it")
     return None
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as error:  # noqa: BLE001 - any failure means no usable tokenizer
-        raise DusError(f"{model_dir}: cannot load its tokenizer ({type(error).__name__}: {error})") from None
 
 
 def load_model(model_dir: Path, cfg: HealConfig, use_cpu: bool):
