@@ -61,11 +61,11 @@ def test_overrides_reach_the_trl_and_peft_objects(tmp_path):
     ({"lora": {"rank": 8}}, "unknown key 'rank' in section 'lora' (fields of peft.LoraConfig)"),
     ({"seam": {"raduis": 1}}, "unknown key 'raduis' in section 'seam'"),
     ({"trainer": {}}, "unknown top-level key 'trainer'"),
-    ({"mode": "dora"}, "mode 'dora' is not one of lora, qlora, full, expand, distill"),
+    ({"mode": "dora"}, "mode 'dora' is not one of lora, qlora, full, band, expand, distill"),
     ({"sft": {"output_dir": "x"}}, "'sft.output_dir' is set by dus"),
     ({"seam": {"radius": 0}}, "seam.radius must be a whole number >= 1"),
     ({"distill": {"alpha": 2}}, "distill.alpha must be a number in [0, 1]"),
-    ({"distill": {"student": "qlora"}}, "distill.student 'qlora' is not one of lora, full, expand"),
+    ({"distill": {"student": "qlora"}}, "distill.student 'qlora' is not one of lora, full, band, expand"),
 ])
 def test_bad_config_keys_are_named(config, message):
     with pytest.raises(DusError) as error:

@@ -21,8 +21,8 @@ import yaml
 
 from dus.errors import DusError
 
-MODES = ("lora", "qlora", "full", "expand", "distill")
-DISTILL_STUDENTS = ("lora", "full", "expand")
+MODES = ("lora", "qlora", "full", "band", "expand", "distill")
+DISTILL_STUDENTS = ("lora", "full", "band", "expand")
 
 # The built-in defaults are train/lora-seam.yaml (a test keeps the two identical), so
 # `dus heal MODEL -o OUT` without `-c` behaves like the shipped default config.
@@ -64,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "bias": "none",
     },
     "distill": {"teacher": "auto", "alpha": 1.0, "temperature": 1.0, "student": "lora"},
+    "calibrate": {"enabled": False, "text": "auto", "tokens": 2048, "window": 512,
+                  "factors": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]},
     "quantization": {
         "load_in_4bit": True,
         "bnb_4bit_quant_type": "nf4",
@@ -77,6 +79,7 @@ DUS_SECTIONS = {
     "data": "dus data source",
     "seam": "dus seam selection",
     "distill": "dus distillation",
+    "calibrate": "dus seam calibration",
     "wandb": "dus W&B placement",
 }
 SCALARS = {"mode", "merge"}
@@ -263,8 +266,28 @@ def _validate(raw: dict, source: str) -> None:
         isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
         raise DusError(f"{source}: seam.layers must be 'auto' or a list of layer indices, got {layers!r}")
+    _validate_calibrate(raw["calibrate"], source)
     if not raw["data"]["path"]:
         raise DusError(f"{source}: data.path is empty; give a data file, a save_to_disk directory or a hub name")
+
+
+def _validate_calibrate(section: dict, source: str) -> None:
+    from dus.heal.calibrate import MIN_FACTOR
+
+    if not isinstance(section["enabled"], bool):
+        raise DusError(f"{source}: calibrate.enabled must be true or false, got {section['enabled']!r}")
+    for key in ("tokens", "window"):
+        value = section[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise DusError(f"{source}: calibrate.{key} must be a whole number >= 2, got {value!r}")
+    factors = section["factors"]
+    if not isinstance(factors, list) or not factors or not all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and MIN_FACTOR <= f <= 1.0 for f in factors
+    ):
+        raise DusError(
+            f"{source}: calibrate.factors must be a non-empty list of numbers in [{MIN_FACTOR}, 1] "
+            f"(a repeated layer keeps at least {MIN_FACTOR} of its source norm), got {factors!r}"
+        )
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

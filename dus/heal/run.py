@@ -154,6 +154,15 @@ def select_trainable(model, cfg: HealConfig, manifest: dict | None, notes: list[
             explicit = lora.layers_to_transform
             targets.layers = [explicit] if isinstance(explicit, int) else list(explicit)
         return targets, lora
+    if trains == "band":
+        seam = cfg.section("seam")
+        targets = choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
+        stack = find_layer_stack(model)
+        model.requires_grad_(False)
+        for index in targets.layers:
+            model.get_submodule(stack.path)[index].requires_grad_(True)
+        targets.reason += " (all their parameters)"
+        return targets, None
     if trains == "expand":
         new = manifest_new_layers(manifest)
         if not new:
@@ -343,8 +352,9 @@ def heal(
 
     model = load_model(model_dir, cfg, use_cpu)
     saved_dtype = _checkpoint_dtype(model_dir) or str(model.dtype).replace("torch.", "")
+    calibration = calibrate_model(model, manifest, cfg, inputs) if cfg.section("calibrate")["enabled"] else None
     targets, peft_config = select_trainable(model, cfg, manifest, inputs.notes)
-    if cfg.trains == "expand" and args.gradient_checkpointing:
+    if cfg.trains in ("expand", "band") and args.gradient_checkpointing:
         model.enable_input_require_grads()
     teacher_dir, teacher_model = None, None
     if cfg.mode == "distill":
@@ -396,6 +406,7 @@ def heal(
         "resumed_from": resumed_from,
         "seconds": round(seconds, 1),
         "notes": inputs.notes,
+        "calibration": calibration.to_dict() if calibration else None,
     })
     if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
@@ -425,6 +436,36 @@ def heal(
         out, cfg.mode, record["steps"], record["final_loss"], record, targets,
         wandb_run.describe() if wandb_run else None, inputs.notes,
     )
+
+
+def calibrate_model(model, manifest: dict | None, cfg: HealConfig, inputs: Inputs):
+    """Scale the repeated layers' output projections by the factor that scores best on
+    calibration text (dus.heal.calibrate), before training starts."""
+    from dus.compare.text import read_text, tokenize_stream
+    from dus.heal.calibrate import calibrate
+    from dus.plan import plan_from_manifest
+
+    section = cfg.section("calibrate")
+    if manifest is None or "plan" not in manifest:
+        raise DusError("calibrate.enabled: calibration needs the build plan (dus-manifest.json) to find repeated "
+                       "layers; this model has none: set calibrate.enabled=false")
+    if section["text"] == "auto":
+        if inputs.train_data.shape != "text":
+            raise DusError(f"calibrate.text auto uses the training text, but {inputs.train_data.source} is "
+                           f"{inputs.train_data.format} data: set calibrate.text to a .txt or .jsonl text file")
+        text = "\n\n".join(inputs.train_data.dataset["text"])
+    else:
+        text = read_text(section["text"])
+    ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
+    say(f"  calibrating repeated layers on {len(ids)} tokens of "
+        f"{inputs.train_data.source if section['text'] == 'auto' else section['text']}")
+    result = calibrate(model, plan_from_manifest(manifest), ids, section["factors"], section["window"],
+                       on_factor=lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}"))
+    if result.layers:
+        say(f"  calibration: output projections of layers {result.layers} scaled by {result.factor:g}")
+    else:
+        say("  calibration: the plan repeats no layer; nothing to scale")
+    return result
 
 
 def reload_trained(model_dir: Path, trained_dir: Path, is_adapter: bool):
