@@ -345,3 +345,36 @@ def test_missing_default_prompt_file_skips_generations_with_a_note(tiny_models, 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["models"][0]["generations"] == [] and metrics["settings"]["prompts"] is None
     assert "## Greedy generations" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_several_domains_and_recovery(tiny_models, tmp_path, run_cli):
+    """One perplexity per held-out text, pooled `all` equal to the token-weighted mean NLL,
+    and recovery = (unhealed - model) / (unhealed - base) per text from the measured values."""
+    prose, code = tmp_path / "prose.txt", tmp_path / "code.txt"
+    prose.write_text(TEXT * 2)
+    code.write_text("def heal(model):\n    return model.train()\n\n" * 20)
+    models = [tiny_models("llama", 4), tiny_models("llama", 6), tiny_models("llama", 6, seed=1)]
+    out = tmp_path / "out"
+    result = run_cli("compare", *models, "-l", "base", "-l", "unhealed", "-l", "healed", "--data", prose, "--data", code,
+                     "-o", out, "--no-generate", "--window", 64)
+    assert result.code == 0, result
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["data"]) == {"prose", "code"}
+    by_label = {m["label"]: m["perplexity"] for m in metrics["models"]}
+    for p in by_label.values():
+        domains = p["domains"]
+        assert set(domains) == {"prose", "code"}
+        assert p["tokens_scored"] == sum(d["tokens_scored"] for d in domains.values())
+        pooled = sum(d["mean_nll"] * d["tokens_scored"] for d in domains.values()) / p["tokens_scored"]
+        assert math.isclose(p["mean_nll"], pooled, rel_tol=1e-9)
+    recovery = metrics["recovery"]
+    assert (recovery["base"], recovery["unhealed"], list(recovery["models"])) == ("base", "unhealed", ["healed"])
+    for domain in ("prose", "code"):
+        low, high, mid = (by_label[k]["domains"][domain]["perplexity"] for k in ("base", "unhealed", "healed"))
+        assert math.isclose(recovery["models"]["healed"][domain], (high - mid) / (high - low), rel_tol=1e-9)
+    report = (out / "report.md").read_text()
+    assert "Recovery per text" in report and "| model | prose | code |" in report
+
+    swapped = run_cli("compare", *models, "-l", "a", "-l", "b", "-l", "c", "--data", prose, "-o", tmp_path / "o2",
+                      "--no-generate", "--window", 64, "--base", "nope")
+    assert swapped.code == 2 and "--base nope" in swapped.stderr

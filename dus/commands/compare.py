@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 def compare(
     models: list[Path] = typer.Argument(..., help="Model directories (HF format, safetensors), e.g. BASE out/solar out/solar-healed."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for report.md, the PNG plots and metrics.json."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Held-out text: .txt (one stream) or .jsonl with a 'text' field. Default: data/heldout.txt."),
+    data: list[Path] = typer.Option([], "--data", help="Held-out text, one file per domain (repeat --data): .txt or .jsonl with a 'text' field. Default: data/heldout/*.txt and data/heldout.txt."),
     label: list[str] = typer.Option([], "--label", "-l", help="Name of each model in the report, in order (default: directory names)."),
     window: Optional[int] = typer.Option(None, help="Sliding-window length in tokens (default: 1024 or the smallest context length)."),
     stride: Optional[int] = typer.Option(None, help="Tokens the window advances each step (default: window / 2)."),
@@ -29,13 +29,15 @@ def compare(
     tasks: Optional[str] = typer.Option(None, help="lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval` and its datasets)."),
     task_limit: Optional[int] = typer.Option(None, help="lm-eval: examples per task (quick checks)."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log metrics, tables and plots to a W&B run (offline unless logged in)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Label of the model healing should return to, for recovery (default: the first)."),
+    unhealed: Optional[str] = typer.Option(None, "--unhealed", help="Label of the model before healing, for recovery (default: the second)."),
 ) -> None:
     """Perplexity, per-layer angular distance and norm (seams marked), and greedy generations, side by side."""
     from dus.compare.lm_eval_hook import parse_tasks
-    from dus.compare.run import CompareOptions, compare_models, default_data_file
+    from dus.compare.run import CompareOptions, compare_models, default_heldout_files
 
     options = CompareOptions(
-        data=data or default_data_file("heldout.txt"),
+        data=list(data) or default_heldout_files(),
         output=output,
         labels=label,
         window=window,
@@ -50,5 +52,7 @@ def compare(
         tasks=parse_tasks(tasks),
         task_limit=task_limit,
         wandb=wandb,
+        base=base,
+        unhealed=unhealed,
     )
     compare_models(models, options)

@@ -62,17 +62,24 @@ def plot_layer_curves(curves: list[Curve], path: str | Path, title: str, ylabel:
     return _save(fig, path)
 
 
-def plot_perplexity(labels: list[str], values: list[float], path: str | Path, title: str = "Held-out perplexity (lower is better)") -> Path:
+def plot_perplexity(labels: list[str], values: dict[str, list[float]], path: str | Path, title: str = "Held-out perplexity per text (lower is better)") -> Path:
+    """Grouped bars: one group per held-out text, one bar per model."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 4.5))
-    bars = ax.bar(range(len(labels)), values, color=_colors(len(labels)))
-    ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
+    domains = list(values)
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(labels) * len(domains) + 2), 4.5))
+    for i, (label, color) in enumerate(zip(labels, _colors(len(labels)))):
+        xs = [d + (i - (len(labels) - 1) / 2) * width for d in range(len(domains))]
+        bars = ax.bar(xs, [values[d][i] for d in domains], width, color=color, label=label)
+        for bar in bars:
+            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.margins(y=0.12)
     ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -43,15 +43,16 @@ def render_report(metrics: dict) -> str:
     settings = metrics["settings"]
     data = metrics["data"]
     out = [f"# dus compare: {' vs '.join(m['label'] for m in models)}", ""]
+    texts = "; ".join(f"{name}: `{d['path']}` ({d['characters']:,} characters, sha256 `{d['sha256'][:12]}`)"
+                      for name, d in data.items())
     out.append(
-        f"Held-out text `{data['path']}` ({data['characters']:,} characters, sha256 `{data['sha256'][:12]}`), "
-        f"sliding window {settings['window']} tokens with stride {settings['stride']}; "
+        f"Held-out texts: {texts}. Sliding window {settings['window']} tokens with stride {settings['stride']}; "
         f"dtype {settings['dtype']}, device {settings['device']}; dus {metrics['dus_version']}, {metrics['created']}."
     )
     out.append("")
     out += _models_section(models)
     if settings["perplexity"]:
-        out += _perplexity_section(models, metrics["plots"].get("perplexity"))
+        out += _perplexity_section(models, metrics["plots"].get("perplexity"), metrics.get("recovery"))
     out += _layers_section(models, metrics["plots"])
     if any(m.get("generations") for m in models):
         out += _generations_section(models, settings)
@@ -70,23 +71,43 @@ def _models_section(models) -> list[str]:
             f"| {_cell(m['label'])} | `{_cell(m['path'])}` | {m['architecture']} | {m['num_layers']} | {m['dtype']} | "
             f"{', '.join(map(str, m['seams'])) or '-'} | {', '.join(map(str, m['new_layers'])) or '-'} |"
         )
+    for m in models:
+        calibration = (m.get("built") or {}).get("calibration")
+        if calibration:
+            scores = ", ".join(f"x{factor}: {value:.2f}" for factor, value in calibration["scores"].items())
+            out += ["", f"{_cell(m['label'])} was calibrated before healing: output projections (o_proj, down_proj) of "
+                    f"the repeated layers {calibration['layers']} scaled by {calibration['factor']:g}, the best of "
+                    f"the factors tried on calibration text (perplexity {scores})."]
     return out + [""]
 
 
-def _perplexity_section(models, plot) -> list[str]:
-    reference = models[0]["perplexity"]["perplexity"]
+def _perplexity_section(models, plot, recovery) -> list[str]:
+    domains = list(models[0]["perplexity"]["domains"])
+    reference = models[0]
     out = [
         "## Perplexity",
         "",
-        "Each token after the first is scored once, with the context of its sliding window "
-        "(the strided method of the transformers docs); lower is better.",
+        "Per held-out text, each token after the first is scored once with the context of its sliding window "
+        f"(the strided method of the transformers docs); lower is better. In brackets: the change against "
+        f"{_cell(reference['label'])}. `all` pools every text's tokens.",
         "",
-        f"| model | layers | perplexity | vs {_cell(models[0]['label'])} | mean NLL (nats) | tokens scored |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | layers | " + " | ".join(_cell(d) for d in domains) + " | all | tokens scored |",
+        "|---|---:|" + "---:|" * (len(domains) + 2),
     ]
     for m in models:
         p = m["perplexity"]
-        out.append(f"| {_cell(m['label'])} | {m['num_layers']} | {_fmt(p['perplexity'], 3)} | {_delta(p['perplexity'], reference)} | {_fmt(p['mean_nll'])} | {p['tokens_scored']:,} |")
+        cells = []
+        for d in domains:
+            value, ref = p["domains"][d]["perplexity"], reference["perplexity"]["domains"][d]["perplexity"]
+            cells.append(f"{_fmt(value, 3)} ({_delta(value, ref)})" if m is not reference else _fmt(value, 3))
+        pooled = f"{_fmt(p['perplexity'], 3)}" + ("" if m is reference else f" ({_delta(p['perplexity'], reference['perplexity']['perplexity'])})")
+        out.append(f"| {_cell(m['label'])} | {m['num_layers']} | " + " | ".join(cells) + f" | {pooled} | {p['tokens_scored']:,} |")
+    if recovery and recovery["models"]:
+        out += ["", f"Recovery per text: (unhealed - model) / (unhealed - base), with base = {_cell(recovery['base'])} and "
+                f"unhealed = {_cell(recovery['unhealed'])}: 100% is all of the seam's cost won back, 0% none.", "",
+                "| model | " + " | ".join(_cell(d) for d in domains) + " |", "|---|" + "---:|" * len(domains)]
+        for label, values in recovery["models"].items():
+            out.append(f"| {_cell(label)} | " + " | ".join(f"{100 * values[d]:.0f}%" for d in domains) + " |")
     if plot:
         out += ["", f"![perplexity]({plot})"]
     return out + [""]

@@ -17,7 +17,7 @@ DEFAULT_WINDOW = 1024
 
 @dataclass
 class CompareOptions:
-    data: Path
+    data: list[Path] | Path  # one held-out text per domain (the domain is the file's stem)
     output: Path
     labels: list[str] = field(default_factory=list)
     window: int | None = None  # default: min(1024, smallest max_position_embeddings)
@@ -32,6 +32,49 @@ class CompareOptions:
     tasks: list[str] = field(default_factory=list)
     task_limit: int | None = None
     wandb: bool = False
+    base: str | None = None  # label of the model healing should return to (default: the first)
+    unhealed: str | None = None  # label of the model before healing (default: the second)
+
+
+def default_heldout_files() -> list[Path]:
+    """Every bundled held-out domain: data/heldout/*.txt plus the chat text data/heldout.txt."""
+    local = Path("data")
+    root = local if (local / "heldout").is_dir() else REPO_DATA
+    return sorted((root / "heldout").glob("*.txt")) + [default_data_file("heldout.txt")]
+
+
+def domain_names(paths: list[Path]) -> list[str]:
+    """A short name per held-out file: its stem ("heldout" is the chat text), unique."""
+    names = ["chat" if path.stem == "heldout" else path.stem for path in paths]
+    if len(set(names)) != len(names):
+        names = [f"{path.parent.name}/{path.stem}" for path in paths]
+    if len(set(names)) != len(names):
+        raise DusError(f"--data names one file twice: {', '.join(map(str, paths))}")
+    return names
+
+
+def recovery_of(metrics: dict, base: str | None, unhealed: str | None) -> dict | None:
+    """Per domain, (unhealed - model) / (unhealed - base) for every other model: the share
+    of what the seam cost that healing won back. None with fewer than three models."""
+    models = {m["label"]: m for m in metrics["models"] if m.get("perplexity")}
+    labels = list(models)
+    if len(labels) < 3:
+        return None
+    base = base or labels[0]
+    unhealed = unhealed or labels[1]
+    for label, flag in ((base, "--base"), (unhealed, "--unhealed")):
+        if label not in models:
+            raise DusError(f"{flag} {label}: no model has that label; labels: {', '.join(labels)}")
+    table = {}
+    for label in labels:
+        if label in (base, unhealed):
+            continue
+        table[label] = {}
+        for domain, scored in models[label]["perplexity"]["domains"].items():
+            low = models[base]["perplexity"]["domains"][domain]["perplexity"]
+            high = models[unhealed]["perplexity"]["domains"][domain]["perplexity"]
+            table[label][domain] = (high - scored["perplexity"]) / (high - low) if high != low else float("nan")
+    return {"base": base, "unhealed": unhealed, "models": table}
 
 
 def default_data_file(name: str) -> Path:
@@ -83,6 +126,9 @@ def seams_of(model_dir: Path) -> tuple[list[int], list[int], dict | None]:
     built = {"recipe_kind": plan.get("recipe_kind"), "sources": sorted((manifest.get("sources") or plan.get("models") or {}).keys())}
     if manifest.get("history"):
         built["history"] = [record.get("stage", record.get("kind", "?")) if isinstance(record, dict) else str(record) for record in manifest["history"]]
+        calibrations = [r["calibration"] for r in manifest["history"] if isinstance(r, dict) and r.get("calibration")]
+        if calibrations and calibrations[-1].get("layers"):
+            built["calibration"] = {k: calibrations[-1][k] for k in ("layers", "factor", "scores")}
     return list(seams), list(plan.get("new_layers", [])), built
 
 
@@ -113,7 +159,8 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         raise DusError("no models given; pass one or more model directories")
     model_dirs = [check_model_dir(path) for path in model_dirs]
     labels = model_labels(model_dirs, options.labels)
-    text = read_text(options.data)
+    data_paths = [Path(p) for p in (options.data if isinstance(options.data, list) else [options.data])]
+    texts = dict(zip(domain_names(data_paths), (read_text(path) for path in data_paths)))
     window, stride = choose_window(model_dirs, options.window, options.stride)
     device = resolve_device(options.device)
     prompts_path = options.prompts or default_data_file("prompts.jsonl")
@@ -138,12 +185,13 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     metrics = {
         "dus_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"path": str(options.data), "sha256": sha256_file(Path(options.data)), "characters": len(text)},
+        "data": {name: {"path": str(path), "sha256": sha256_file(path), "characters": len(texts[name])}
+                 for name, path in zip(texts, data_paths)},
         "settings": settings,
         "models": [],
     }
     for label, path in zip(labels, model_dirs):
-        measured = measure_model(label, path, text, tokenizers[label], prompts, window, stride, options, device, console)
+        measured = measure_model(label, path, texts, tokenizers[label], prompts, window, stride, options, device, console)
         seams, new_layers, built = seams_of(path)
         measured.update({"seams": seams, "new_layers": new_layers, "built": built})
         measured["seam_layers"] = seam_layer_stats(measured["layers"]["angular_distance"], seams)
@@ -163,24 +211,28 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         if statuses == {"not-installed"}:
             metrics["lm_eval"]["message"] = lm_eval_hook.INSTALL_HINT
     metrics["tokens"] = {model["label"]: model["tokens"] for model in metrics["models"]}
+    if options.perplexity:
+        metrics["recovery"] = recovery_of(metrics, options.base, options.unhealed)
     for model in metrics["models"]:
         model["generations"] = generations_to_dicts(model.pop("_generations"))
     write_outputs(metrics, Path(options.output), options, console)
     return metrics
 
 
-def measure_model(label, path, text, tokenizer, prompts, window, stride, options, device, console) -> dict:
-    """Load one model, measure it, free it."""
+def measure_model(label, path, texts, tokenizer, prompts, window, stride, options, device, console) -> dict:
+    """Load one model, measure it on every domain's text (layer statistics pooled over
+    all of them), free it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from dus.compare.generate import generate_greedy
     from dus.compare.layerwise import LayerStats
     from dus.compare.loading import free, load_model, resolve_dtype
-    from dus.compare.perplexity import count_windows, evaluate_stream
+    from dus.compare.perplexity import PerplexityResult, count_windows, evaluate_stream
     from dus.compare.text import tokenize_stream
 
     dtype = resolve_dtype(options.dtype, path, device)
-    ids = tokenize_stream(tokenizer, text, options.max_tokens)
+    streams = {name: tokenize_stream(tokenizer, text, options.max_tokens) for name, text in texts.items()}
+    tokens = sum(len(ids) for ids in streams.values())
     seconds = {}
     started = time.perf_counter()
     with console.status(f"loading {label} ({dtype}, {device})"):
@@ -189,9 +241,11 @@ def measure_model(label, path, text, tokenizer, prompts, window, stride, options
     stats = LayerStats(max_skip=1)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{label}: {len(ids)} tokens", total=count_windows(len(ids), window, stride))
+        windows = sum(count_windows(len(ids), window, stride) for ids in streams.values())
+        task = progress.add_task(f"{label}: {tokens} tokens, {len(streams)} texts", total=windows)
         started = time.perf_counter()
-        result = evaluate_stream(model, ids, window, stride, stats=stats, score=options.perplexity, on_window=lambda: progress.advance(task))
+        results = {name: evaluate_stream(model, ids, window, stride, stats=stats, score=options.perplexity,
+                                         on_window=lambda: progress.advance(task)) for name, ids in streams.items()}
         seconds["measure"] = time.perf_counter() - started
         generations = []
         if prompts:
@@ -206,12 +260,15 @@ def measure_model(label, path, text, tokenizer, prompts, window, stride, options
         "num_layers": stats.num_layers,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
-        "tokens": len(ids),
-        "perplexity": result.to_dict() if options.perplexity else None,
+        "tokens": tokens,
+        "perplexity": None,
         "layers": stats.summary(),
         "seconds": seconds,
         "_generations": generations,
     }
+    if options.perplexity:
+        pooled = PerplexityResult(sum(r.nll_sum for r in results.values()), sum(r.tokens for r in results.values()))
+        measured["perplexity"] = {**pooled.to_dict(), "domains": {name: r.to_dict() for name, r in results.items()}}
     free(model)
     return measured
 
@@ -234,7 +291,9 @@ def write_outputs(metrics: dict, output: Path, options: CompareOptions, console)
     made["hidden_norm"] = plots.plot_layer_curves(
         norms, output / "hidden_norm.png", "Mean norm of each layer's output (before the final norm)", "||h_l+1||")
     if options.perplexity:
-        made["perplexity"] = plots.plot_perplexity([m["label"] for m in models], [m["perplexity"]["perplexity"] for m in models], output / "perplexity.png")
+        domains = list(models[0]["perplexity"]["domains"])
+        values = {d: [m["perplexity"]["domains"][d]["perplexity"] for m in models] for d in domains}
+        made["perplexity"] = plots.plot_perplexity([m["label"] for m in models], values, output / "perplexity.png")
     metrics["plots"] = {key: path.name for key, path in made.items()}
     if options.wandb:
         from dus.compare.wandb_log import log_compare
