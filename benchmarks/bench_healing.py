@@ -52,7 +52,12 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
                                                 "sft.learning_rate": 1e-4, **PACKED}),
     "cal-distill-lora": ("train/distill.yaml", {"data.path": TEXT, "calibrate.enabled": True, "seam.radius": 4,
                                                 "sft.learning_rate": 1e-3, **PACKED}),
+    # The control a DUS user asks about: the base model itself, fine-tuned (cross-entropy,
+    # every parameter) on the same text for the same tokens. Runs on the source model.
+    "control-base-ce": ("train/full.yaml", {"data.path": TEXT, "sft.learning_rate": 1e-4, "sft.assistant_only_loss": False,
+                                            **PACKED, "model": "source"}),
     "cal-ce-band": ("train/full.yaml", {"mode": "band", "data.path": TEXT, "seam.radius": 4, "calibrate.enabled": True,
+                                        "sft.assistant_only_loss": False,
                                         "sft.learning_rate": 1e-4, **PACKED}),
 }
 
@@ -75,6 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep each candidate's healed model in WORKDIR/run-NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -160,7 +166,7 @@ def child(spec: dict) -> dict:
     overrides = {
         **spec["overrides"], "sft.max_steps": spec["steps"], "sft.per_device_train_batch_size": spec["batch_size"],
         "sft.max_length": spec["max_length"], "sft.report_to": "none", "sft.save_strategy": "no",
-        "sft.activation_checkpointing": False, "sft.logging_steps": 1, "sft.seed": 0, "merge": False,
+        "sft.activation_checkpointing": False, "sft.logging_steps": 1, "sft.seed": 0, "merge": spec["keep"],
         "sft.warmup_steps": 4,
     }
     if spec["overrides"].get("sft.max_steps") == 0:  # calibration only: no training
@@ -184,7 +190,7 @@ def child_no_training(spec: dict, cfg, streams) -> dict:
     from dus.heal.data import load_data
     from dus.heal.run import Inputs, calibrate_model, load_model
     from dus.compare.loading import load_tokenizer
-    from dus.plan import read_manifest
+    from dus.manifest import read_manifest
 
     started = time.perf_counter()
     data = load_data(cfg.section("data")["path"], "auto")
@@ -260,8 +266,8 @@ def main(argv=None):
         for name, (config, overrides) in CANDIDATES.items():
             print(f"{name:18s} {config}  {overrides}")
         return
-    results_path = args.workdir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"candidates": {}}
+    results_path = args.workdir / "results.json"  # settings and references; candidates in candidates/NAME.json
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if not args.plot_only:
         import torch
 
@@ -272,8 +278,8 @@ def main(argv=None):
                     "eval_tokens": args.eval_tokens, "window": args.window, "texts": texts, "threads": args.threads}
         if results.get("settings", {}).get("texts") != texts or "reference" not in results:
             streams = token_streams(str(built), texts, args.eval_tokens)
-            results = {"candidates": results.get("candidates", {}), "settings": settings,
-                       "reference": references(args.source, built, streams, args.window)}
+            results = {"settings": settings, "reference": references(args.source, built, streams, args.window)}
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
         extra: dict[str, dict] = {}
         for item in args.set:
             name, assignment = item.split(":", 1)
@@ -288,14 +294,21 @@ def main(argv=None):
             stored = args.alias or name
             out = args.workdir / f"run-{stored}"
             shutil.rmtree(out, ignore_errors=True)
-            spec = {"name": stored, "model": str(built), "config": config, "overrides": {**overrides, **extra.get(name, {})},
+            overrides = {**overrides, **extra.get(name, {})}
+            model = args.source if overrides.pop("model", None) == "source" else built
+            spec = {"name": stored, "model": str(model), "config": config, "overrides": overrides,
                     "texts": texts, "eval_tokens": args.eval_tokens, "window": args.window, "steps": args.steps,
                     "eval_every": args.eval_every, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "out": str(out)}
+                    "out": str(out), "keep": args.keep}
             print(f"== {stored}: {config} {spec['overrides']}", flush=True)
-            results["candidates"][stored] = run_candidate(spec, args.threads)
-            shutil.rmtree(out, ignore_errors=True)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            result = run_candidate(spec, args.threads)
+            (args.workdir / "candidates").mkdir(exist_ok=True)
+            (args.workdir / "candidates" / f"{stored}.json").write_text(json.dumps(result, indent=2) + "\n")
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    # Several invocations may run side by side on one workdir: each writes its own candidate files.
+    results["candidates"] = {path.stem: json.loads(path.read_text())
+                             for path in sorted((args.workdir / "candidates").glob("*.json"))}
     plot(results, args.workdir)
     (args.workdir / "bench_healing.md").write_text(markdown(results))
     print(markdown(results))

@@ -16,7 +16,7 @@ from pathlib import Path
 from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
 from dus.hashing import sha256_file
-from dus.manifest import build_manifest, model_card, write_manifest
+from dus.manifest import Manifest, build_manifest, model_card, write_manifest
 from dus.plan import LayerPlan
 from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
@@ -37,7 +37,7 @@ class BuildResult:
     plan: LayerPlan
     output: Path | None
     warnings: list[str] = field(default_factory=list)
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     bytes_written: int = 0
 
 

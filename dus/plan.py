@@ -9,7 +9,6 @@ read the seams and new blocks back from the manifest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,15 +201,3 @@ def layers_near_seams(num_layers: int, seams: list[int], radius: int) -> list[in
     for seam in seams:
         chosen.update(range(max(0, seam - radius), min(num_layers, seam + radius)))
     return sorted(chosen)
-
-
-def read_manifest(model_dir: str | Path) -> dict | None:
-    """The build manifest of a dus-built model directory, or None for any other model."""
-    path = Path(model_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def plan_from_manifest(manifest: dict) -> LayerPlan:
-    return LayerPlan.from_dict(manifest["plan"])

@@ -129,8 +129,9 @@ def test_manifest_and_model_card(tiny_models, tmp_path):
     source_dir = tiny_models("llama", num_layers=4)
     build_model({"solar": {"model": str(source_dir), "trim": 1}}, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "dus-manifest.json").read_text())
-    assert manifest["seams"] == [3]
-    assert manifest["num_layers"] == 6
+    assert manifest["format"] == "dus-manifest/2"
+    assert manifest["plan"]["seams"] == [3] and "seams" not in manifest  # stored once, in the plan
+    assert manifest["plan"]["num_layers"] == 6
     assert [(entry["layer"], entry["transform"]) for entry in manifest["plan"]["layers"]] == [
         (0, "copy"), (1, "copy"), (2, "copy"), (1, "copy"), (2, "copy"), (3, "copy")
     ]
@@ -208,3 +209,27 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_models, tmp_path, run_cli):
     assert result.code == 0, result
     assert "seam" in result.stdout and "seams: [3]" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_manifest_reads_back_typed_and_version_1_still_reads(tiny_models, tmp_path):
+    """The typed Manifest derives seams from the plan; a /1 manifest (seams repeated at the
+    top level) reads the same; damaged or unknown manifests are one-line errors."""
+    from dus.errors import DusError
+    from dus.manifest import read_manifest
+
+    source_dir = tiny_models("llama", num_layers=4)
+    out = tmp_path / "out"
+    build_model({"solar": {"model": str(source_dir), "trim": 1}}, out)
+    manifest = read_manifest(out)
+    assert (manifest.seams, manifest.num_layers, manifest.new_layers) == ([3], 6, [])
+    path = out / "dus-manifest.json"
+    data = json.loads(path.read_text())
+    data.update(format="dus-manifest/1", seams=[3], num_layers=6, new_layers=[])
+    path.write_text(json.dumps(data))
+    assert read_manifest(out).seams == [3]
+    for text, expected in (("{not json", "not valid JSON"), ('{"format": "dus-manifest/9"}', "dus-manifest/9"),
+                           ('{"plan": {"layers": 3}}', "plan is damaged")):
+        path.write_text(text)
+        with pytest.raises(DusError, match=expected) as error:
+            read_manifest(out)
+        assert "\n" not in str(error.value) and "dus-manifest.json" in str(error.value)

@@ -51,14 +51,22 @@ def _ids(tokenizer, text=TEXT):
 
 
 def with_manifest(source, target, seams, new_layers=()):
-    """A copy of `source` that looks like a dus build output with the given seams."""
+    """A copy of `source` that looks like a dus build output with the given seams: its
+    plan repeats one source layer at each seam (and zero-inits the new layers)."""
+    from dus.manifest import Manifest, write_manifest
+    from dus.plan import LayerPlan, NonLayerSource, OutputLayer
+
     shutil.copytree(source, target)
     config = json.loads((target / "config.json").read_text())
-    plan = {"recipe_kind": "solar", "models": {"m": str(source)}, "num_layers": config["num_hidden_layers"],
-            "layers": [], "seams": list(seams), "new_layers": list(new_layers)}
-    manifest = {"dus_version": "test", "recipe": {}, "plan": plan, "seams": list(seams), "sources": {"m": {"path": str(source)}},
-                "architecture": "LlamaForCausalLM", "num_layers": config["num_hidden_layers"], "history": []}
-    (target / "dus-manifest.json").write_text(json.dumps(manifest))
+    layers, source_layer = [], 0
+    for index in range(config["num_hidden_layers"]):
+        if index in seams:
+            source_layer -= 1  # not the successor of the previous layer: a seam
+        layers.append(OutputLayer("m", source_layer, zero_output=index in new_layers))
+        source_layer += 1
+    plan = LayerPlan({"m": str(source)}, layers, NonLayerSource("m"), NonLayerSource("m"), "m", "m", recipe_kind="solar")
+    assert plan.seams == list(seams) and plan.new_layers == list(new_layers)
+    write_manifest(Manifest(plan, recipe={}, architecture="LlamaForCausalLM", sources={"m": {"path": str(source)}}), target)
     return target
 
 

@@ -354,3 +354,66 @@ def test_bad_input_gets_one_clean_line(case, workspace, tmp_path, run_cli, monke
     assert not (tmp_path / "o").exists()
     if case.startswith(("output exists", "force")):
         assert (tmp_path / "occupied" / "precious.txt").read_text() == "keep me"
+
+
+def test_band_distillation_trains_only_the_seam_band_and_lowers_the_kl(workspace, tmp_path):
+    """distill.student band: every parameter of the seam band trains, nothing else moves,
+    and the student ends closer to its teacher than the build started."""
+    out = tmp_path / "band"
+    result = run(workspace, out, steps=6, config="distill",
+                 **{"data.path": str(workspace / "prose.txt"), "distill.student": "band", "sft.learning_rate": 1e-3})
+    assert result.record["trains"] == "band" and result.record["layers"] == SEAM_LAYERS
+    changed = changed_layers(workspace / "built", out)
+    assert set(changed) == {str(i) for i in SEAM_LAYERS}
+    # full parameters, not an adapter: the norms and every projection of a band layer moved
+    assert any("layernorm" in name for name in changed["3"]) and any("q_proj" in name for name in changed["3"])
+    prose = (workspace / "prose.txt").read_text()
+    assert kl_to_teacher(workspace / "source", out, prose) < kl_to_teacher(workspace / "source", workspace / "built", prose)
+
+
+def test_calibration_scales_repeated_layers_within_the_floor(workspace, tmp_path):
+    """Calibration scores each factor with forward passes, applies the best to the repeated
+    layers' output projections only, keeps every one at >= half its source norm, and is
+    recorded in the manifest history; without training the rest of the model is unchanged."""
+    from dus.heal.calibrate import MIN_FACTOR
+    from dus.manifest import read_manifest
+
+    out = tmp_path / "calibrated"
+    result = run(workspace, out, steps=1, config="distill",
+                 **{"data.path": str(workspace / "prose.txt"), "calibrate.enabled": True, "calibrate.tokens": 256,
+                    "calibrate.window": 64, "sft.learning_rate": 1e-12, "distill.student": "band"})
+    calibration = result.record["calibration"]
+    # SOLAR of 4 layers, trim 1: output layers 0,1,2 | 1,2,3 -> the second copies of 1 and 2 repeat
+    assert calibration["layers"] == [3, 4]
+    assert set(calibration["scores"]) == {"1", "0.9", "0.8", "0.7", "0.6", "0.5"}
+    assert calibration["scores"][f"{calibration['factor']:g}"] == min(calibration["scores"].values())
+    assert read_manifest(out).calibration == calibration
+    source, healed = tensors(workspace / "source"), tensors(out)
+    for out_index, source_index in ((3, 1), (4, 2)):
+        for part in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            ratio = healed[f"model.layers.{out_index}.{part}"].norm() / source[f"model.layers.{source_index}.{part}"].norm()
+            assert ratio >= MIN_FACTOR - 1e-6
+            assert ratio == pytest.approx(calibration["factor"], rel=1e-3)  # lr 1e-12: the scale alone
+    built = tensors(workspace / "built")
+    for index in (0, 1, 2, 5):  # not repeated: unscaled (1 and 2 train, at lr 1e-12)
+        name = f"model.layers.{index}.mlp.down_proj.weight"
+        assert torch.allclose(healed[name], built[name], rtol=0, atol=1e-6)
+
+
+def test_calibration_floor_is_part_of_the_config():
+    from dus.errors import DusError
+
+    with pytest.raises(DusError, match=r"calibrate.factors .* \[0.5, 1\]"):
+        load_config(None, {"calibrate.factors": [1.0, 0.3]})
+
+
+def test_calibration_floor_accounts_for_a_recipe_scale():
+    """A layer the recipe already scaled by 0.8 may only go down to 0.5 / 0.8 of the build."""
+    from dus.heal.calibrate import factors_for, repeated_layers
+    from dus.plan import LayerPlan, NonLayerSource, OutputLayer, ScaleRule
+
+    layers = [OutputLayer("m", 0), OutputLayer("m", 1), OutputLayer("m", 0, scale=(ScaleRule(0.8),)),
+              OutputLayer("m", 1), OutputLayer("m", 1, zero_output=True)]
+    plan = LayerPlan({"m": "m"}, layers, NonLayerSource("m"), NonLayerSource("m"), "m", "m")
+    assert repeated_layers(plan) == [2, 3]  # the zero-init copy adds nothing: not calibrated
+    assert factors_for(plan, [2, 3], 0.5) == {2: pytest.approx(0.625), 3: 0.5}

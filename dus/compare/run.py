@@ -116,20 +116,19 @@ def choose_window(model_dirs: list[Path], window: int | None, stride: int | None
 
 def seams_of(model_dir: Path) -> tuple[list[int], list[int], dict | None]:
     """(seams, new layers, short build info) from the dus manifest, or empty for other models."""
-    from dus.plan import read_manifest
+    from dus.manifest import read_manifest
 
     manifest = read_manifest(model_dir)
     if manifest is None:
         return [], [], None
-    plan = manifest.get("plan", {})
-    seams = plan.get("seams", manifest.get("seams", []))
-    built = {"recipe_kind": plan.get("recipe_kind"), "sources": sorted((manifest.get("sources") or plan.get("models") or {}).keys())}
-    if manifest.get("history"):
-        built["history"] = [record.get("stage", record.get("kind", "?")) if isinstance(record, dict) else str(record) for record in manifest["history"]]
-        calibrations = [r["calibration"] for r in manifest["history"] if isinstance(r, dict) and r.get("calibration")]
-        if calibrations and calibrations[-1].get("layers"):
-            built["calibration"] = {k: calibrations[-1][k] for k in ("layers", "factor", "scores")}
-    return list(seams), list(plan.get("new_layers", [])), built
+    built = {"recipe_kind": manifest.plan.recipe_kind if manifest.plan else None,
+             "sources": sorted(manifest.sources or (manifest.plan.models if manifest.plan else {}))}
+    if manifest.history:
+        built["history"] = [record.get("stage", "?") if isinstance(record, dict) else str(record) for record in manifest.history]
+    calibration = manifest.calibration
+    if calibration and calibration.get("layers"):
+        built["calibration"] = {k: calibration[k] for k in ("layers", "factor", "scores")}
+    return manifest.seams, manifest.new_layers, built
 
 
 def seam_layer_stats(distances: list[float], seams: list[int]) -> list[dict]:

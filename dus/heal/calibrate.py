@@ -24,18 +24,20 @@ MIN_FACTOR = 0.5  # of the source layer's output-projection norm; see the module
 DEFAULT_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
-def repeated_layers(plan: LayerPlan) -> list[int]:
-    """Output layers whose source layer already appeared earlier in the plan: the second
-    (third ...) copies, which add a source layer's update to the stream once more.
-    New (zero-initialised) blocks are excluded: they add nothing until trained."""
-    seen: set[tuple[str, int]] = set()
-    repeated = []
+COPIES = ("later", "all")  # which copies of a repeated source layer calibration scales
+
+
+def repeated_layers(plan: LayerPlan, copies: str = "later") -> list[int]:
+    """Output layers whose source layer appears more than once in the plan: with
+    `copies="later"` the second (third ...) copies, which add a source layer's update to
+    the stream once more; with "all" every copy, the first included. New
+    (zero-initialised) blocks are excluded: they add nothing until trained."""
+    by_source: dict[tuple[str, int], list[int]] = {}
     for index, layer in enumerate(plan.layers):
-        key = (layer.model, layer.layer)
-        if key in seen and not layer.new:
-            repeated.append(index)
-        seen.add(key)
-    return repeated
+        if not layer.new:
+            by_source.setdefault((layer.model, layer.layer), []).append(index)
+    chosen = [indices[0 if copies == "all" else 1:] for indices in by_source.values() if len(indices) > 1]
+    return sorted(index for indices in chosen for index in indices)
 
 
 def floor_for(plan: LayerPlan, index: int) -> float:
@@ -102,12 +104,13 @@ def factors_for(plan: LayerPlan, layers: list[int], factor: float) -> dict[int, 
     return {index: max(factor, floor_for(plan, index)) for index in layers}
 
 
-def calibrate(model, plan: LayerPlan, ids, factors=DEFAULT_FACTORS, window: int = 512, on_factor=None) -> Calibration:
+def calibrate(model, plan: LayerPlan, ids, factors=DEFAULT_FACTORS, window: int = 512, on_factor=None,
+              copies: str = "later") -> Calibration:
     """Score each factor on the token stream `ids` (perplexity, non-overlapping windows),
     leave the best one applied to `model`, and say what was chosen."""
     from dus.compare.perplexity import evaluate_stream
 
-    layers = repeated_layers(plan)
+    layers = repeated_layers(plan, copies)
     if not layers:
         return Calibration([], 1.0, {}, {}, len(ids))
     bad = [f for f in factors if not 0 < f <= 1.0]

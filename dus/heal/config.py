@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "bias": "none",
     },
     "distill": {"teacher": "auto", "alpha": 1.0, "temperature": 1.0, "student": "lora"},
-    "calibrate": {"enabled": False, "text": "auto", "tokens": 2048, "window": 512,
+    "calibrate": {"enabled": False, "copies": "later", "text": "auto", "tokens": 2048, "window": 512,
                   "factors": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]},
     "quantization": {
         "load_in_4bit": True,
@@ -272,8 +272,10 @@ def _validate(raw: dict, source: str) -> None:
 
 
 def _validate_calibrate(section: dict, source: str) -> None:
-    from dus.heal.calibrate import MIN_FACTOR
+    from dus.heal.calibrate import COPIES, MIN_FACTOR
 
+    if section["copies"] not in COPIES:
+        raise DusError(f"{source}: calibrate.copies must be one of {', '.join(COPIES)}, got {section['copies']!r}")
     if not isinstance(section["enabled"], bool):
         raise DusError(f"{source}: calibrate.enabled must be true or false, got {section['enabled']!r}")
     for key in ("tokens", "window"):

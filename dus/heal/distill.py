@@ -25,30 +25,28 @@ from trl import SFTTrainer
 from dus.errors import DusError
 
 
-def teacher_path(model_dir: str | Path, manifest: dict | None, teacher: str | None) -> Path:
-    """The teacher: `--teacher`/`distill.teacher` if given, else the manifest's
-    `plan.config_from` source (the model whose layers were stacked)."""
+def teacher_path(model_dir: str | Path, manifest, teacher: str | None) -> Path:
+    """The teacher: `--teacher`/`distill.teacher` if given, else the plan's `config_from`
+    source (the model whose layers were stacked)."""
     if teacher and teacher != "auto":
         path = Path(teacher).expanduser()
         if not (path / "config.json").is_file():
             raise DusError(f"teacher {teacher}: not a model directory (no config.json)")
         return path
-    if manifest is None or "plan" not in manifest:
+    if manifest is None or manifest.plan is None:
         raise DusError(
             f"distill needs a teacher: {model_dir} has no dus-manifest.json naming its source; "
             "pass --teacher PATH (a model with the same tokenizer)"
         )
-    plan = manifest["plan"]
-    name = plan.get("config_from")
-    models = plan.get("models", {})
-    if name not in models:
-        raise DusError(f"dus-manifest.json: plan.config_from '{name}' is not in plan.models; pass --teacher PATH")
-    raw = Path(models[name]).expanduser()
+    plan = manifest.plan
+    if plan.config_from not in plan.models:
+        raise DusError(f"dus-manifest.json: plan.config_from '{plan.config_from}' is not in plan.models; pass --teacher PATH")
+    raw = Path(plan.models[plan.config_from]).expanduser()
     for candidate in (raw, Path(model_dir) / raw):
         if (candidate / "config.json").is_file():
             return candidate
     raise DusError(
-        f"teacher '{name}' from the manifest is not at {raw} any more; pass --teacher PATH to its directory"
+        f"teacher '{plan.config_from}' from the manifest is not at {raw} any more; pass --teacher PATH to its directory"
     )
 
 

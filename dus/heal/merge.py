@@ -61,16 +61,12 @@ def standalone_model(model, base_dir: Path | None = None, dtype=None):
     return model.merge_and_unload()
 
 
-def healed_manifest(source_manifest: dict | None, record: dict) -> dict:
+def healed_manifest(source_manifest, record: dict):
     """The source's build manifest (or a minimal one) with the heal record appended."""
-    from dus import __version__
+    from dus.manifest import Manifest
 
-    manifest = json.loads(json.dumps(source_manifest)) if source_manifest else {
-        "dus_version": __version__,
-        "note": "not built by dus build; this manifest records the healing only",
-    }
-    manifest.setdefault("history", []).append(record)
-    return manifest
+    base = source_manifest or Manifest(plan=None, note="not built by dus build; this manifest records the healing only")
+    return base.with_record(record)
 
 
 def _model_card(source_dir: Path, record: dict) -> str:
@@ -107,7 +103,7 @@ def write_healed_model(model, tokenizer, source_dir: Path, out_dir: Path, manife
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(source_dir, record))
-        (tmp / MANIFEST_NAME).write_text(json.dumps(healed_manifest(manifest, record), indent=2) + "\n")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(healed_manifest(manifest, record).to_dict(), indent=2) + "\n")
         for stale in LAST_FILES:
             (out_dir / stale).unlink(missing_ok=True)
         for pattern in WEIGHT_PATTERNS:

@@ -31,7 +31,7 @@ from dus.heal.targets import (
     find_layer_stack,
     manifest_new_layers,
 )
-from dus.plan import read_manifest
+from dus.manifest import Manifest, read_manifest
 
 RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
 CHECKPOINTS = "checkpoints"
@@ -140,7 +140,7 @@ def quantization_config(cfg: HealConfig):
     return BitsAndBytesConfig(**kwargs)
 
 
-def select_trainable(model, cfg: HealConfig, manifest: dict | None, notes: list[str]):
+def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, notes: list[str]):
     """Targets and PEFT config for LoRA modes; requires_grad flags for full/expand."""
     num_layers = model.config.get_text_config().num_hidden_layers
     trains = cfg.trains
@@ -190,10 +190,10 @@ class StepCounter(TrainerCallback):
         self.steps += 1
 
 
-def run_name(cfg: HealConfig, model_dir: Path, manifest: dict | None) -> str:
+def run_name(cfg: HealConfig, model_dir: Path, manifest: Manifest | None) -> str:
     if cfg.section("wandb")["name"]:
         return cfg.section("wandb")["name"]
-    recipe = (manifest or {}).get("recipe") or {}
+    recipe = (manifest.recipe if manifest else None) or {}
     base = recipe.get("name") if isinstance(recipe, dict) else None
     return f"heal-{base or model_dir.name}-{cfg.mode}"
 
@@ -226,7 +226,7 @@ def read_inputs(model_dir: Path, cfg: HealConfig) -> Inputs:
     return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
 
 
-def load_teacher(model_dir: Path, manifest: dict | None, cfg: HealConfig, teacher: str | None, dtype):
+def load_teacher(model_dir: Path, manifest: Manifest | None, cfg: HealConfig, teacher: str | None, dtype):
     from transformers import AutoModelForCausalLM
 
     from dus.heal.distill import teacher_path
@@ -270,8 +270,8 @@ def start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, run_nam
             "layers": targets.layers,
             "reason": targets.reason,
             "seams": targets.seams,
-            "plan": (manifest or {}).get("plan"),
-            "recipe": (manifest or {}).get("recipe"),
+            "plan": manifest.plan.to_dict() if manifest and manifest.plan else None,
+            "recipe": manifest.recipe if manifest else None,
             "data": inputs.train_data.describe(),
         }
     }
@@ -438,15 +438,13 @@ def heal(
     )
 
 
-def calibrate_model(model, manifest: dict | None, cfg: HealConfig, inputs: Inputs):
+def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: Inputs):
     """Scale the repeated layers' output projections by the factor that scores best on
     calibration text (dus.heal.calibrate), before training starts."""
     from dus.compare.text import read_text, tokenize_stream
     from dus.heal.calibrate import calibrate
-    from dus.plan import plan_from_manifest
-
     section = cfg.section("calibrate")
-    if manifest is None or "plan" not in manifest:
+    if manifest is None or manifest.plan is None:
         raise DusError("calibrate.enabled: calibration needs the build plan (dus-manifest.json) to find repeated "
                        "layers; this model has none: set calibrate.enabled=false")
     if section["text"] == "auto":
@@ -459,8 +457,8 @@ def calibrate_model(model, manifest: dict | None, cfg: HealConfig, inputs: Input
     ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
     say(f"  calibrating repeated layers on {len(ids)} tokens of "
         f"{inputs.train_data.source if section['text'] == 'auto' else section['text']}")
-    result = calibrate(model, plan_from_manifest(manifest), ids, section["factors"], section["window"],
-                       on_factor=lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}"))
+    result = calibrate(model, manifest.plan, ids, section["factors"], section["window"],
+                       on_factor=lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}"), copies=section["copies"])
     if result.layers:
         say(f"  calibration: output projections of layers {result.layers} scaled by {result.factor:g}")
     else:

@@ -93,33 +93,25 @@ def non_linear_weights(layer) -> list[str]:
     return [name for name, param in layer.named_parameters() if param.dim() >= 2 and name not in inside_linear]
 
 
-def manifest_seams(manifest: dict | None, num_layers: int) -> list[int] | None:
-    """The seams recorded by `dus build`, checked against the model actually loaded."""
-    if manifest is None:
+def manifest_seams(manifest, num_layers: int) -> list[int] | None:
+    """The seams of the build plan, checked against the model actually loaded; None
+    without a manifest (or for a model dus healed but did not build)."""
+    if manifest is None or manifest.plan is None:
         return None
-    built_layers = manifest.get("num_layers") or manifest.get("plan", {}).get("num_layers")
-    if built_layers is not None and int(built_layers) != num_layers:
+    if manifest.num_layers != num_layers:
         raise DusError(
-            f"dus-manifest.json describes {built_layers} layers but the model has {num_layers}; "
+            f"dus-manifest.json describes {manifest.num_layers} layers but the model has {num_layers}; "
             "the manifest belongs to another model; remove it or rebuild with dus build"
         )
-    seams = manifest.get("seams")
-    if seams is None:
-        seams = manifest.get("plan", {}).get("seams", [])
-    return [int(s) for s in seams]
+    return manifest.seams
 
 
-def manifest_new_layers(manifest: dict | None) -> list[int]:
-    if manifest is None:
-        return []
-    plan = manifest.get("plan") or {}
-    if "new_layers" in plan:
-        return [int(i) for i in plan["new_layers"]]
-    return [int(layer["index"]) for layer in plan.get("layers", []) if layer.get("new")]
+def manifest_new_layers(manifest) -> list[int]:
+    return manifest.new_layers if manifest is not None else []
 
 
 def choose_layers(
-    num_layers: int, manifest: dict | None, radius: int, explicit: list[int] | str = "auto"
+    num_layers: int, manifest, radius: int, explicit: list[int] | str = "auto"
 ) -> HealTargets:
     """The layers to heal: explicit ones, else those within `radius` of the manifest's
     seams, else (no manifest, or no seams) every layer, with a warning."""
