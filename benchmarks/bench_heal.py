@@ -158,7 +158,7 @@ def heldout_ids(model_dir: str, path: str, tokens: int):
 
 
 def perplexity(model, ids, window: int) -> float:
-    from dus.compare.perplexity import evaluate_stream
+    from dus.measure.perplexity import evaluate_stream
 
     was_training = model.training
     model.eval()

@@ -98,15 +98,15 @@ def eval_texts(spec: str | None) -> dict[str, str]:
 
 
 def token_streams(model_dir: str, texts: dict[str, str], tokens: int) -> dict:
-    from dus.compare.loading import load_tokenizer
-    from dus.compare.text import read_text, tokenize_stream
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = ModelDir(model_dir).tokenizer()
     return {name: tokenize_stream(tokenizer, read_text(path), tokens) for name, path in texts.items()}
 
 
 def perplexities(model, streams: dict, window: int) -> dict[str, float]:
-    from dus.compare.perplexity import evaluate_stream
+    from dus.measure.perplexity import evaluate_stream
 
     was_training = model.training
     model.eval()
@@ -189,15 +189,15 @@ def child_no_training(spec: dict, cfg, streams) -> dict:
 
     from dus.heal.data import load_data
     from dus.heal.run import Inputs, calibrate_model, load_model
-    from dus.compare.loading import load_tokenizer
-    from dus.manifest import read_manifest
+    from dus.checkpoint import ModelDir
 
     started = time.perf_counter()
     data = load_data(cfg.section("data")["path"], "auto")
-    inputs = Inputs(load_tokenizer(spec["model"]), data, None, None, None, False, [])
-    model = load_model(Path(spec["model"]), cfg, use_cpu=True)
+    model_dir = ModelDir(spec["model"])
+    inputs = Inputs(model_dir.tokenizer(), data, None, None, None, False, [])
+    model = load_model(model_dir, cfg, use_cpu=True)
     with torch.no_grad():
-        calibration = calibrate_model(model, read_manifest(spec["model"]), cfg, inputs)
+        calibration = calibrate_model(model, model_dir.manifest, cfg, inputs)
     seconds = time.perf_counter() - started
     scores = perplexities(model, streams, spec["window"])
     print(f"[{spec['name']}] calibrated x{calibration.factor:g}: {scores}", flush=True)

@@ -7,12 +7,12 @@ something at the output path that looks like a valid checkpoint.
 
 from __future__ import annotations
 
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
 from dus.hashing import sha256_file
@@ -29,7 +29,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-TEMP_MARKER = ".dus-tmp-"
 
 
 @dataclass
@@ -62,20 +61,9 @@ def build_model(
     except ValueError as error:
         raise DusError(str(error)) from None
     output = Path(output)
-    if output.exists() and not force:
-        raise DusError(f"{output} already exists; choose another -o, or add --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
-    temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    try:
+    sources_read = [source.path for source in sources.values()]
+    with atomic_directory(output, replace_only_dus_outputs(force, sources_read)) as temporary:
         manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress)
-        _move_into_place(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return BuildResult(plan=plan, output=output, warnings=resolved.warnings, manifest=manifest, bytes_written=written)
 
 
@@ -151,34 +139,6 @@ def _copy_tokenizer(source: Path, directory: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, directory / name)
-
-
-def _move_into_place(temporary: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.parent / f".{output.name}.dus-old-{os.getpid()}"
-        output.rename(retired)
-        temporary.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        temporary.rename(output)
-
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Temporaries of builds that were killed (their process is gone) are removed."""
-    for candidate in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
-        pid_text = candidate.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _progress:

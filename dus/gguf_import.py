@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dus import __version__
+from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.errors import DusError
 from dus.hashing import sha256_file
 
@@ -142,36 +143,6 @@ def check_gguf(path: str | Path) -> dict:
 # Writing the checkpoint.
 
 
-def _prepare_output(output: Path, force: bool) -> Path:
-    """Refuse to overwrite unless forced, and never replace a directory that is not a model;
-    returns the temporary directory (beside the output) to write into."""
-    if output.exists():
-        if not force:
-            raise DusError(f"{output} already exists; choose another -o or pass --force to replace it")
-        if output.is_dir() and any(output.iterdir()) and not (
-            (output / "config.json").exists() or (output / IMPORT_RECORD).exists()
-        ):
-            raise DusError(f"{output} is a non-empty directory that is not a model; refusing to replace it even with --force")
-        if output.is_file():
-            raise DusError(f"{output} is a file, not a directory; choose another -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.parent / f".{output.name}.importing-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    return temporary
-
-
-def _replace(temporary: Path, output: Path) -> None:
-    if output.exists():
-        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
-        output.rename(old)
-        temporary.rename(output)
-        shutil.rmtree(old)
-    else:
-        temporary.rename(output)
-
-
 def _dense_load_kwargs() -> dict:
     """Ask transformers for plain dense weights (GgufConfig exists from 5.x on); without it a
     newer transformers may try to fetch a matmul kernel and keep the weights packed."""
@@ -275,8 +246,7 @@ def import_gguf(
     if dtype not in DTYPES:
         raise DusError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     metadata = check_gguf(gguf_path)
-    temporary = _prepare_output(output, force)
-    try:
+    with atomic_directory(output, replace_only_dus_outputs(force, [gguf_path.parent])) as temporary:
         model, tokenizer = _load(gguf_path, dtype)
         context = metadata.get(f"{metadata['general.architecture']}.context_length")
         if isinstance(context, int):
@@ -310,10 +280,6 @@ def import_gguf(
         leftovers = [p.name for p in temporary.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
         if leftovers:
             raise DusError(f"refusing to write pickled files {leftovers}; this is a bug in dus import")
-        _replace(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return output
 
 

@@ -9,6 +9,7 @@
 # (see README: "Longer run on a GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/python-env.sh
 RUN=${DUS_RUN:-runs/demo}
 HEAL_STEPS=${HEAL_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}

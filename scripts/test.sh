@@ -3,6 +3,7 @@
 # skipped; add --run-slow to include them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/python-env.sh
 bash scripts/install.sh
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q -p no:cacheprovider "$@"

@@ -39,13 +39,14 @@ def prompts(tmp_path):
 def _load(path, dtype="float32"):
     import torch
 
-    from dus.compare.loading import load_model, load_tokenizer
+    from dus.checkpoint import ModelDir
 
-    return load_model(path, getattr(torch, dtype), torch.device("cpu")), load_tokenizer(path)
+    model = ModelDir(path)
+    return model.load_model(getattr(torch, dtype), torch.device("cpu")).eval(), model.tokenizer()
 
 
 def _ids(tokenizer, text=TEXT):
-    from dus.compare.text import tokenize_stream
+    from dus.measure.text import tokenize_stream
 
     return tokenize_stream(tokenizer, text)
 
@@ -72,7 +73,7 @@ def with_manifest(source, target, seams, new_layers=()):
 
 @pytest.mark.parametrize("num_tokens,window,stride", [(2, 2, 1), (10, 4, 4), (37, 8, 3), (100, 16, 16), (50, 64, 32)])
 def test_windows_score_every_token_after_the_first_exactly_once(num_tokens, window, stride):
-    from dus.compare.perplexity import sliding_windows
+    from dus.measure.perplexity import sliding_windows
 
     windows = sliding_windows(num_tokens, window, stride)
     scored = [t for w in windows for t in range(w.first, w.end)]
@@ -85,7 +86,7 @@ def test_windows_score_every_token_after_the_first_exactly_once(num_tokens, wind
 
 
 def test_bad_window_settings_are_refused():
-    from dus.compare.perplexity import sliding_windows
+    from dus.measure.perplexity import sliding_windows
     from dus.errors import DusError
 
     with pytest.raises(DusError, match="--stride"):
@@ -100,7 +101,7 @@ def test_perplexity_equals_direct_computation(tiny_models):
     import torch
     import torch.nn.functional as F
 
-    from dus.compare.perplexity import evaluate_stream
+    from dus.measure.perplexity import evaluate_stream
 
     model, tokenizer = _load(tiny_models("llama", 4))
     ids = _ids(tokenizer)
@@ -142,7 +143,7 @@ def test_perplexity_equals_direct_computation(tiny_models):
 def test_layer_states_are_the_inputs_of_each_layer_and_the_last_is_before_the_final_norm(tiny_models):
     import torch
 
-    from dus.compare.layerwise import capture_layer_states
+    from dus.measure.layerwise import capture_layer_states
     from dus.tiny import ARCHITECTURES
 
     for arch in ARCHITECTURES:
@@ -268,7 +269,7 @@ def test_bad_inputs_are_one_line_errors(tiny_models, tmp_path, heldout, run_cli)
 
 
 def test_text_formats(tmp_path):
-    from dus.compare.text import read_text
+    from dus.measure.text import read_text
     from dus.errors import DusError
 
     jsonl = tmp_path / "a.jsonl"

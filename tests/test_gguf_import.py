@@ -198,7 +198,7 @@ def test_force_never_replaces_a_directory_that_is_not_a_model(tiny_gguf, tmp_pat
     precious.mkdir()
     (precious / "todo.txt").write_text("keep me")
     result = run_cli("import", path, "-o", precious, "--force")
-    assert result.code == 2 and "not a model" in result.stderr
+    assert result.code == 2 and "not written by dus" in result.stderr
     assert (precious / "todo.txt").read_text() == "keep me"
 
 

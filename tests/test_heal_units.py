@@ -218,8 +218,23 @@ def test_detect_format_prefers_messages():
 
 # --- seam targets ---------------------------------------------------------------------
 
+def manifest_with_seams(num_layers: int, seams: list[int]):
+    """A typed manifest whose plan has seams exactly at `seams`."""
+    from dus.manifest import Manifest
+    from dus.plan import LayerPlan, NonLayerSource, OutputLayer
+
+    layers, source_layer = [], 0
+    for index in range(num_layers):
+        source_layer -= index in seams  # a seam: not the successor of the layer before
+        layers.append(OutputLayer("m", source_layer + 10))
+        source_layer += 1
+    plan = LayerPlan({"m": "m"}, layers, NonLayerSource("m"), NonLayerSource("m"), "m", "m")
+    assert plan.seams == seams
+    return Manifest(plan)
+
+
 def test_layers_around_seams_and_fallbacks():
-    manifest = {"num_layers": 12, "seams": [4, 9]}
+    manifest = manifest_with_seams(12, [4, 9])
     targets = choose_layers(12, manifest, radius=1)
     assert targets.layers == [3, 4, 8, 9] and targets.seams == [4, 9] and not targets.warnings
     assert choose_layers(12, manifest, radius=2).layers == [2, 3, 4, 5, 7, 8, 9, 10]

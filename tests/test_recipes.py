@@ -70,7 +70,7 @@ def test_expand_preserves_the_base_function(arch, tiny_models, tmp_path):
     )
     assert torch.equal(logits(built, ids), logits(load(source_dir), ids))
     manifest = json.loads((tmp_path / "out" / "dus-manifest.json").read_text())
-    assert manifest["new_layers"] == [3, 7]
+    assert manifest["plan"]["new_layers"] == [3, 7]
 
 
 def test_expand_at_positions_zeroes_only_output_projections(tiny_models, tmp_path):

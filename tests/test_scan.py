@@ -133,9 +133,9 @@ def test_rank_builds_candidates_and_scores_them_like_a_direct_build(identity_mod
     import torch
 
     from dus.build import build_model
-    from dus.compare.loading import load_model, load_tokenizer
-    from dus.compare.perplexity import evaluate_stream
-    from dus.compare.text import tokenize_stream
+    from dus.checkpoint import ModelDir
+    from dus.measure.perplexity import evaluate_stream
+    from dus.measure.text import tokenize_stream
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -152,8 +152,8 @@ def test_rank_builds_candidates_and_scores_them_like_a_direct_build(identity_mod
 
     solar = next(entry for entry in ranked if entry["name"] == "solar-trim2")
     built = build_model({"solar": {"model": str(identity_model), "trim": 2}}, tmp_path / "solar")
-    model = load_model(built.output, torch.float32, torch.device("cpu"))
-    ids = tokenize_stream(load_tokenizer(built.output), TEXT, 500)
+    model = ModelDir(built.output).load_model(torch.float32, torch.device("cpu")).eval()
+    ids = tokenize_stream(ModelDir(built.output).tokenizer(), TEXT, 500)
     direct = evaluate_stream(model, ids, 128, 128)
     assert solar["tokens_scored"] == direct.tokens
     assert solar["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dus.compare.text import jsonl_strings
+from dus.measure.text import jsonl_strings
 from dus.errors import DusError
 
 

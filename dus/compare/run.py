@@ -100,10 +100,8 @@ def model_labels(model_dirs: list[Path], labels: list[str]) -> list[str]:
     return [f"{i}:{name}" for i, name in enumerate(names)]
 
 
-def choose_window(model_dirs: list[Path], window: int | None, stride: int | None) -> tuple[int, int]:
-    from dus.compare.loading import max_positions_of
-
-    limits = [(limit, path) for path in model_dirs if (limit := max_positions_of(path))]
+def choose_window(models: list, window: int | None, stride: int | None) -> tuple[int, int]:
+    limits = [(limit, model.path) for model in models if (limit := model.max_positions)]
     smallest = min(limits) if limits else None
     if window is None:
         window = min(DEFAULT_WINDOW, smallest[0]) if smallest else DEFAULT_WINDOW
@@ -114,11 +112,9 @@ def choose_window(model_dirs: list[Path], window: int | None, stride: int | None
     return window, stride
 
 
-def seams_of(model_dir: Path) -> tuple[list[int], list[int], dict | None]:
+def seams_of(model) -> tuple[list[int], list[int], dict | None]:
     """(seams, new layers, short build info) from the dus manifest, or empty for other models."""
-    from dus.manifest import read_manifest
-
-    manifest = read_manifest(model_dir)
+    manifest = model.manifest
     if manifest is None:
         return [], [], None
     built = {"recipe_kind": manifest.plan.recipe_kind if manifest.plan else None,
@@ -150,14 +146,15 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     from dus import __version__
     from dus.compare import lm_eval_hook
     from dus.compare.generate import generations_to_dicts, load_prompts
-    from dus.compare.loading import check_model_dir, check_same_tokenizer, load_tokenizer, num_layers_of, resolve_device
-    from dus.compare.text import read_text
+    from dus.checkpoint import ModelDir, resolve_device
+    from dus.measure.tokenizers import check_same_tokenizer
+    from dus.measure.text import read_text
 
     console = console or Console(stderr=True)
     if not model_dirs:
         raise DusError("no models given; pass one or more model directories")
-    model_dirs = [check_model_dir(path) for path in model_dirs]
-    labels = model_labels(model_dirs, options.labels)
+    model_dirs = [ModelDir(path) for path in model_dirs]
+    labels = model_labels([model.path for model in model_dirs], options.labels)
     data_paths = [Path(p) for p in (options.data if isinstance(options.data, list) else [options.data])]
     texts = dict(zip(domain_names(data_paths), (read_text(path) for path in data_paths)))
     window, stride = choose_window(model_dirs, options.window, options.stride)
@@ -169,7 +166,7 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         generate = False
     prompts = load_prompts(prompts_path) if generate else []
 
-    tokenizers = {label: load_tokenizer(path) for label, path in zip(labels, model_dirs)}
+    tokenizers = {label: model.tokenizer() for label, model in zip(labels, model_dirs)}
     if options.perplexity:
         check_same_tokenizer(tokenizers)
     if options.tasks and not lm_eval_hook.available():
@@ -197,12 +194,12 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         if options.tasks:
             started = time.perf_counter()
             with console.status(f"lm-eval {','.join(options.tasks)} on {label}"):
-                measured["lm_eval"] = lm_eval_hook.run_tasks(str(path), options.tasks, str(device), options.dtype, options.task_limit)
+                measured["lm_eval"] = lm_eval_hook.run_tasks(str(path.path), options.tasks, str(device), options.dtype, options.task_limit)
             measured["seconds"]["lm_eval"] = time.perf_counter() - started
             if measured["lm_eval"]["status"] not in ("ok", "not-installed"):
                 console.print(f"[yellow]{label}:[/] {measured['lm_eval']['message']}")
-        if measured["num_layers"] != num_layers_of(path):
-            raise DusError(f"{path}: measured {measured['num_layers']} layers but config.json says {num_layers_of(path)}")
+        if measured["num_layers"] != path.num_layers:
+            raise DusError(f"{path.path}: measured {measured['num_layers']} layers but config.json says {path.num_layers}")
         metrics["models"].append(measured)
     if options.tasks:
         statuses = {model["lm_eval"]["status"] for model in metrics["models"]}
@@ -224,10 +221,10 @@ def measure_model(label, path, texts, tokenizer, prompts, window, stride, option
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from dus.compare.generate import generate_greedy
-    from dus.compare.layerwise import LayerStats
-    from dus.compare.loading import free, load_model, resolve_dtype
-    from dus.compare.perplexity import PerplexityResult, count_windows, evaluate_stream
-    from dus.compare.text import tokenize_stream
+    from dus.measure.layerwise import LayerStats
+    from dus.checkpoint import free, resolve_dtype
+    from dus.measure.perplexity import PerplexityResult, count_windows, evaluate_stream
+    from dus.measure.text import tokenize_stream
 
     dtype = resolve_dtype(options.dtype, path, device)
     streams = {name: tokenize_stream(tokenizer, text, options.max_tokens) for name, text in texts.items()}
@@ -235,7 +232,7 @@ def measure_model(label, path, texts, tokenizer, prompts, window, stride, option
     seconds = {}
     started = time.perf_counter()
     with console.status(f"loading {label} ({dtype}, {device})"):
-        model = load_model(path, dtype, device)
+        model = path.load_model(dtype, device, quiet=True).eval()
     seconds["load"] = time.perf_counter() - started
     stats = LayerStats(max_skip=1)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -254,7 +251,7 @@ def measure_model(label, path, texts, tokenizer, prompts, window, stride, option
             seconds["generate"] = time.perf_counter() - started
     measured = {
         "label": label,
-        "path": str(path),
+        "path": str(path.path),
         "architecture": (model.config.architectures or [type(model).__name__])[0],
         "num_layers": stats.num_layers,
         "dtype": str(dtype).removeprefix("torch."),

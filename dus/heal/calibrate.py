@@ -108,7 +108,7 @@ def calibrate(model, plan: LayerPlan, ids, factors=DEFAULT_FACTORS, window: int 
               copies: str = "later") -> Calibration:
     """Score each factor on the token stream `ids` (perplexity, non-overlapping windows),
     leave the best one applied to `model`, and say what was chosen."""
-    from dus.compare.perplexity import evaluate_stream
+    from dus.measure.perplexity import evaluate_stream
 
     layers = repeated_layers(plan, copies)
     if not layers:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from dus.compare.loading import load_tokenizer
+from dus.checkpoint import ModelDir, accelerator_type, read_json
 from dus.errors import DusError
 from dus.heal.config import HealConfig, build_lora_config, build_sft_config
 from dus.heal.data import LoadedData, load_data
@@ -31,7 +31,7 @@ from dus.heal.targets import (
     find_layer_stack,
     manifest_new_layers,
 )
-from dus.manifest import Manifest, read_manifest
+from dus.manifest import Manifest
 
 RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
 CHECKPOINTS = "checkpoints"
@@ -60,35 +60,12 @@ def say(message: str) -> None:
         Console(stderr=True, highlight=False, soft_wrap=True).print(message)
 
 
-def accelerator_available() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or (mps is not None and mps.is_available())
-    )
-
-
-def check_model_dir(model_dir: Path) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise DusError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    if not any(model_dir.glob("*.safetensors")):
-        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
-            raise DusError(
-                f"{model_dir}: weights are pickled (.bin/.pt), which dus does not load; "
-                "convert them to safetensors first"
-            )
-        raise DusError(f"{model_dir}: no .safetensors weights")
-
-
 def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dict | None:
     """Check OUT before anything runs; returns the previous run's marker when resuming."""
     if out.resolve() == model_dir.resolve():
         raise DusError(f"-o {out} is the input model directory; write the healed model elsewhere")
     marker = out / RUN_MARKER
-    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
     if resume:
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -107,20 +84,16 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dic
     return None
 
 
-def load_model(model_dir: Path, cfg: HealConfig, use_cpu: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def load_model(model_dir: ModelDir, cfg: HealConfig, use_cpu: bool):
+    """The student, with `sft.model_init_kwargs`; float32 on a CPU, the checkpoint's dtype elsewhere."""
     kwargs = dict(cfg.section("sft").get("model_init_kwargs") or {})
-    kwargs.setdefault("dtype", "float32" if use_cpu else "auto")
-    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     if kwargs.pop("trust_remote_code", False):
         raise DusError("sft.model_init_kwargs.trust_remote_code: dus never runs a model's remote code")
+    dtype = kwargs.pop("dtype", "float32" if use_cpu else "auto")
     if cfg.mode == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg)
         kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, **kwargs)
+    return model_dir.load_model(dtype, **kwargs)
 
 
 def quantization_config(cfg: HealConfig):
@@ -211,9 +184,9 @@ class Inputs:
     notes: list[str]
 
 
-def read_inputs(model_dir: Path, cfg: HealConfig) -> Inputs:
+def read_inputs(model_dir: ModelDir, cfg: HealConfig) -> Inputs:
     """Tokenizer and data first: they decide assistant_only_loss before TRL sees it."""
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = model_dir.tokenizer()
     data_cfg, wanted = cfg.section("data"), bool(cfg.section("sft").get("assistant_only_loss", False))
     notes: list[str] = []
     train_data = load_data(data_cfg["path"], data_cfg["format"], data_cfg["split"], data_cfg["max_samples"])
@@ -226,14 +199,11 @@ def read_inputs(model_dir: Path, cfg: HealConfig) -> Inputs:
     return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
 
 
-def load_teacher(model_dir: Path, manifest: Manifest | None, cfg: HealConfig, teacher: str | None, dtype):
-    from transformers import AutoModelForCausalLM
-
+def load_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None, dtype):
     from dus.heal.distill import teacher_path
 
-    teacher_dir = teacher_path(model_dir, manifest, teacher or cfg.section("distill")["teacher"])
-    check_model_dir(teacher_dir)
-    return teacher_dir, AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype, use_safetensors=True)
+    teacher_dir = teacher_path(model_dir.path, model_dir.manifest, teacher or cfg.section("distill")["teacher"])
+    return teacher_dir, ModelDir(teacher_dir).load_model(dtype)
 
 
 def announce(model_dir, out, cfg, inputs: Inputs, targets, peft_config, teacher_dir, args) -> None:
@@ -333,11 +303,10 @@ def heal(
     from accelerate.utils import gather_object
     from transformers.trainer_utils import get_last_checkpoint
 
-    model_dir, out = Path(model_dir), Path(output)
-    check_model_dir(model_dir)
-    manifest = read_manifest(model_dir)
-    previous = prepare_output(out, model_dir, resume, force)
-    use_cpu = not accelerator_available()
+    model_dir, out = ModelDir(model_dir), Path(output)
+    manifest = model_dir.manifest
+    previous = prepare_output(out, model_dir.path, resume, force)
+    use_cpu = accelerator_type() is None
     if cfg.mode == "qlora":
         quantization_config(cfg)  # fail before the data is read
     inputs = read_inputs(model_dir, cfg)
@@ -351,14 +320,14 @@ def heal(
     state = args.distributed_state
 
     model = load_model(model_dir, cfg, use_cpu)
-    saved_dtype = _checkpoint_dtype(model_dir) or str(model.dtype).replace("torch.", "")
+    saved_dtype = model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
     calibration = calibrate_model(model, manifest, cfg, inputs) if cfg.section("calibrate")["enabled"] else None
     targets, peft_config = select_trainable(model, cfg, manifest, inputs.notes)
     if cfg.trains in ("expand", "band") and args.gradient_checkpointing:
         model.enable_input_require_grads()
     teacher_dir, teacher_model = None, None
     if cfg.mode == "distill":
-        teacher_dir, teacher_model = load_teacher(model_dir, manifest, cfg, teacher, model.dtype)
+        teacher_dir, teacher_model = load_teacher(model_dir, cfg, teacher, model.dtype)
     announce(model_dir, out, cfg, inputs, targets, peft_config, teacher_dir, args)
 
     # Everything checked, on every rank (the barrier keeps a slow rank's check of OUT from
@@ -419,7 +388,7 @@ def heal(
             tokenizer.save_pretrained(str(trained_dir))
         if cfg.merge or peft_config is None:
             final = reload_trained(model_dir, trained_dir, peft_config is not None) if sharded else unwrapped
-            write_healed_model(final, tokenizer, model_dir, out, manifest, record, dtype=saved_dtype)
+            write_healed_model(final, tokenizer, model_dir.path, out, manifest, record, dtype=saved_dtype)
             if trained_dir.name == ".trained":
                 shutil.rmtree(trained_dir, ignore_errors=True)
             say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
@@ -441,7 +410,7 @@ def heal(
 def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: Inputs):
     """Scale the repeated layers' output projections by the factor that scores best on
     calibration text (dus.heal.calibrate), before training starts."""
-    from dus.compare.text import read_text, tokenize_stream
+    from dus.measure.text import read_text, tokenize_stream
     from dus.heal.calibrate import calibrate
     section = cfg.section("calibrate")
     if manifest is None or manifest.plan is None:
@@ -466,24 +435,13 @@ def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: I
     return result
 
 
-def reload_trained(model_dir: Path, trained_dir: Path, is_adapter: bool):
+def reload_trained(model_dir: ModelDir, trained_dir: Path, is_adapter: bool):
     """The trained model rebuilt from the files the Trainer gathered (sharded runs)."""
-    from transformers import AutoModelForCausalLM
-
     if not is_adapter:
-        return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype="auto", use_safetensors=True)
+        return ModelDir(trained_dir).load_model("auto")
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", use_safetensors=True)
-    return PeftModel.from_pretrained(base, str(trained_dir))
-
-
-def _checkpoint_dtype(model_dir: Path) -> str | None:
-    """The dtype the source checkpoint was saved in (config `dtype`/`torch_dtype`), which
-    the healed model keeps even though CPU training runs in float32."""
-    config = json.loads((model_dir / "config.json").read_text())
-    value = config.get("dtype") or config.get("torch_dtype")
-    return value if isinstance(value, str) and value != "auto" else None
+    return PeftModel.from_pretrained(model_dir.load_model("auto"), str(trained_dir))
 
 
 __all__ = ["heal", "HealResult"]

@@ -32,12 +32,12 @@ class ScanMeasurement:
 def measure_model(model_dir: str | Path, ids, window: int, dtype, device, progress=None) -> ScanMeasurement:
     """Distances for every block size n at once: all states of a window are at hand,
     so the n = 1 .. L products cost little next to the forward pass."""
-    from dus.compare.layerwise import LayerStats
-    from dus.compare.loading import free, load_model
-    from dus.compare.perplexity import count_windows, evaluate_stream
+    from dus.measure.layerwise import LayerStats
+    from dus.checkpoint import ModelDir, free
+    from dus.measure.perplexity import count_windows, evaluate_stream
 
     started = time.perf_counter()
-    model = load_model(model_dir, dtype, device)
+    model = ModelDir(model_dir).load_model(dtype, device, quiet=True).eval()
     stats = LayerStats(max_skip=None)
     advance = None
     if progress is not None:

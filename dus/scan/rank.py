@@ -15,8 +15,8 @@ def rank_candidates(model_dir: str | Path, candidates: list[Candidate], num_laye
     """Build each candidate into a temporary directory (one at a time, deleted after
     measuring), score it, and return the results best first."""
     from dus.build import build_model
-    from dus.compare.loading import free, load_model
-    from dus.compare.perplexity import count_windows, evaluate_stream
+    from dus.checkpoint import ModelDir, free
+    from dus.measure.perplexity import count_windows, evaluate_stream
 
     model = str(Path(model_dir).resolve())
     task = None
@@ -28,7 +28,7 @@ def rank_candidates(model_dir: str | Path, candidates: list[Candidate], num_laye
             started = time.perf_counter()
             target = Path(tmp) / candidate.name
             build_model(candidate.recipe(model, num_layers), target)
-            built = load_model(target, dtype, device)
+            built = ModelDir(target).load_model(dtype, device, quiet=True).eval()
             advance = (lambda: progress.advance(task)) if progress is not None else None
             scored = evaluate_stream(built, ids, window, window, on_window=advance)
             free(built)

@@ -30,24 +30,25 @@ def scan(model_dir: str | Path, options: ScanOptions, console=None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from dus.compare.loading import check_model_dir, load_tokenizer, num_layers_of, resolve_device, resolve_dtype
+    from dus.checkpoint import ModelDir, resolve_device, resolve_dtype
     from dus.compare.run import choose_window
-    from dus.compare.text import read_text, tokenize_stream
+    from dus.measure.text import read_text, tokenize_stream
     from dus.errors import DusError
     from dus.scan.measure import measure_model
     from dus.scan.propose import block_sizes, propose, rank_pool, write_recipes
 
     console = console or Console(stderr=True)  # progress and notes
     results = Console()  # tables on stdout
-    model_dir = check_model_dir(model_dir)
+    model = ModelDir(model_dir)
+    model_dir = model.path
     if options.rank < 0 or options.top < 1:
         raise DusError("--rank must be >= 0 and --top >= 1")
-    block_sizes(num_layers_of(model_dir), options.trim, options.duplicate, options.prune, str(model_dir))
+    block_sizes(model.num_layers, options.trim, options.duplicate, options.prune, str(model_dir))
     text = read_text(options.data)
-    window, _ = choose_window([model_dir], options.window, None)
+    window, _ = choose_window([model], options.window, None)
     device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, model_dir, device)
-    ids = tokenize_stream(load_tokenizer(model_dir), text, options.max_tokens)
+    dtype = resolve_dtype(options.dtype, model, device)
+    ids = tokenize_stream(model.tokenizer(), text, options.max_tokens)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         measurement = measure_model(model_dir, ids, window, dtype, device, progress)

@@ -68,7 +68,7 @@ def evaluate_stream(model, ids, window: int, stride: int, stats=None, score: boo
     import torch
     import torch.nn.functional as F
 
-    from dus.compare.layerwise import capture_layer_states
+    from dus.measure.layerwise import capture_layer_states
 
     device = next(model.parameters()).device
     nll_sum, scored = 0.0, 0

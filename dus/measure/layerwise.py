@@ -14,7 +14,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-from dus.compare.loading import decoder_layers
+from dus.errors import DusError
+
+
+def decoder_layers(model):
+    """The list of decoder blocks (`<prefix>.layers`), found without a per-family table."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise DusError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers); this architecture is not supported")
+    return layers
 
 
 @contextmanager
