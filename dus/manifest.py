@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from dus import __version__
+from dus.checkpoint import read_json
 from dus.errors import DusError
 from dus.plan import MANIFEST_NAME, LayerPlan, OutputLayer
 
@@ -108,16 +109,6 @@ class Manifest:
             dus_version=data.get("dus_version", "?"),
             note=data.get("note"),
         )
-
-
-def read_json(path: Path, what: str, fix: str):
-    """A JSON file dus reads, or one line naming the file, what is wrong and `fix`."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DusError(f"{path}: {what} is not UTF-8 text; {fix}") from None
-    except json.JSONDecodeError as error:
-        raise DusError(f"{path}: {what} is not valid JSON ({error.msg} at line {error.lineno}); {fix}") from None
 
 
 def read_manifest(model_dir: str | Path) -> Manifest | None:
