@@ -28,6 +28,8 @@ DTYPE_ALIASES = {
 }
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
+from dus.errors import DusError
+
 COPY_CHUNK = 1 << 30  # copy_file_range moves at most this much per call
 
 
@@ -93,26 +95,30 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
     return struct.pack("<Q", len(body)) + body
 
 
-def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
-    """Copy `length` bytes between files at explicit offsets, in the kernel when it can."""
-    try:
-        while length > 0:
-            moved = os.copy_file_range(src_fd, dst_fd, min(length, COPY_CHUNK), src_offset, dst_offset)
-            if moved == 0:
-                raise OSError("copy_file_range made no progress")
-            src_offset += moved
-            dst_offset += moved
-            length -= moved
-    except OSError:
-        # Kernels or filesystems without copy_file_range (or across some mounts): plain pread/pwrite.
-        while length > 0:
-            chunk = os.pread(src_fd, min(length, 64 << 20), src_offset)
-            if not chunk:
-                raise
-            os.pwrite(dst_fd, chunk, dst_offset)
-            src_offset += len(chunk)
-            dst_offset += len(chunk)
-            length -= len(chunk)
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, what: str = "a source file") -> None:
+    """Copy `length` bytes between files at explicit offsets: in the kernel where
+    `os.copy_file_range` exists and the filesystems allow it, else through a buffer (the
+    same bytes either way). A source that ends early is truncated: one clear error."""
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
+    while length > 0 and kernel_copy is not None:
+        try:
+            moved = kernel_copy(src_fd, dst_fd, min(length, COPY_CHUNK), src_offset, dst_offset)
+        except OSError:
+            break  # not supported by this kernel or filesystem pair: finish through user space
+        if moved == 0:
+            raise DusError(f"{what} is shorter than its safetensors header says (truncated?); re-download or re-save it")
+        src_offset += moved
+        dst_offset += moved
+        length -= moved
+    while length > 0:
+        chunk = memoryview(os.pread(src_fd, min(length, 64 << 20), src_offset))
+        if not chunk:
+            raise DusError(f"{what} is shorter than its safetensors header says (truncated?); re-download or re-save it")
+        src_offset += len(chunk)
+        length -= len(chunk)
+        while chunk:
+            written = os.pwrite(dst_fd, chunk, dst_offset)
+            chunk, dst_offset = chunk[written:], dst_offset + written
 
 
 def read_tensor(info: TensorInfo):

@@ -14,11 +14,10 @@ from functools import cached_property
 from pathlib import Path
 
 from dus.architectures import Adapter, adapter_for
+from dus.checkpoint import INDEX_NAME, SINGLE_NAME, read_json
 from dus.errors import DusError
 from dus.safetensors_io import TensorInfo, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Config fields whose disagreement makes two models' layers incompatible.
 SHAPE_FIELDS = (
     "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -83,10 +82,9 @@ def load_source(name: str, path_text: str, base_dir: Path | None = None) -> Sour
     config_path = path / "config.json"
     if not config_path.is_file():
         raise DusError(f"model {name!r}: {path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DusError(f"model {name!r}: {config_path} is not valid JSON ({error})") from None
+    config = read_json(config_path, f"the config of model {name!r}", "re-download the model or re-save it with save_pretrained")
+    if not isinstance(config, dict):
+        raise DusError(f"{config_path}: the config of model {name!r} is not a JSON object; re-download or re-save the model")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise DusError(
@@ -111,7 +109,10 @@ def load_source(name: str, path_text: str, base_dir: Path | None = None) -> Sour
 def _weight_files(name: str, path: Path) -> list[Path]:
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        index_data = read_json(index, "the shard index", "re-download the model or re-save it with save_pretrained")
+        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise DusError(f"{index}: the shard index has no weight_map; re-download the model or re-save it with save_pretrained")
         files = sorted({path / file for file in weight_map.values()})
         missing = [str(file.name) for file in files if not file.is_file()]
         if missing:

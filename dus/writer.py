@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dus.checkpoint import INDEX_NAME
 from dus.plan import Blend, LayerPlan, NonLayerSource, scale_for
 from dus.safetensors_io import (
     DTYPE_ALIASES,
@@ -28,7 +29,6 @@ from dus.safetensors_io import (
 )
 from dus.sources import SourceModel
 
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,11 @@ def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int
                 source_path = first.source.file
                 if source_path not in source_fds:
                     source_fds[source_path] = os.open(source_path, os.O_RDONLY)
-                copy_range(source_fds[source_path], first.source.start, fd, offset, nbytes)
+                copy_range(source_fds[source_path], first.source.start, fd, offset, nbytes, what=str(source_path))
             else:
                 data = tensor_bytes(materialize(first))
-                assert len(data) == first.nbytes, first.name
+                if len(data) != first.nbytes:  # the header was computed from the plan: a bug, not bad input
+                    raise RuntimeError(f"{first.name}: {len(data)} bytes computed, {first.nbytes} planned")
                 written = 0
                 while written < len(data):
                     written += os.pwrite(fd, data[written:], offset + written)

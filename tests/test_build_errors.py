@@ -154,3 +154,33 @@ def test_source_config_that_transformers_rejects(breakage, tiny_models, tmp_path
     (broken / "config.json").write_text(json.dumps(config))
     message = _run(run_cli, tmp_path, f"solar: {{model: {broken}, trim: 1}}\n")
     assert "config" in message and "fix the source config" in message
+
+
+def test_byte_copy_without_copy_file_range_gives_the_same_bytes(tiny_models, tmp_path, monkeypatch):
+    """Where os.copy_file_range is missing (macOS, Windows) or refused, the buffered copy
+    writes exactly the bytes the kernel path writes."""
+    import os
+
+    from dus.build import build_model
+
+    source = tiny_models("llama", num_layers=4)
+    build_model({"solar": {"model": str(source), "trim": 1}}, tmp_path / "kernel")
+    monkeypatch.delattr(os, "copy_file_range")
+    build_model({"solar": {"model": str(source), "trim": 1}}, tmp_path / "buffered")
+    assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (tmp_path / "buffered" / "model.safetensors").read_bytes()
+
+    def refused(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+    build_model({"solar": {"model": str(source), "trim": 1}}, tmp_path / "refused")
+    assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (tmp_path / "refused" / "model.safetensors").read_bytes()
+
+
+def test_damaged_shard_index_is_one_line(tiny_models, tmp_path, run_cli):
+    source = tiny_models("llama", num_layers=4)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    message = _run(run_cli, tmp_path, f"solar: {{model: {broken}, trim: 1}}\n")
+    assert "model.safetensors.index.json" in message and "not valid JSON" in message and "re-download" in message
