@@ -50,29 +50,54 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """All tensors of a safetensors file (by name) and its `__metadata__`."""
+    """All tensors of a safetensors file (by name) and its `__metadata__`, checked as the
+    format defines it: known dtypes, byte lengths equal to shape x dtype size, data laid
+    out back to back from offset 0 to the end of the file, no overlaps and no holes.
+    A ValueError says what is wrong."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         raw_length = handle.read(8)
         if len(raw_length) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise ValueError("not a safetensors file (shorter than 8 bytes)")
         (length,) = struct.unpack("<Q", raw_length)
-        if length > 100 * 1024 * 1024:
-            raise ValueError(f"{path} is not a safetensors file (header length {length})")
-        header = json.loads(handle.read(length))
+        if length > 100 * 1024 * 1024 or 8 + length > size:
+            raise ValueError(f"not a safetensors file (header length {length} for a file of {size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
     data_start = 8 + length
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        tensors[name] = TensorInfo(
-            name=name,
-            dtype=entry["dtype"],
-            shape=tuple(entry["shape"]),
-            file=Path(path),
-            start=data_start + begin,
-            end=data_start + end,
-        )
+    tensors = {name: _tensor_entry(name, entry, path, data_start) for name, entry in header.items()}
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            kind = "overlaps the tensor before it" if info.start < position else "leaves a gap before it"
+            raise ValueError(f"tensor {info.name!r} {kind} (data offset {info.start - data_start})")
+        position = info.end
+    if position != size:
+        raise ValueError(f"the tensors end at byte {position} but the file has {size} bytes (truncated or padded)")
     return tensors, metadata
+
+
+def _tensor_entry(name: str, entry, path: Path, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r} has malformed data_offsets {offsets!r}")
+    if offsets[1] - offsets[0] != tensor_nbytes(dtype, tuple(shape)):
+        raise ValueError(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs "
+                         f"{tensor_nbytes(dtype, tuple(shape))}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1])
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:

@@ -98,12 +98,74 @@ def load_source(name: str, path_text: str, base_dir: Path | None = None) -> Sour
     for file in files:
         try:
             file_tensors, metadata = read_header(file)
-        except (ValueError, OSError, json.JSONDecodeError) as error:
+        except (ValueError, OSError) as error:
             raise DusError(f"model {name!r}: cannot read {file} ({error}); re-download or re-save it") from None
+        twice = sorted(set(file_tensors) & set(tensors))
+        if twice:
+            raise DusError(f"model {name!r}: tensor {twice[0]!r} is stored in two shards ({tensors[twice[0]].file.name} and "
+                           f"{file.name}); re-download or re-save the model")
         tensors.update(file_tensors)
+    _check_index(name, path, tensors)
     source = SourceModel(name, path, config, adapter, tensors, files, metadata)
     _check_layers_present(source)
+    _check_tensor_sets(source)
     return source
+
+
+def _check_index(name: str, path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """The shard index must list every tensor of every shard, each in the shard that holds it."""
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return
+    weight_map = read_json(index, "the shard index", "re-download the model")["weight_map"]
+    for tensor, info in sorted(tensors.items()):
+        listed = weight_map.get(tensor)
+        if listed != info.file.name:
+            where = "does not list it" if listed is None else f"puts it in {listed}"
+            raise DusError(f"model {name!r}: {info.file.name} holds {tensor!r} but {INDEX_NAME} {where}; "
+                           "the index and the shards disagree: re-download the model")
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise DusError(f"model {name!r}: {INDEX_NAME} lists {absent[0]!r} in {weight_map[absent[0]]}, which does not hold it; "
+                       "re-download the model")
+
+
+def _check_tensor_sets(source: SourceModel) -> None:
+    """Every layer must hold the same tensor names (a layer missing a projection would be
+    filled with random weights by transformers, with only a warning), and the non-layer
+    set needs the embeddings, the final norm and a head (or tied embeddings)."""
+    layers = source.layers
+    counts: dict[frozenset, int] = {}
+    for names in layers.values():
+        counts[frozenset(names)] = counts.get(frozenset(names), 0) + 1
+    complete = max(counts, key=lambda names: (counts[names], len(names)))
+    for index, names in sorted(layers.items()):
+        missing = sorted(complete - set(names))
+        extra = sorted(set(names) - complete)
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has an extra tensor {extra[0]!r}"
+            raise DusError(f"model {source.name!r}: layer {index} {what}, unlike its other layers; "
+                           "the checkpoint is incomplete or damaged: re-download or re-save it")
+    for rest in sorted(complete):
+        shapes: dict[tuple, int] = {}
+        for names in layers.values():
+            shapes[names[rest].shape] = shapes.get(names[rest].shape, 0) + 1
+        usual = max(shapes, key=shapes.get)
+        for index, names in sorted(layers.items()):
+            if names[rest].shape != usual:
+                raise DusError(f"model {source.name!r}: layer {index}'s {rest} has shape {list(names[rest].shape)} where the "
+                               f"other layers have {list(usual)}; the checkpoint is damaged: re-download or re-save it")
+    non_layer = list(source.non_layer)
+    tied = bool(source.config.get("tie_word_embeddings", source.config.get("text_config", {}).get("tie_word_embeddings", False)))
+    needs = {
+        "the token embeddings (…embed_tokens.weight)": lambda n: n.endswith("embed_tokens.weight"),
+        "the final norm (…norm.weight)": lambda n: n.endswith("norm.weight"),
+    }
+    if not tied:
+        needs["the output head (lm_head.weight; the config does not tie it to the embeddings)"] = lambda n: n.startswith("lm_head.")
+    for what, present in needs.items():
+        if not any(present(n) for n in non_layer):
+            raise DusError(f"model {source.name!r}: its weights lack {what}; the checkpoint is incomplete: re-download or re-save it")
 
 
 def _weight_files(name: str, path: Path) -> list[Path]:
