@@ -238,12 +238,15 @@ def atomic_directory(output: Path, replaceable):
         why_not = replaceable(output)
         if why_not:
             raise DusError(why_not)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
     temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+    except OSError as error:
+        raise DusError(f"cannot write {output} ({error.strerror or error}); choose a writable -o") from None
     try:
         yield temporary
         if output.is_symlink() or output.is_file():

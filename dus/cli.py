@@ -8,7 +8,9 @@ Heavy libraries (torch, transformers, trl) are imported inside the commands, kee
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -36,11 +38,55 @@ def _register_commands() -> None:
 _register_commands()
 
 
+ERRNO_FIXES = {
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.EPERM: "check the permissions, or choose another path",
+    errno.EROFS: "the filesystem is read-only: choose another path",
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "that path is a directory: give a file",
+}
+
+
+def one_line(error: BaseException) -> str:
+    """What went wrong and the fix, on one line, for the errors a user can act on."""
+    if isinstance(error, DusError):
+        return " ".join(str(error).split())  # messages quoting other tools may wrap
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        reason = error.strerror or str(error) or type(error).__name__
+        fix = ERRNO_FIXES.get(error.errno, "check the path and try again")
+        return " ".join(f"{where}{reason}; {fix}".split())
+    if isinstance(error, MemoryError):
+        return "out of memory; use a smaller model, batch or --max-tokens, or a machine with more memory"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}; rerun with --debug for the full traceback"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that come from the user's files or machine, not from a bug in dus."""
+    kinds: list[type[BaseException]] = [DusError, OSError, MemoryError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(kinds)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a DusError becomes one line on stderr and exit status 2."""
+    """Run the CLI. An error the user can fix (a DusError, an OSError such as an unwritable
+    output, a damaged file the libraries refuse) becomes one line on stderr and exit
+    status 2; `--debug` anywhere on the command line (or DUS_DEBUG=1) shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DUS_DEBUG") == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
     try:
         app(args=argv, prog_name="dus")
-    except DusError as error:
-        one_line = " ".join(str(error).split())  # messages quoting other tools may wrap
-        print(f"dus: error: {one_line}", file=sys.stderr)
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"dus: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

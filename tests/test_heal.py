@@ -328,10 +328,33 @@ BAD_INPUTS = {
     "typo in --set": (
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--set", "sft.max_step=3"],
         "unknown key 'max_step' in section 'sft'"),
+    "zero steps, no calibration": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--steps", 0], "trains nothing"),
+    "bad --set value": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--set", "sft.learning_rate=fast"], "learning_rate"),
+    "negative batch": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--batch-size", -2], "per_device_train_batch_size"),
+    "chat opened by the assistant": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--data", assistant_first(tmp)], "starts with an assistant turn"),
+    "unwritable output": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", a_file(tmp) / "o"], "a_file"),
     "teacher not a model": (
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--mode", "distill", "--teacher", tmp],
         "not a model directory"),
 }
+
+
+def assistant_first(tmp_path):
+    path = tmp_path / "assistant-first.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "Hi!"},
+                                             {"role": "user", "content": "Hello"}]}) + "\n")
+    return path
+
+
+def a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    return path
 
 
 def bad_rows(tmp_path):
@@ -417,3 +440,26 @@ def test_calibration_floor_accounts_for_a_recipe_scale():
     plan = LayerPlan({"m": "m"}, layers, NonLayerSource("m"), NonLayerSource("m"), "m", "m")
     assert repeated_layers(plan) == [2, 3]  # the zero-init copy adds nothing: not calibrated
     assert factors_for(plan, [2, 3], 0.5) == {2: pytest.approx(0.625), 3: 0.5}
+
+
+def test_resume_refuses_a_finished_run_and_other_data(workspace, tmp_path):
+    """--resume continues a run, not a finished one (unless asked for more steps), and only
+    on the data it started with."""
+    from dus.errors import DusError
+
+    out = tmp_path / "finished"
+    run(workspace, out, steps=2, **{"sft.save_steps": 1})
+    with pytest.raises(DusError, match="already finished its 2 steps"):
+        run(workspace, out, steps=2, resume=True, **{"sft.save_steps": 1})
+    with pytest.raises(DusError, match="not what the run .* started with"):
+        run(workspace, out, steps=4, resume=True, **{"sft.save_steps": 1, "data.path": str(workspace / "prose.txt")})
+    assert run(workspace, out, steps=3, resume=True, **{"sft.save_steps": 1}).steps == 3
+
+
+def test_zero_steps_with_calibration_writes_the_calibrated_model(workspace, tmp_path):
+    out = tmp_path / "calibrated-only"
+    result = run(workspace, out, steps=0, config="distill",
+                 **{"data.path": str(workspace / "prose.txt"), "calibrate.enabled": True, "calibrate.tokens": 256,
+                    "calibrate.window": 64})
+    assert result.steps == 0 and result.record["trains"] == "nothing"
+    assert set(changed_layers(workspace / "built", out)) == {"3", "4"}  # only the repeated layers, scaled

@@ -266,9 +266,45 @@ def _validate(raw: dict, source: str) -> None:
         isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
         raise DusError(f"{source}: seam.layers must be 'auto' or a list of layer indices, got {layers!r}")
+    _validate_sft_values(raw["sft"], source)
     _validate_calibrate(raw["calibrate"], source)
     if not raw["data"]["path"]:
         raise DusError(f"{source}: data.path is empty; give a data file, a save_to_disk directory or a hub name")
+
+
+# sft fields that must be positive: a typo here would fail deep inside training (or train
+# something else) after OUT was created.
+POSITIVE_SFT = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "learning_rate", "max_length", "logging_steps", "save_steps", "eval_steps", "num_train_epochs")
+
+
+def _validate_sft_values(section: dict, source: str) -> None:
+    """Each `sft:` value has its SFTConfig field's type (a YAML typo like `fast` for a
+    number is caught here), and sizes and rates are positive."""
+    import typing
+
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    for key, value in section.items():
+        wanted = hints.get(key)
+        if value is None or wanted is None:
+            continue
+        allowed = tuple(t for t in (typing.get_args(wanted) or (wanted,)) if t in (int, float, bool, str))
+        if not allowed or str in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise DusError(f"{source}: sft.{key} must be a {names}, got {value!r}")
+        if key in POSITIVE_SFT and not isinstance(value, bool) and value <= 0:
+            raise DusError(f"{source}: sft.{key} must be positive, got {value!r}")
+    max_steps = section.get("max_steps")
+    if isinstance(max_steps, int) and max_steps < -1:
+        raise DusError(f"{source}: sft.max_steps must be >= 0 (or -1 to train num_train_epochs), got {max_steps}")
 
 
 def _validate_calibrate(section: dict, source: str) -> None:

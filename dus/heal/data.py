@@ -147,6 +147,10 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
                 f"data {where}: unknown role '{message['role']}'; use {', '.join(sorted(CHAT_ROLES))}"
             )
         clean.append({"role": message["role"], "content": str(message["content"] or "")})
+    opening = next((m["role"] for m in clean if m["role"] != "system"), None)
+    if opening == "assistant":
+        raise DusError(f"data {where}: the conversation starts with an assistant turn; chat templates expect the user "
+                       "to speak first: drop the opening assistant message or add the user turn before it")
     if not any(m["role"] == "assistant" for m in clean):
         raise DusError(f"data {where}: a conversation without an assistant turn has nothing to learn from")
     return clean

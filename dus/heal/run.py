@@ -183,6 +183,13 @@ class Inputs:
     assistant_only_loss: bool
     notes: list[str]
 
+    @property
+    def data_sha256(self) -> str | None:
+        """The training data file's sha256 (None for a hub name or a directory)."""
+        from dus.heal.merge import file_sha256
+
+        return file_sha256(Path(self.train_data.source))
+
 
 def read_inputs(model_dir: ModelDir, cfg: HealConfig) -> Inputs:
     """Tokenizer and data first: they decide assistant_only_loss before TRL sees it."""
@@ -282,9 +289,46 @@ def make_trainer(cfg, model, args, inputs: Inputs, peft_config, teacher_model, c
 
 def write_marker(out: Path, **fields) -> None:
     path = out / RUN_MARKER
-    marker = json.loads(path.read_text()) if path.is_file() else {}
+    marker = read_json(path, "the heal run marker", f"delete {out} to start afresh") if path.is_file() else {}
     marker.update(fields)
     path.write_text(json.dumps(marker, indent=2) + "\n")
+
+
+@dataclass
+class HealRun:
+    """What a run has read and decided before it writes anything."""
+
+    model_dir: ModelDir
+    out: Path
+    cfg: HealConfig
+    resume: bool
+    force: bool
+    previous: dict | None  # the run marker of the run being resumed
+    inputs: Inputs
+    args: object  # trl.SFTConfig
+    name: str
+    use_cpu: bool
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.model_dir.manifest
+
+    @property
+    def state(self):
+        return self.args.distributed_state
+
+
+@dataclass
+class Student:
+    """The model to train, what in it trains, and its teacher."""
+
+    model: object
+    targets: HealTargets
+    peft_config: object | None
+    saved_dtype: str
+    calibration: object | None = None
+    teacher_dir: Path | None = None
+    teacher_model: object | None = None
 
 
 def heal(
@@ -299,58 +343,107 @@ def heal(
     """Fine-tune the model in `model_dir` as `cfg` says and write the healed model to `output`.
 
     `callbacks` (transformers TrainerCallbacks) are handed to the trainer as they are, for
-    library users who want to watch or steer the run (the benchmark measures with them)."""
-    from accelerate.utils import gather_object
-    from transformers.trainer_utils import get_last_checkpoint
+    library users who want to watch or steer the run (the benchmark measures with them).
+    With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
+    run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force)
+    student = load_student(run, teacher)
+    announce(run.model_dir, run.out, cfg, run.inputs, student.targets, student.peft_config, student.teacher_dir, run.args)
+    wandb_run = open_output(run, student)
+    if run.args.max_steps == 0:
+        record = calibration_record(run, student)
+        if run.state.is_main_process:
+            write_healed_model(student.model, run.inputs.tokenizer, run.model_dir.path, run.out, run.manifest, record,
+                               dtype=student.saved_dtype)
+            write_marker(run.out, finished=True, steps=0, final_loss=None)
+            say(f"[green]calibrated model written to {run.out}[/] (no training: sft.max_steps is 0)")
+    else:
+        record = train_and_save(run, student, callbacks)
+    if wandb_run is not None:
+        from dus.heal.tracking import finish_run
 
-    model_dir, out = ModelDir(model_dir), Path(output)
-    manifest = model_dir.manifest
+        finish_run({"dus/final_loss": record["final_loss"], "dus/steps": record["steps"]})
+    run.state.wait_for_everyone()
+    return HealResult(
+        run.out, cfg.mode, record["steps"], record["final_loss"], record, student.targets,
+        wandb_run.describe() if wandb_run else None, run.inputs.notes,
+    )
+
+
+def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool) -> HealRun:
+    """Check OUT and the options, read the data, build the SFTConfig: all before any output."""
     previous = prepare_output(out, model_dir.path, resume, force)
+    max_steps = cfg.section("sft").get("max_steps", -1)
+    if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
+        raise DusError("sft.max_steps 0 trains nothing and calibration is off; give --steps N >= 1 "
+                       "(or enable calibrate for a calibration-only run)")
+    if resume and previous and previous.get("finished") and isinstance(max_steps, int) \
+            and 0 <= max_steps <= (previous.get("steps") or 0):
+        raise DusError(f"--resume: the run in {out} already finished its {previous.get('steps')} steps; "
+                       "raise --steps to train further, or start afresh with --force")
     use_cpu = accelerator_type() is None
     if cfg.mode == "qlora":
         quantization_config(cfg)  # fail before the data is read
     inputs = read_inputs(model_dir, cfg)
-
+    if resume and previous and previous.get("data_sha256") not in (None, inputs.data_sha256):
+        raise DusError(f"--resume: the data ({inputs.train_data.source}) is not what the run in {out} started with; "
+                       "resume with the same data, or start afresh with --force")
     extra = {"assistant_only_loss": inputs.assistant_only_loss}
-    if inputs.eval_set is not None and cfg.section("sft").get("eval_strategy", "no") == "no":
-        sft = cfg.section("sft")
+    sft = cfg.section("sft")
+    if inputs.eval_set is not None and sft.get("eval_strategy", "no") == "no":
         extra.update(eval_strategy="steps", eval_steps=sft.get("eval_steps") or sft.get("save_steps", 100))
-    name = run_name(cfg, model_dir, manifest)
+    name = run_name(cfg, model_dir, model_dir.manifest)
     args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
-    state = args.distributed_state
+    return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu)
 
-    model = load_model(model_dir, cfg, use_cpu)
-    saved_dtype = model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
-    calibration = calibrate_model(model, manifest, cfg, inputs) if cfg.section("calibrate")["enabled"] else None
-    targets, peft_config = select_trainable(model, cfg, manifest, inputs.notes)
-    if cfg.trains in ("expand", "band") and args.gradient_checkpointing:
+
+def load_student(run: HealRun, teacher: str | None) -> Student:
+    """The student (calibrated when asked), its trainable set, and the teacher for distill."""
+    cfg = run.cfg
+    model = load_model(run.model_dir, cfg, run.use_cpu)
+    saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
+    calibration = calibrate_model(model, run.manifest, cfg, run.inputs) if cfg.section("calibrate")["enabled"] else None
+    targets, peft_config = select_trainable(model, cfg, run.manifest, run.inputs.notes)
+    if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
-    teacher_dir, teacher_model = None, None
-    if cfg.mode == "distill":
-        teacher_dir, teacher_model = load_teacher(model_dir, cfg, teacher, model.dtype)
-    announce(model_dir, out, cfg, inputs, targets, peft_config, teacher_dir, args)
+    student = Student(model, targets, peft_config, saved_dtype, calibration)
+    if cfg.mode == "distill" and run.args.max_steps != 0:
+        student.teacher_dir, student.teacher_model = load_teacher(run.model_dir, cfg, teacher, model.dtype)
+    return student
 
-    # Everything checked, on every rank (the barrier keeps a slow rank's check of OUT from
-    # seeing what rank 0 writes next): only now is OUT created (or, with --force, replaced).
-    state.wait_for_everyone()
+
+def open_output(run: HealRun, student: Student):
+    """Create (or, with --force, replace) OUT on rank 0 once every rank has checked
+    everything, then start W&B and write the run marker. Returns the W&B run or None."""
+    state, out = run.state, run.out
+    state.wait_for_everyone()  # a slow rank's check of OUT must not see what rank 0 writes next
     if state.is_main_process:
-        if force and out.exists() and not resume:
+        if run.force and out.exists() and not run.resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    wandb_run = start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, name, previous, resume)
+    wandb_run = start_tracking(run.cfg, run.args, out, run.model_dir, run.manifest, run.inputs, student.targets,
+                               run.name, run.previous, run.resume)
     if state.is_main_process:
-        write_marker(out, model=str(model_dir), config=cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     wandb_run_id=wandb_run.run_id if wandb_run else None, finished=False)
+        write_marker(out, model=str(run.model_dir), config=run.cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     wandb_run_id=wandb_run.run_id if wandb_run else None, data_sha256=run.inputs.data_sha256,
+                     finished=False)
+    return wandb_run
 
-    trainer = make_trainer(cfg, model, args, inputs, peft_config, teacher_model, callbacks)
+
+def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
+    """Train, gather the weights, write the healed model (or the adapter); returns the record."""
+    from accelerate.utils import gather_object
+    from transformers.trainer_utils import get_last_checkpoint
+
+    cfg, out, inputs = run.cfg, run.out, run.inputs
+    trainer = make_trainer(cfg, student.model, run.args, inputs, student.peft_config, student.teacher_model, callbacks)
     sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
     if sharded:
         say(f"  sharding: {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    resumed_from = get_last_checkpoint(str(out / CHECKPOINTS)) if resume else None
+    resumed_from = get_last_checkpoint(str(out / CHECKPOINTS)) if run.resume else None
     if resumed_from:
         say(f"  resuming from {resumed_from}")
     counter = StepCounter()
@@ -363,48 +456,59 @@ def heal(
     # into files, and the healed model is rebuilt from those on rank 0. Otherwise every
     # rank hashes its weights, which must agree.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    trained_dir = out / ("adapter" if peft_config is not None else ".trained")
+    trained_dir = out / ("adapter" if student.peft_config is not None else ".trained")
     digests = None
     if sharded:
         trainer.save_model(str(trained_dir))
     else:
         digests = gather_object([weights_digest(unwrapped)])
-    record = heal_record(cfg, targets, inputs.train_data, inputs.eval_data, teacher_dir, trainer, result, {
+    record = heal_record(cfg, student.targets, inputs.train_data, inputs.eval_data, student.teacher_dir, trainer, result, {
         "steps_this_run": counter.steps,
         "rank_digests": digests,
         "resumed_from": resumed_from,
         "seconds": round(seconds, 1),
         "notes": inputs.notes,
-        "calibration": calibration.to_dict() if calibration else None,
+        "calibration": student.calibration.to_dict() if student.calibration else None,
     })
     if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
+    if run.state.is_main_process:
+        save_outputs(run, student, unwrapped, trained_dir, sharded, record)
+    return record
 
-    if state.is_main_process:
-        tokenizer = inputs.tokenizer
-        if peft_config is not None:
-            if not sharded:
-                unwrapped.save_pretrained(str(trained_dir))
-            tokenizer.save_pretrained(str(trained_dir))
-        if cfg.merge or peft_config is None:
-            final = reload_trained(model_dir, trained_dir, peft_config is not None) if sharded else unwrapped
-            write_healed_model(final, tokenizer, model_dir.path, out, manifest, record, dtype=saved_dtype)
-            if trained_dir.name == ".trained":
-                shutil.rmtree(trained_dir, ignore_errors=True)
-            say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
-        else:
-            (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
-            say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
-        write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
-    if wandb_run is not None:
-        from dus.heal.tracking import finish_run
 
-        finish_run({"dus/final_loss": record["final_loss"], "dus/steps": record["steps"]})
-    state.wait_for_everyone()
-    return HealResult(
-        out, cfg.mode, record["steps"], record["final_loss"], record, targets,
-        wandb_run.describe() if wandb_run else None, inputs.notes,
-    )
+def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, sharded: bool, record: dict) -> None:
+    """Rank 0: the merged standalone model (or, with --no-merge, the adapter and the record)."""
+    out, tokenizer, is_adapter = run.out, run.inputs.tokenizer, student.peft_config is not None
+    if is_adapter:
+        if not sharded:
+            unwrapped.save_pretrained(str(trained_dir))
+        tokenizer.save_pretrained(str(trained_dir))
+    if run.cfg.merge or not is_adapter:
+        final = reload_trained(run.model_dir, trained_dir, is_adapter) if sharded else unwrapped
+        write_healed_model(final, tokenizer, run.model_dir.path, out, run.manifest, record, dtype=student.saved_dtype)
+        if trained_dir.name == ".trained":
+            shutil.rmtree(trained_dir, ignore_errors=True)
+        say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
+    else:
+        (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
+        say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
+    write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
+
+
+def calibration_record(run: HealRun, student: Student) -> dict:
+    """The heal record of a calibration-only run (no training step)."""
+    from dus.heal.merge import file_sha256
+
+    data = run.inputs.train_data
+    return {
+        "stage": "heal", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": run.cfg.mode, "trains": "nothing",
+        "layers": [], "reason": "calibration only (sft.max_steps 0)", "seams": student.targets.seams,
+        "data": {"path": data.source, "format": data.format, "rows": data.rows, "sha256": file_sha256(Path(data.source))},
+        "steps": 0, "tokens": 0, "final_loss": None, "world_size": run.args.world_size,
+        "calibration": student.calibration.to_dict() if student.calibration else None,
+        "config": run.cfg.to_dict(), "config_file": run.cfg.source, "overrides": run.cfg.overrides,
+    }
 
 
 def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: Inputs):
