@@ -387,3 +387,21 @@ def test_several_domains_and_recovery(tiny_models, tmp_path, run_cli):
     swapped = run_cli("compare", *models, "-l", "a", "-l", "b", "-l", "c", "--data", prose, "-o", tmp_path / "o2",
                       "--no-generate", "--window", 64, "--base", "nope")
     assert swapped.code == 2 and "--base nope" in swapped.stderr
+
+
+def test_compare_and_heal_share_one_wandb_mode_policy(tmp_path, monkeypatch):
+    """A user logged in with `wandb login` (a netrc entry, no WANDB_API_KEY) gets online runs
+    from compare as from heal; nobody logged in gets offline runs from both."""
+    import dus.compare.wandb_log as compare_log
+    import dus.heal.tracking as heal_tracking
+    from dus.wandb_mode import choose_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert choose_mode() == "offline"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    netrc.chmod(0o600)
+    assert choose_mode() == "online"
+    assert compare_log.choose_mode is heal_tracking.choose_mode is choose_mode

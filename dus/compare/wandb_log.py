@@ -1,7 +1,7 @@
 """Log a comparison to a W&B run: the same numbers, tables and plots as the report.
 
-Offline unless the user is logged in (WANDB_API_KEY set) or chose WANDB_MODE; an offline
-run is a directory the user can `wandb sync` later.
+The mode follows dus.wandb_mode (as heal does): offline unless the user is logged in or
+chose WANDB_MODE; an offline run is a directory the user can `wandb sync` later.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def wandb_mode() -> str:
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+from dus.wandb_mode import choose_mode
 
 
 def log_run(kind: str, name: str, metrics: dict, plots: dict[str, Path], tables: dict[str, tuple[list[str], list[list]]], summary: dict, output_dir: Path) -> str:
@@ -23,7 +21,7 @@ def log_run(kind: str, name: str, metrics: dict, plots: dict[str, Path], tables:
         name=name,
         job_type=kind,
         dir=str(output_dir),
-        mode=wandb_mode(),
+        mode=choose_mode(),
         config=metrics.get("settings", {}),
         reinit="finish_previous",
     )

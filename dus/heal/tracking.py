@@ -8,11 +8,11 @@ the seams as config, so a healing curve can be traced back to the recipe that ma
 
 from __future__ import annotations
 
-import netrc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from dus.wandb_mode import choose_mode
 
 
 @dataclass
@@ -27,26 +27,6 @@ class WandbRun:
         if self.mode == "offline":
             return f"W&B offline run in {where} (upload later with: wandb sync {where})"
         return f"W&B {self.mode} run in {where}"
-
-
-def logged_in() -> bool:
-    """Whether wandb would find an API key without prompting (env var or netrc entry)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc or "api.wandb.ai"
-    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def choose_mode() -> str:
-    """WANDB_MODE if the user set it, else online when logged in, else offline."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    return "online" if logged_in() else "offline"
 
 
 def start_run(
