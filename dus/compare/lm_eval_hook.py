@@ -29,11 +29,10 @@ def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: 
         import lm_eval
     except ImportError:
         return {"status": "not-installed", "message": INSTALL_HINT}
-    dtype_arg = "auto" if dtype == "auto" else dtype
     try:
         output = lm_eval.simple_evaluate(
             model="hf",
-            model_args=f"pretrained={model_dir},dtype={dtype_arg},trust_remote_code=False",
+            model_args=f"pretrained={model_dir},dtype={dtype},trust_remote_code=False",
             tasks=tasks,
             device=device,
             batch_size=batch_size,

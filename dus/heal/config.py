@@ -340,8 +340,8 @@ def parse_set_option(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_sft_config(cfg: HealConfig, output_dir: Path, run_name: str, use_cpu: bool, extra_cls=None, extra=None):
-    """The `trl.SFTConfig` (or a subclass) from the `sft:` section plus what dus decides."""
+def build_sft_config(cfg: HealConfig, output_dir: Path, run_name: str, use_cpu: bool, extra=None):
+    """The `trl.SFTConfig` from the `sft:` section plus what dus decides."""
     from trl import SFTConfig
 
     kwargs = dict(cfg.section("sft"))
@@ -356,9 +356,8 @@ def build_sft_config(cfg: HealConfig, output_dir: Path, run_name: str, use_cpu: 
     if report_to in (None, "none", []) or report_to == ["none"]:
         kwargs["report_to"] = "none"
     kwargs.update(extra or {})
-    cls = extra_cls or SFTConfig
     try:
-        return cls(**kwargs)
+        return SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
         raise DusError(f"sft: {error}".splitlines()[0]) from None
 

@@ -113,7 +113,7 @@ def quantization_config(cfg: HealConfig):
     return BitsAndBytesConfig(**kwargs)
 
 
-def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, notes: list[str]):
+def select_trainable(model, cfg: HealConfig, manifest: Manifest | None):
     """Targets and PEFT config for LoRA modes; requires_grad flags for full/expand."""
     num_layers = model.config.get_text_config().num_hidden_layers
     trains = cfg.trains
@@ -402,7 +402,7 @@ def load_student(run: HealRun, teacher: str | None) -> Student:
     model = load_model(run.model_dir, cfg, run.use_cpu)
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
     calibration = calibrate_model(model, run.manifest, cfg, run.inputs) if cfg.section("calibrate")["enabled"] else None
-    targets, peft_config = select_trainable(model, cfg, run.manifest, run.inputs.notes)
+    targets, peft_config = select_trainable(model, cfg, run.manifest)
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     student = Student(model, targets, peft_config, saved_dtype, calibration)

@@ -74,8 +74,7 @@ class Proposal:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for key in ("solar",):
-            data[key] = self.solar.to_dict()
+        data["solar"] = self.solar.to_dict()
         for key in ("solar_by_trim", "duplicates", "prunes"):
             data[key] = [candidate.to_dict() for candidate in getattr(self, key)]
         return data
