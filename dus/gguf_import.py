@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import zipfile
@@ -42,58 +41,17 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
 
 
 # --------------------------------------------------------------------------------------
-# Reading the metadata: a GGUF starts with "GGUF", a version, two counts, then typed
-# key/value pairs. Reading them here is fast and needs neither torch nor transformers,
-# so a wrong file is refused before anything heavy is imported.
+# Reading the metadata, with the gguf package's own reader (a memory map: only what is
+# read is touched), so a wrong file is refused before torch or transformers is imported.
 
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-KEEP_ARRAYS_UP_TO = 64  # longer arrays (vocabularies, merges) are skipped, their length kept
+KEEP_ARRAYS_UP_TO = 64  # longer arrays (vocabularies, merges) are kept as their length only
 
 
 @dataclass(frozen=True)
 class SkippedArray:
-    """A long array (e.g. 49,152 tokens) that was stepped over, not read."""
+    """A long array (e.g. 49,152 tokens) whose values the metadata does not keep."""
 
     length: int
-
-
-class _Cursor:
-    def __init__(self, handle, endian: str):
-        self.handle, self.endian = handle, endian
-
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        data = self.handle.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack(self.endian + fmt, data)[0]
-
-    def string(self) -> str:
-        length = self.unpack("Q")
-        if length > 1 << 30:
-            raise ValueError(f"string of {length} bytes")
-        data = self.handle.read(length)
-        if len(data) != length:
-            raise EOFError
-        return data.decode("utf-8", errors="replace")
-
-    def value(self, kind: int):
-        if kind in _SCALARS:
-            return self.unpack(_SCALARS[kind])
-        if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:
-            item_kind, length = self.unpack("I"), self.unpack("Q")
-            if length <= KEEP_ARRAYS_UP_TO:
-                return [self.value(item_kind) for _ in range(length)]
-            if item_kind in _SCALARS:
-                self.handle.seek(struct.calcsize(_SCALARS[item_kind]) * length, os.SEEK_CUR)
-            else:
-                for _ in range(length):
-                    self.value(item_kind)
-            return SkippedArray(length)
-        raise ValueError(f"unknown value type {kind}")
 
 
 def read_gguf_metadata(path: str | Path) -> dict:
@@ -107,23 +65,20 @@ def read_gguf_metadata(path: str | Path) -> dict:
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise DusError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
-        raw = handle.read(4)
-        endian = "<"
-        if len(raw) == 4 and struct.unpack("<I", raw)[0] > 0xFFFF:
-            endian = ">"  # a big-endian file: its version reads as a huge number
-        cursor = _Cursor(handle, endian)
-        try:
-            version = struct.unpack(endian + "I", raw)[0]
-            if version < 2:
-                raise DusError(f"{path} is GGUF version {version}; only versions 2 and 3 are read (re-convert it with a current llama.cpp)")
-            cursor.unpack("Q")  # tensor count
-            count = cursor.unpack("Q")
-            metadata = {"GGUF.version": version}
-            for _ in range(count):
-                key = cursor.string()
-                metadata[key] = cursor.value(cursor.unpack("I"))
-        except (EOFError, ValueError, struct.error) as error:
-            raise DusError(f"{path} is a damaged GGUF file ({error or 'truncated'}); download it again") from None
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        metadata = {}
+        for key, field in reader.fields.items():
+            if field.types and field.types[0].name == "ARRAY" and len(field.data) > KEEP_ARRAYS_UP_TO:
+                metadata[key] = SkippedArray(len(field.data))
+            else:
+                metadata[key] = field.contents()
+    except (ValueError, IndexError, KeyError, EOFError, OSError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DusError(f"{path} is a damaged GGUF file, or one this gguf package cannot read ({first}); download it again or "
+                       "re-convert it with a current llama.cpp") from None
     return metadata
 
 
