@@ -52,6 +52,11 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
                                                 "sft.learning_rate": 1e-4, **PACKED}),
     "cal-distill-lora": ("train/distill.yaml", {"data.path": TEXT, "calibrate.enabled": True, "seam.radius": 4,
                                                 "sft.learning_rate": 1e-3, **PACKED}),
+    # Self-distillation data: the source model's own answers (data/selfinstruct), as chats.
+    "cal-distill-band-selfinstruct": ("train/distill.yaml", {
+        "data.path": str(REPO / "data" / "selfinstruct" / "train.jsonl"), "distill.student": "band", "seam.radius": 4,
+        "calibrate.enabled": True, "calibrate.text": str(REPO / "data" / "text" / "train.jsonl"),
+        "sft.learning_rate": 1e-4, **PACKED}),
     # The control a DUS user asks about: the base model itself, fine-tuned (cross-entropy,
     # every parameter) on the same text for the same tokens. Runs on the source model.
     "control-base-ce": ("train/full.yaml", {"data.path": TEXT, "sft.learning_rate": 1e-4, "sft.assistant_only_loss": False,

@@ -11,7 +11,6 @@ from pathlib import Path
 from dus.errors import DusError
 from dus.hashing import sha256_file
 
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_WINDOW = 1024
 
 
@@ -38,9 +37,10 @@ class CompareOptions:
 
 def default_heldout_files() -> list[Path]:
     """Every bundled held-out domain: data/heldout/*.txt plus the chat text data/heldout.txt."""
-    local = Path("data")
-    root = local if (local / "heldout").is_dir() else REPO_DATA
-    return sorted((root / "heldout").glob("*.txt")) + [default_data_file("heldout.txt")]
+    from dus.resources import local_or_shipped
+
+    folder = local_or_shipped("data/heldout")
+    return sorted(folder.glob("*.txt")) + [default_data_file("heldout.txt")]
 
 
 def domain_names(paths: list[Path]) -> list[str]:
@@ -79,8 +79,9 @@ def recovery_of(metrics: dict, base: str | None, unhealed: str | None) -> dict |
 
 def default_data_file(name: str) -> Path:
     """`data/NAME` in the working directory, else the one shipped in the repository."""
-    local = Path("data") / name
-    return local if local.is_file() else REPO_DATA / name
+    from dus.resources import local_or_shipped
+
+    return local_or_shipped(Path("data") / name)
 
 
 def model_labels(model_dirs: list[Path], labels: list[str]) -> list[str]:

@@ -160,11 +160,12 @@ def resolve_config_path(config: str | Path) -> Path:
     if path.is_file():
         return path
     name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    candidates = [Path("train") / name, Path(__file__).resolve().parents[2] / "train" / name]
     if len(path.parts) == 1:
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
+        from dus.resources import local_or_shipped
+
+        candidate = local_or_shipped(Path("train") / name)
+        if candidate.is_file():
+            return candidate
     raise DusError(
         f"heal config {config} not found; give a YAML path or one of the names in train/ "
         "(lora-seam, full, qlora, expand, distill)"

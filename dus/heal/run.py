@@ -32,6 +32,7 @@ from dus.heal.targets import (
     manifest_new_layers,
 )
 from dus.manifest import Manifest
+from dus.resources import local_or_shipped
 
 RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
 CHECKPOINTS = "checkpoints"
@@ -196,12 +197,14 @@ def read_inputs(model_dir: ModelDir, cfg: HealConfig) -> Inputs:
     tokenizer = model_dir.tokenizer()
     data_cfg, wanted = cfg.section("data"), bool(cfg.section("sft").get("assistant_only_loss", False))
     notes: list[str] = []
-    train_data = load_data(data_cfg["path"], data_cfg["format"], data_cfg["split"], data_cfg["max_samples"])
+    train_data = load_data(str(local_or_shipped(data_cfg["path"])), data_cfg["format"], data_cfg["split"],
+                           data_cfg["max_samples"])
     train_set, assistant_only = fit_data_to_template(train_data, tokenizer, wanted, notes)
     eval_data, eval_set = None, None
     if data_cfg["eval_path"]:
         split = data_cfg["eval_split"] or data_cfg["split"]
-        eval_data = load_data(data_cfg["eval_path"], data_cfg["format"], split, data_cfg["eval_max_samples"])
+        eval_data = load_data(str(local_or_shipped(data_cfg["eval_path"])), data_cfg["format"], split,
+                              data_cfg["eval_max_samples"])
         eval_set, _ = fit_data_to_template(eval_data, tokenizer, wanted, [])
     return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
 
@@ -526,7 +529,7 @@ def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: I
                            f"{inputs.train_data.format} data: set calibrate.text to a .txt or .jsonl text file")
         text = "\n\n".join(inputs.train_data.dataset["text"])
     else:
-        text = read_text(section["text"])
+        text = read_text(local_or_shipped(section["text"]))
     ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
     say(f"  calibrating repeated layers on {len(ids)} tokens of "
         f"{inputs.train_data.source if section['text'] == 'auto' else section['text']}")
