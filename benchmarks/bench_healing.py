@@ -85,6 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heldout", action="store_true",
+                        help="also score each final model on the held-out texts (data/heldout/*.txt and data/heldout.txt); "
+                             "for reporting after the defaults are fixed, never for choosing them")
+    parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--keep", action="store_true", help="keep each candidate's healed model in WORKDIR/run-NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
@@ -158,6 +162,11 @@ def child(spec: dict) -> dict:
             self.train_seconds += time.perf_counter() - self.last
             self.last = time.perf_counter()
 
+        final_model = None
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.final_model = model
+
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             if not logs or "num_tokens" not in logs:
                 return
@@ -181,11 +190,24 @@ def child(spec: dict) -> dict:
         return child_no_training(spec, cfg, streams)
     result = heal(spec["model"], spec["out"], cfg, callbacks=[curve])
     calibration = result.record.get("calibration")
-    return {"name": spec["name"], "points": points, "final_loss": result.final_loss,
+    heldout = heldout_scores(spec, curve.final_model) if spec.get("heldout") else None
+    return {"name": spec["name"], "points": points, "heldout": heldout, "final_loss": result.final_loss,
             "layers": result.record["layers"], "trains": result.record["trains"],
             "calibration": calibration, "setup_seconds": round(curve.setup_seconds, 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "config": spec["config"], "overrides": spec["overrides"]}
+
+
+def heldout_scores(spec: dict, model) -> dict[str, float]:
+    """Perplexity of the final model on every held-out text (after training: reporting only)."""
+    from dus.compare.run import default_heldout_files, domain_names
+
+    files = default_heldout_files()
+    texts = dict(zip(domain_names(files), map(str, files)))
+    streams = token_streams(spec["model"], texts, spec["heldout_tokens"])
+    scores = perplexities(model, streams, spec["window"])
+    print(f"[{spec['name']}] held-out: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+    return scores
 
 
 def child_no_training(spec: dict, cfg, streams) -> dict:
@@ -206,7 +228,9 @@ def child_no_training(spec: dict, cfg, streams) -> dict:
     seconds = time.perf_counter() - started
     scores = perplexities(model, streams, spec["window"])
     print(f"[{spec['name']}] calibrated x{calibration.factor:g}: {scores}", flush=True)
+    heldout = heldout_scores(spec, model) if spec.get("heldout") else None
     return {"name": spec["name"], "points": [{"step": 0, "tokens": 0, "train_seconds": 0.0, "perplexity": scores}],
+            "heldout": heldout,
             "calibration": calibration.to_dict(), "setup_seconds": round(seconds, 1), "trains": "nothing",
             "config": spec["config"], "overrides": spec["overrides"]}
 
@@ -285,6 +309,14 @@ def main(argv=None):
             streams = token_streams(str(built), texts, args.eval_tokens)
             results = {"settings": settings, "reference": references(args.source, built, streams, args.window)}
             results_path.write_text(json.dumps(results, indent=2) + "\n")
+        if args.heldout and results.get("heldout_reference", {}).get("tokens") != args.heldout_tokens:
+            from dus.compare.run import default_heldout_files, domain_names
+
+            files = default_heldout_files()
+            streams = token_streams(str(built), dict(zip(domain_names(files), map(str, files))), args.heldout_tokens)
+            results["heldout_reference"] = {"tokens": args.heldout_tokens,
+                                            **references(args.source, built, streams, args.window)}
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
         extra: dict[str, dict] = {}
         for item in args.set:
             name, assignment = item.split(":", 1)
@@ -304,7 +336,7 @@ def main(argv=None):
             spec = {"name": stored, "model": str(model), "config": config, "overrides": overrides,
                     "texts": texts, "eval_tokens": args.eval_tokens, "window": args.window, "steps": args.steps,
                     "eval_every": args.eval_every, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "out": str(out), "keep": args.keep}
+                    "out": str(out), "keep": args.keep, "heldout": args.heldout, "heldout_tokens": args.heldout_tokens}
             print(f"== {stored}: {config} {spec['overrides']}", flush=True)
             result = run_candidate(spec, args.threads)
             (args.workdir / "candidates").mkdir(exist_ok=True)
@@ -363,6 +395,19 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {cells} | {100 * sum(rec.values()) / len(rec):.0f}% | {last['tokens']} | "
                      f"{last['train_seconds']:.0f} |")
     lines.append("\nRecovery = (unhealed - healed) / (unhealed - source).\n")
+    held = results.get("heldout_reference")
+    scored = {name: run["heldout"] for name, run in results["candidates"].items() if run.get("heldout")}
+    if held and scored:
+        domains = list(held["source"])
+        lines += [f"## Held-out texts ({held['tokens']} tokens each; measured after the defaults were fixed)\n",
+                  "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        for name in ("source", "unhealed"):
+            lines.append(f"| {name} | " + " | ".join(f"{held[name][d]:.2f}" for d in domains) + " |")
+        for name, values in scored.items():
+            rec = recovery(held, values)
+            lines.append(f"| {name} | " + " | ".join(f"{values[d]:.2f} ({100 * rec[d]:.0f}%, {values[d] / held['source'][d]:.3f}x)"
+                                                     for d in domains) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

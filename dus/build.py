@@ -7,10 +7,13 @@ something at the output path that looks like a valid checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
@@ -75,10 +78,11 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         # While the kernel copies: the config is rewritten (importing transformers and torch
         # for it takes seconds, most of a small build), and the sources are hashed.
         config_future = helpers.submit(output_config, plan, sources)
+        helpers.submit(importlib.import_module, "huggingface_hub")  # for the model card, off the critical path
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
-            with _progress(show_progress, total) as advance:
-                output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(config_future, advance))
+            with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show_progress, leave=False) as bar:
+                output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(config_future, bar.update))
             config, config_notes = config_future.result()
         except BaseException:
             for digest in digests.values():
@@ -139,28 +143,3 @@ def _copy_tokenizer(source: Path, directory: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, directory / name)
-
-
-class _progress:
-    """A rich progress bar over bytes written, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-        self.bar = Progress(
-            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("writing", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False

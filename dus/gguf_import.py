@@ -158,7 +158,6 @@ def _model_card(metadata: dict, record: dict, has_chat_template: bool) -> str:
     license_id = metadata.get("general.license")
     name = metadata.get("general.name") or Path(record["source"]["file"]).stem
     source = record["source"]
-    front = f"---\nlicense: {license_id}\nlibrary_name: transformers\n---\n" if license_id else "---\nlibrary_name: transformers\n---\n"
     lines = [
         f"# {name} (imported from GGUF)",
         "",
@@ -183,7 +182,9 @@ def _model_card(metadata: dict, record: dict, has_chat_template: bool) -> str:
         lines += ["", "The GGUF carried no chat template, so this directory has none either."]
     if source.get("package"):
         lines += ["", f"The GGUF came from the PyPI package `{source['package']}`."]
-    return front + "\n".join(lines) + "\n"
+    from dus.cards import card_text
+
+    return card_text("\n".join(lines), license_id, ["dus", "gguf-import"])
 
 
 def import_gguf(

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from dus import __version__
+from dus.cards import card_text
 from dus.checkpoint import read_json
 from dus.errors import DusError
 from dus.plan import MANIFEST_NAME, LayerPlan, OutputLayer
@@ -174,12 +175,7 @@ def _span(a: int, b: int) -> str:
 def model_card(manifest: Manifest, plan: LayerPlan) -> str:
     licenses = sorted({source["license"] for source in manifest.sources.values()})
     license_id = licenses[0] if len(licenses) == 1 and licenses[0] != "unknown" else "other"
-    front = {
-        "license": license_id,
-        "tags": ["dus", "depth-up-scaling", "merge", f"dus-{plan.recipe_kind}"],
-        "library_name": "transformers",
-    }
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines: list[str] = []
     lines += [
         f"# Depth up-scaled {manifest.architecture} ({plan.num_layers} layers)",
         "",
@@ -222,4 +218,5 @@ def model_card(manifest: Manifest, plan: LayerPlan) -> str:
     ]
     if plan.notes or manifest.warnings:
         lines += ["## Notes", ""] + [f"- {note}" for note in plan.notes + manifest.warnings] + [""]
-    return "\n".join(lines)
+    tags = ["dus", "depth-up-scaling", "merge", f"dus-{plan.recipe_kind}"]
+    return card_text("\n".join(lines), license_id, tags)

@@ -8,7 +8,6 @@ unpickled.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -248,19 +247,14 @@ def check_compatible(models: list[SourceModel]) -> None:
                 )
 
 
-LICENSE_LINE = re.compile(r"^license:\s*(\S.*?)\s*$", re.MULTILINE)
-
-
 def read_license(path: Path) -> str:
     """The license a model directory declares: model-card front matter, else a LICENSE file."""
-    card = path / "README.md"
-    if card.is_file():
-        text = card.read_text(errors="replace")
-        if text.startswith("---"):
-            front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
-            match = LICENSE_LINE.search(front)
-            if match:
-                return match.group(1).strip("'\"")
+    from dus.cards import read_card
+
+    card = read_card(path / "README.md")
+    license_id = getattr(card.data, "license", None) if card is not None else None
+    if license_id:
+        return str(license_id)
     for candidate in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
         if (path / candidate).is_file():
             first_line = (path / candidate).read_text(errors="replace").strip().splitlines()[:1]

@@ -142,7 +142,9 @@ def test_manifest_and_model_card(tiny_models, tmp_path):
     assert "config.json" in source["files"]
     assert manifest["recipe"] == {"solar": {"model": str(source_dir), "trim": 1}}
     card = (tmp_path / "out" / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0")
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(card).data.license == "apache-2.0" and card.startswith("---\n")
     assert "| 0-2 |" in card and "| 3-5 |" in card and "Seams" in card
 
 

@@ -344,9 +344,10 @@ def test_wandb_offline_run_is_written(tiny_models, tmp_path, heldout, run_cli, m
 
 
 def test_missing_default_prompt_file_skips_generations_with_a_note(tiny_models, tmp_path, heldout, run_cli, monkeypatch):
-    import dus.compare.run as run
+    import dus.resources as resources
 
-    monkeypatch.setattr(run, "REPO_DATA", tmp_path / "nowhere")
+    monkeypatch.setattr(resources, "PACKAGE_COPY", tmp_path / "nowhere")
+    monkeypatch.setattr(resources, "SOURCE_TREE", tmp_path / "nowhere")
     monkeypatch.chdir(tmp_path)
     result = run_cli("compare", tiny_models("llama", 4), "--data", heldout, "-o", tmp_path / "out", "--window", 64)
     assert result.code == 0, result

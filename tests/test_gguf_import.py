@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from dus.errors import DusError
 
@@ -144,7 +145,7 @@ def test_import_gives_the_source_model_back(tiny_gguf, tmp_path, tied):
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (257, 258, 259)
 
     card = (output / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0\n")
+    assert ModelCard(card).data.license == "apache-2.0"
     record = json.loads((output / IMPORT_RECORD).read_text())
     assert record["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert record["source"]["sha256"] in card
@@ -317,7 +318,7 @@ def test_real_smollm2_imports_and_answers(tmp_path, run_cli):
     config = json.loads((output / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
     assert config["tie_word_embeddings"] is True and "quantization_config" not in config
-    assert (output / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
+    assert ModelCard((output / "README.md").read_text()).data.license == "apache-2.0"
     assert json.loads((output / "dus-import.json").read_text())["source"]["sha256"] == SMOLLM2.sha256
     assert "Apache License" in (output / "LICENSE").read_text()
 

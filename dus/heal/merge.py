@@ -70,19 +70,24 @@ def healed_manifest(source_manifest, record: dict):
 
 
 def _model_card(source_dir: Path, record: dict) -> str:
-    source = source_dir / "README.md"
-    text = source.read_text() if source.is_file() else "---\n---\n"
+    """The source's card (front matter and text kept) with a section on the healing."""
+    from dus.cards import card_text, read_card
+
+    source = read_card(source_dir / "README.md")
     loss = record.get("final_loss")
     loss_text = f"{loss:.4f}" if isinstance(loss, float) else "n/a"
-    return (
-        text.rstrip()
-        + "\n\n## Healed with dus heal\n\n"
+    healed = (
+        "## Healed with dus heal\n\n"
         + f"- mode: {record['mode']}\n"
         + f"- layers trained: {record.get('layers', 'all')}\n"
         + f"- data: {record['data']['path']} ({record['data']['rows']} rows, {record['data']['format']})\n"
         + f"- steps: {record['steps']}, final training loss: {loss_text}\n"
         + "- full record: the last entry of `history` in dus-manifest.json\n"
     )
+    if source is None:
+        return card_text(healed, None, ["dus", "dus-heal"])
+    source.text = source.text.rstrip() + "\n\n" + healed
+    return str(source)
 
 
 def write_healed_model(model, tokenizer, source_dir: Path, out_dir: Path, manifest: dict, record: dict, dtype=None):
