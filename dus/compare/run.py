@@ -187,8 +187,9 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         "settings": settings,
         "models": [],
     }
+    setup = Measuring(texts, prompts, window, stride, device, options, console)
     for label, path in zip(labels, model_dirs):
-        measured = measure_model(label, path, texts, tokenizers[label], prompts, window, stride, options, device, console)
+        measured = measure_model(label, path, tokenizers[label], setup)
         seams, new_layers, built = seams_of(path)
         measured.update({"seams": seams, "new_layers": new_layers, "built": built})
         measured["seam_layers"] = seam_layer_stats(measured["layers"]["angular_distance"], seams)
@@ -216,7 +217,20 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     return metrics
 
 
-def measure_model(label, path, texts, tokenizer, prompts, window, stride, options, device, console) -> dict:
+@dataclass
+class Measuring:
+    """What every model of one comparison is measured on, and how."""
+
+    texts: dict[str, str]  # domain -> held-out text
+    prompts: list
+    window: int
+    stride: int
+    device: object
+    options: CompareOptions
+    console: object
+
+
+def measure_model(label: str, path, tokenizer, setup: Measuring) -> dict:
     """Load one model, measure it on every domain's text (layer statistics pooled over
     all of them), free it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -227,8 +241,9 @@ def measure_model(label, path, texts, tokenizer, prompts, window, stride, option
     from dus.measure.perplexity import PerplexityResult, count_windows, evaluate_stream
     from dus.measure.text import tokenize_stream
 
+    options, device, console, window, stride = setup.options, setup.device, setup.console, setup.window, setup.stride
     dtype = resolve_dtype(options.dtype, path, device)
-    streams = {name: tokenize_stream(tokenizer, text, options.max_tokens) for name, text in texts.items()}
+    streams = {name: tokenize_stream(tokenizer, text, options.max_tokens) for name, text in setup.texts.items()}
     tokens = sum(len(ids) for ids in streams.values())
     seconds = {}
     started = time.perf_counter()
@@ -245,10 +260,11 @@ def measure_model(label, path, texts, tokenizer, prompts, window, stride, option
                                          on_window=lambda: progress.advance(task)) for name, ids in streams.items()}
         seconds["measure"] = time.perf_counter() - started
         generations = []
-        if prompts:
-            gen_task = progress.add_task(f"{label}: greedy generations", total=len(prompts))
+        if setup.prompts:
+            gen_task = progress.add_task(f"{label}: greedy generations", total=len(setup.prompts))
             started = time.perf_counter()
-            generations = generate_greedy(model, tokenizer, prompts, options.max_new_tokens, on_prompt=lambda: progress.advance(gen_task))
+            generations = generate_greedy(model, tokenizer, setup.prompts, options.max_new_tokens,
+                                          on_prompt=lambda: progress.advance(gen_task))
             seconds["generate"] = time.perf_counter() - started
     measured = {
         "label": label,

@@ -216,27 +216,29 @@ def load_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None, dtyp
     return teacher_dir, ModelDir(teacher_dir).load_model(dtype)
 
 
-def announce(model_dir, out, cfg, inputs: Inputs, targets, peft_config, teacher_dir, args) -> None:
+def announce(run: "HealRun", student: "Student") -> None:
+    cfg, inputs, targets = run.cfg, run.inputs, student.targets
     for warning in targets.warnings:
         say(f"[yellow]warning:[/] {warning}")
     for note in inputs.notes:
         say(f"[cyan]note:[/] {note}")
-    say(f"[bold]dus heal[/] {model_dir} -> {out}  (mode {cfg.mode}, config {cfg.source})")
+    say(f"[bold]dus heal[/] {run.model_dir} -> {run.out}  (mode {cfg.mode}, config {cfg.source})")
     evaluation = f"; eval: {inputs.eval_data.describe()}" if inputs.eval_data else ""
     say(f"  data: {inputs.train_data.describe()}{evaluation}")
     say(f"  layers trained: {targets.layers}  ({targets.reason})")
     if targets.linear_modules:
-        say(f"  LoRA r={peft_config.r} on: {', '.join(targets.linear_modules)}")
-    if teacher_dir:
+        say(f"  LoRA r={student.peft_config.r} on: {', '.join(targets.linear_modules)}")
+    if student.teacher_dir:
         distill = cfg.section("distill")
-        say(f"  teacher: {teacher_dir} (alpha {distill['alpha']}, temperature {distill['temperature']})")
-    state = args.distributed_state
-    kind = "single process" if args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
-    say(f"  processes: {args.world_size} ({kind}), device {args.device}")
+        say(f"  teacher: {student.teacher_dir} (alpha {distill['alpha']}, temperature {distill['temperature']})")
+    state = run.state
+    kind = "single process" if run.args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
+    say(f"  processes: {run.args.world_size} ({kind}), device {run.args.device}")
 
 
-def start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, run_name_, previous, resume):
+def start_tracking(run: "HealRun", targets: HealTargets):
     """The W&B run (rank 0, when report_to has wandb), with the build plan as its config."""
+    args, cfg, manifest = run.args, run.cfg, run.manifest
     if "wandb" not in (args.report_to or []) or not args.distributed_state.is_main_process:
         return None
     from dus.heal.tracking import start_run
@@ -246,26 +248,26 @@ def start_tracking(cfg, args, out, model_dir, manifest, inputs, targets, run_nam
             "heal_config": cfg.to_dict(),
             "config_file": cfg.source,
             "overrides": cfg.overrides,
-            "model": str(model_dir),
+            "model": str(run.model_dir),
             "layers": targets.layers,
             "reason": targets.reason,
             "seams": targets.seams,
             "plan": manifest.plan.to_dict() if manifest and manifest.plan else None,
             "recipe": manifest.recipe if manifest else None,
-            "data": inputs.train_data.describe(),
+            "data": run.inputs.train_data.describe(),
         }
     }
     wandb_cfg = cfg.section("wandb")
-    run = start_run(
-        Path(wandb_cfg["dir"]) if wandb_cfg["dir"] else out,
+    wandb_run = start_run(
+        Path(wandb_cfg["dir"]) if wandb_cfg["dir"] else run.out,
         wandb_cfg["project"],
-        run_name_,
+        run.name,
         config,
         wandb_cfg["tags"],
-        run_id=(previous or {}).get("wandb_run_id") if resume else None,
+        run_id=(run.previous or {}).get("wandb_run_id") if run.resume else None,
     )
-    say(f"  {run.describe()}")
-    return run
+    say(f"  {wandb_run.describe()}")
+    return wandb_run
 
 
 def make_trainer(cfg, model, args, inputs: Inputs, peft_config, teacher_model, callbacks):
@@ -350,7 +352,7 @@ def heal(
     With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
     run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force)
     student = load_student(run, teacher)
-    announce(run.model_dir, run.out, cfg, run.inputs, student.targets, student.peft_config, student.teacher_dir, run.args)
+    announce(run, student)
     wandb_run = open_output(run, student)
     if run.args.max_steps == 0:
         record = calibration_record(run, student)
@@ -424,8 +426,7 @@ def open_output(run: HealRun, student: Student):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    wandb_run = start_tracking(run.cfg, run.args, out, run.model_dir, run.manifest, run.inputs, student.targets,
-                               run.name, run.previous, run.resume)
+    wandb_run = start_tracking(run, student.targets)
     if state.is_main_process:
         write_marker(out, model=str(run.model_dir), config=run.cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                      wandb_run_id=wandb_run.run_id if wandb_run else None, data_sha256=run.inputs.data_sha256,
