@@ -61,7 +61,7 @@ def run(workspace, out, steps=4, **overrides):
     model = settings.pop("model", workspace / "built")
     resume = settings.pop("resume", False)
     teacher = settings.pop("teacher", None)
-    return heal(model, out, load_config(settings.pop("config", None), settings), resume=resume, teacher=teacher)
+    return heal(model, out, load_config(settings.pop("config", "lora-seam"), settings), resume=resume, teacher=teacher)
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ def test_lora_seam_heal_end_to_end(workspace, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "dus")
     out = tmp_path / "healed"
     result = run_cli(
-        "heal", workspace / "built", "-o", out, "--data", workspace / "chat.jsonl", "--steps", 12,
+        "heal", workspace / "built", "-c", "lora-seam", "-o", out, "--data", workspace / "chat.jsonl", "--steps", 12,
         "--lr", 1e-2, "--batch-size", 4, "--max-length", 64, "--lora-r", 8, "--seed", 3,
         "--set", "sft.warmup_steps=0", "--set", "sft.logging_steps=1", "--set", "sft.activation_checkpointing=false",
     )
@@ -157,7 +157,7 @@ def test_two_processes_train_with_world_size_2_and_agree(workspace, tmp_path):
            "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-        "-m", "dus", "heal", str(workspace / "built"), "-o", str(out), "--data", str(workspace / "chat.jsonl"),
+        "-m", "dus", "heal", str(workspace / "built"), "-c", "lora-seam", "-o", str(out), "--data", str(workspace / "chat.jsonl"),
         "--steps", "4", "--report-to", "none", "--max-length", "64",
         "--set", "sft.activation_checkpointing=false", "--set", "sft.logging_steps=1",
     ]
@@ -225,7 +225,7 @@ def test_model_without_manifest_trains_all_layers_and_no_merge_keeps_the_adapter
 ):
     out = tmp_path / "plain"
     result = run_cli(
-        "heal", workspace / "source", "-o", out, "--data", workspace / "chat.jsonl", "--steps", 1,
+        "heal", workspace / "source", "-c", "lora-seam", "-o", out, "--data", workspace / "chat.jsonl", "--steps", 1,
         "--report-to", "none", "--no-merge", "--set", "sft.activation_checkpointing=false",
     )
     assert result.code == 0, result
@@ -280,12 +280,15 @@ def test_healing_with_a_template_trl_cannot_patch_still_trains(workspace, tmp_pa
 
 
 @pytest.mark.skipif(not (REPO / "data" / "chat" / "train.jsonl").exists(), reason="bundled data not present")
-def test_bundled_chat_data_is_the_default(workspace, tmp_path, monkeypatch):
+def test_bundled_text_and_calibrated_band_distillation_are_the_default(workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    settings = {**FAST, "sft.max_steps": 2, "data.max_samples": 16}
+    settings = {**FAST, "sft.max_steps": 2, "data.max_samples": 16, "calibrate.tokens": 128, "calibrate.window": 64}
     result = heal(workspace / "built", tmp_path / "out", load_config(None, settings))
-    assert result.record["data"]["path"] == "data/chat/train.jsonl"
-    assert result.record["data"]["format"] == "messages" and result.steps == 2
+    record = result.record
+    assert record["data"]["path"] == "data/text/train.jsonl"
+    assert record["data"]["format"] == "text" and result.steps == 2
+    assert (record["mode"], record["trains"], Path(record["teacher"]).name) == ("distill", "band", "source")
+    assert record["calibration"]["layers"] == [3, 4]
 
 
 # --- bad inputs: one clean line each --------------------------------------------------
@@ -329,7 +332,8 @@ BAD_INPUTS = {
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--set", "sft.max_step=3"],
         "unknown key 'max_step' in section 'sft'"),
     "zero steps, no calibration": (
-        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--steps", 0], "trains nothing"),
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--steps", 0, "--set", "calibrate.enabled=false"],
+        "trains nothing"),
     "bad --set value": (
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--set", "sft.learning_rate=fast"], "learning_rate"),
     "negative batch": (

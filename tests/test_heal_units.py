@@ -27,12 +27,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # --- config ---------------------------------------------------------------------------
 
-def test_builtin_defaults_are_the_shipped_lora_seam_config():
-    assert load_config(REPO / "train" / "lora-seam.yaml").raw == DEFAULTS
+def test_builtin_defaults_are_the_shipped_heal_config():
+    """No -c means train/heal.yaml: the defaults are read from that file, never restated."""
+    assert load_config(None).raw == load_config(REPO / "train" / "heal.yaml").raw == DEFAULTS
+    defaults = load_config(None)
+    assert (defaults.mode, defaults.trains, defaults.section("calibrate")["enabled"]) == ("distill", "band", True)
+    assert defaults.section("data")["path"] == "data/text/train.jsonl"
 
 
 @pytest.mark.parametrize("name, mode", [
-    ("lora-seam", "lora"), ("full", "full"), ("qlora", "qlora"), ("expand", "expand"), ("distill", "distill"),
+    ("heal", "distill"), ("lora-seam", "lora"), ("full", "full"), ("band", "band"), ("qlora", "qlora"),
+    ("expand", "expand"), ("distill", "distill"),
 ])
 def test_every_shipped_config_loads_and_builds_trl_objects(name, mode, tmp_path):
     from trl import SFTConfig

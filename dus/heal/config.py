@@ -24,56 +24,21 @@ from dus.errors import DusError
 MODES = ("lora", "qlora", "full", "band", "expand", "distill")
 DISTILL_STUDENTS = ("lora", "full", "band", "expand")
 
-# The built-in defaults are train/lora-seam.yaml (a test keeps the two identical), so
-# `dus heal MODEL -o OUT` without `-c` behaves like the shipped default config.
-DEFAULTS: dict[str, Any] = {
-    "mode": "lora",
-    "merge": True,
-    "data": {
-        "path": "data/chat/train.jsonl",
-        "format": "auto",
-        "split": "train",
-        "eval_path": None,
-        "eval_split": None,
-        "max_samples": None,
-        "eval_max_samples": None,
-    },
-    "seam": {"radius": 2, "layers": "auto"},
-    "sft": {
-        "learning_rate": 2.0e-4,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 10,
-        "max_steps": 500,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "max_length": 1024,
-        "packing": False,
-        "assistant_only_loss": True,
-        "activation_checkpointing": True,
-        "logging_steps": 10,
-        "save_steps": 100,
-        "save_total_limit": 2,
-        "report_to": "wandb",
-        "seed": 42,
-    },
-    "lora": {
-        "r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "target_modules": "auto",
-        "bias": "none",
-    },
-    "distill": {"teacher": "auto", "alpha": 1.0, "temperature": 1.0, "student": "lora"},
-    "calibrate": {"enabled": False, "copies": "later", "text": "auto", "tokens": 2048, "window": 512,
-                  "factors": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]},
-    "quantization": {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_compute_dtype": "bfloat16",
-        "bnb_4bit_use_double_quant": True,
-    },
-    "wandb": {"project": "dus", "name": None, "dir": None, "tags": []},
-}
+DEFAULT_CONFIG = "train/heal.yaml"
+
+
+def _read_defaults() -> dict[str, Any]:
+    """The built-in defaults are the shipped train/heal.yaml itself (one source: `dus heal
+    MODEL -o OUT` without `-c` behaves exactly like `-c heal`)."""
+    from dus.resources import shipped
+
+    path = shipped(DEFAULT_CONFIG)
+    if path is None:
+        raise DusError(f"{DEFAULT_CONFIG} is missing from this dus installation; reinstall dus")
+    return yaml.safe_load(path.read_text())
+
+
+DEFAULTS: dict[str, Any] = _read_defaults()
 
 DUS_SECTIONS = {
     "data": "dus data source",
@@ -98,7 +63,7 @@ class HealConfig:
     """A resolved heal config: the merged YAML plus where it came from."""
 
     raw: dict[str, Any]
-    source: str = "built-in defaults (= train/lora-seam.yaml)"
+    source: str = f"built-in defaults (= {DEFAULT_CONFIG})"
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -168,7 +133,7 @@ def resolve_config_path(config: str | Path) -> Path:
             return candidate
     raise DusError(
         f"heal config {config} not found; give a YAML path or one of the names in train/ "
-        "(lora-seam, full, qlora, expand, distill)"
+        "(heal, lora-seam, full, qlora, expand, distill)"
     )
 
 
@@ -176,7 +141,7 @@ def load_config(config: str | Path | dict | None = None, overrides: dict[str, An
     """Defaults, then the YAML (or dict), then CLI overrides given as dotted keys
     (`{"sft.learning_rate": 1e-4}`); everything validated against TRL/PEFT fields."""
     raw = copy.deepcopy(DEFAULTS)
-    source = "built-in defaults (= train/lora-seam.yaml)"
+    source = f"built-in defaults (= {DEFAULT_CONFIG})"
     if config is not None:
         if isinstance(config, dict):
             user, source = config, "dict"

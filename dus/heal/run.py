@@ -36,6 +36,7 @@ from dus.resources import local_or_shipped
 
 RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
 CHECKPOINTS = "checkpoints"
+DEFAULT_CALIBRATION_TEXT = "data/text/train.jsonl"  # broad plain text shipped with dus
 
 
 @dataclass
@@ -522,18 +523,16 @@ def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: I
     from dus.heal.calibrate import calibrate
     section = cfg.section("calibrate")
     if manifest is None or manifest.plan is None:
-        raise DusError("calibrate.enabled: calibration needs the build plan (dus-manifest.json) to find repeated "
-                       "layers; this model has none: set calibrate.enabled=false")
-    if section["text"] == "auto":
-        if inputs.train_data.shape != "text":
-            raise DusError(f"calibrate.text auto uses the training text, but {inputs.train_data.source} is "
-                           f"{inputs.train_data.format} data: set calibrate.text to a .txt or .jsonl text file")
-        text = "\n\n".join(inputs.train_data.dataset["text"])
-    else:
-        text = read_text(local_or_shipped(section["text"]))
+        say("[yellow]warning:[/] calibration skipped: the model has no build plan (dus-manifest.json) naming "
+            "repeated layers")
+        return None
+    if section["text"] == "auto" and inputs.train_data.shape == "text":
+        source, text = inputs.train_data.source, "\n\n".join(inputs.train_data.dataset["text"])
+    else:  # chat data calibrates on the bundled broad text, unless calibrate.text names a file
+        source = section["text"] if section["text"] != "auto" else DEFAULT_CALIBRATION_TEXT
+        text = read_text(local_or_shipped(source))
     ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
-    say(f"  calibrating repeated layers on {len(ids)} tokens of "
-        f"{inputs.train_data.source if section['text'] == 'auto' else section['text']}")
+    say(f"  calibrating repeated layers on {len(ids)} tokens of {source}")
     result = calibrate(model, manifest.plan, ids, section["factors"], section["window"],
                        on_factor=lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}"), copies=section["copies"])
     if result.layers:
