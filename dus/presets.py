@@ -122,7 +122,11 @@ def _expand(spec, places, depth) -> list[SliceSpec]:
             raise DusError(f"{places['every']}: expand every {k} is more than the model's {n} layers")
         positions = list(range(k - 1, n, k))
     else:
-        positions = sorted(set(spec["positions"]))
+        positions = sorted(spec["positions"])
+        repeated = sorted({p for p in positions if positions.count(p) > 1})
+        if repeated:
+            raise DusError(f"{places['positions']}: expand position {repeated[0]} is listed twice; list each source "
+                           "layer once (a new block goes after each)")
         if positions[-1] >= n:
             raise DusError(f"{places['positions']}: expand position {positions[-1]} is outside the model's {n} layers (0..{n - 1})")
     slices, start = [], 0

@@ -31,6 +31,9 @@ PRESET_KEYS = {
     "expand": ({"model", "every", "positions"}, {"model"}),
 }
 SMOOTHING_KEYS = {"method", "width", "factors"}
+# Far beyond any real depth up-scaled model (the deepest public ones have a few hundred
+# layers): a plan past this is a typo, refused before it exhausts memory.
+MAX_OUTPUT_LAYERS = 4096
 PARAMETER_NAMES = {"scale"}
 
 
@@ -335,6 +338,9 @@ def _preset(kind: str, value, place: str) -> tuple[dict, dict]:
             minimum = 0 if key == "trim" else 1
             if not isinstance(number, int) or isinstance(number, bool) or number < minimum:
                 raise DusError(f"{places[key]}: `{kind}.{key}` must be a whole number >= {minimum}, got {plain(number)!r}")
+            if key == "times" and number > MAX_OUTPUT_LAYERS:
+                raise DusError(f"{places[key]}: `duplicate.times` {number} would build a model of over "
+                               f"{MAX_OUTPUT_LAYERS} layers; repeat the range a few times at most")
     if "layers" in value:
         _int_pair(value["layers"], places["layers"], f"{kind}.layers")
     if "positions" in value:

@@ -13,7 +13,7 @@ from pathlib import Path
 from dus.errors import DusError
 from dus.plan import Blend, LayerPlan, NonLayerSource, OutputLayer, ScaleRule, find_seams
 from dus.presets import expand_preset
-from dus.recipe import Recipe, SeamSmoothing, SliceSpec
+from dus.recipe import MAX_OUTPUT_LAYERS, Recipe, SeamSmoothing, SliceSpec
 from dus.sources import SourceModel, check_compatible, load_source
 from dus.tokenizer_check import first_tokenizer_difference
 
@@ -42,6 +42,10 @@ def resolve(recipe: Recipe) -> Resolved:
                 f"which has {depth} layers; use 0 <= start < end <= {depth}"
             )
 
+    depth = sum(spec.end - spec.start for spec in slices)
+    if depth > MAX_OUTPUT_LAYERS:
+        raise DusError(f"{slices[0].where}: the recipe builds {depth} layers, more than {MAX_OUTPUT_LAYERS}; "
+                       "check the layer ranges and repeat counts")
     layers = [layer for spec in slices for layer in _slice_layers(spec, recipe.parameters)]
     notes: list[str] = []
     if recipe.seam_smoothing:
@@ -150,8 +154,8 @@ def _smooth_seams(
         left, right = layers[seam - 1], layers[seam]
         reason = _smoothing_obstacle(layers, seam, width, sources, claimed)
         if reason:
-            notes.append(f"seam at {seam}: not smoothed ({reason})")
-            continue
+            raise DusError(f"{smoothing.where}: seam_smoothing cannot blend the seam at output layer {seam}: {reason}; "
+                           "use a smaller width, or drop seam_smoothing")
         for position, index in enumerate(window):
             layer = layers[index]
             if index < seam:

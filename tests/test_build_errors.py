@@ -184,3 +184,15 @@ def test_damaged_shard_index_is_one_line(tiny_models, tmp_path, run_cli):
     (broken / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
     message = _run(run_cli, tmp_path, f"solar: {{model: {broken}, trim: 1}}\n")
     assert "model.safetensors.index.json" in message and "not valid JSON" in message and "re-download" in message
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("solar: {{model: {m}, trim: 1}}\nseam_smoothing: {{method: linear, width: 9}}\n", ["recipe.yaml:2:17", "cannot blend the seam", "smaller width"]),
+    ("expand: {{model: {m}, positions: [1, 1]}}\n", ["recipe.yaml:1:", "expand position 1 is listed twice"]),
+    ("duplicate: {{model: {m}, layers: [1, 3], times: 100000000}}\n", ["recipe.yaml:1:", "over 4096 layers"]),
+])
+def test_options_that_cannot_be_honoured_are_refused(recipe, expected, tiny_models, tmp_path, run_cli):
+    """Nothing is silently adjusted: what cannot be built as written is an error."""
+    message = _run(run_cli, tmp_path, recipe.format(m=tiny_models("llama", num_layers=4)))
+    for part in expected:
+        assert part in message, message
