@@ -318,3 +318,14 @@ def test_launch_has_every_setup_and_a_valid_slurm_script():
     assert {"single-gpu.yaml", "ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml", "multi-node.yaml",
             "cpu-2proc.yaml", "slurm.sh", "README.md"} <= names
     subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sh")], check=True)
+
+
+def test_numbers_yaml_reads_as_strings_are_taken_as_numbers():
+    """YAML 1.1 reads 3e-4 (no dot) as a string; for a numeric field it is the number it spells."""
+    from dus.heal.config import parse_set_option
+
+    key, value = parse_set_option("sft.learning_rate=3e-4")
+    cfg = load_config(None, {key: value})
+    assert cfg.section("sft")["learning_rate"] == pytest.approx(3e-4)
+    with pytest.raises(DusError, match="sft.learning_rate must be a float, got 'fast'"):
+        load_config(None, {"sft.learning_rate": "fast"})

@@ -259,6 +259,14 @@ def _validate_sft_values(section: dict, source: str) -> None:
         allowed = tuple(t for t in (typing.get_args(wanted) or (wanted,)) if t in (int, float, bool, str))
         if not allowed or str in allowed:
             continue
+        if isinstance(value, str) and (float in allowed or int in allowed):
+            # YAML reads 3e-4 (no dot) as a string: take it as the number it spells
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None:
+                value = section[key] = int(number) if int in allowed and float not in allowed and number.is_integer() else number
         if isinstance(value, bool) and bool not in allowed:
             ok = False
         else:
