@@ -40,6 +40,7 @@ PACKED = {"sft.packing": True, "sft.packing_strategy": "wrapped"}
 
 # name -> (heal config, overrides). Every candidate shares batch, length, steps and seed.
 CANDIDATES: dict[str, tuple[str, dict]] = {
+    "heal-default": ("train/heal.yaml", {}),  # exactly what `dus heal MODEL -o OUT` runs
     "lora-chat": ("train/lora-seam.yaml", {"data.path": CHAT, "sft.learning_rate": 1e-3, "seam.radius": 4}),
     "calibrated": ("train/distill.yaml", {"data.path": TEXT, "calibrate.enabled": True, "sft.max_steps": 0, **PACKED}),
     "distill-lora": ("train/distill.yaml", {"data.path": TEXT, "sft.learning_rate": 1e-3, "seam.radius": 4, **PACKED}),
