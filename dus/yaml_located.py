@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from dus.errors import DusError
+from dus.errors import DusError, read_user_text
 
 
 class LocatedDict(dict):
@@ -80,7 +80,7 @@ def load_located_file(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DusError(f"{path} does not exist; give the path of a YAML file")
-    return load_located(path.read_text(), str(path))
+    return load_located(read_user_text(path, "a YAML recipe"), str(path))
 
 
 def plain(value):

@@ -4,6 +4,8 @@ OSError such as an unwritable output, a file the libraries refuse) is one line a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -50,3 +52,45 @@ def test_os_errors_name_the_path_and_a_fix():
     message = one_line(PermissionError(errno.EACCES, "Permission denied", "/srv/models/out"))
     assert message == "/srv/models/out: Permission denied; check the permissions, or choose another path"
     assert "disk is full" in one_line(OSError(errno.ENOSPC, "No space left on device", "/x"))
+
+
+@pytest.mark.parametrize("command", [
+    lambda model, binary, tmp: ["build", binary, "-o", tmp / "out"],
+    lambda model, binary, tmp: ["heal", model, "-c", binary, "-o", tmp / "out"],
+    lambda model, binary, tmp: ["compare", model, "--data", binary, "-o", tmp / "out", "--no-generate"],
+    lambda model, binary, tmp: ["compare", model, "--data", _text(tmp), "--prompts", binary, "-o", tmp / "out"],
+])
+def test_binary_files_where_text_is_expected_are_one_line(command, tiny_models, tmp_path, run_cli):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    result = run_cli(*command(tiny_models("llama", 4), binary, tmp_path))
+    assert result.code == 2, result
+    assert result.stderr.strip().splitlines()[-1].startswith("dus: error:") and "not a UTF-8 text file" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_only_what_dus_wrote(tiny_models, tmp_path, run_cli):
+    """--force never deletes a directory of the user's own, the source being read, a file or a
+    symlink; it does replace an earlier dus output."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_models("llama", 4), source)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me too")
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for target, expected in ((mine, "not written by dus"), (source, "a source of this command"), (a_file, "is a file"),
+                             (link, "is a symlink"), (tmp_path, "the directory holding the source")):
+        result = run_cli("build", "--solar", source, "--trim", 1, "-o", target, "--force", "-q")
+        assert result.code == 2 and expected in result.stderr, (target, result)
+    assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too" and link.is_symlink()
+    assert (source / "model.safetensors").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if ".dus-" in p.name]
+    out = tmp_path / "out"
+    assert run_cli("build", "--solar", source, "--trim", 1, "-o", out, "-q").code == 0
+    assert run_cli("build", "--solar", source, "--trim", 2, "-o", out, "--force", "-q").code == 0
+    assert json.loads((out / "dus-manifest.json").read_text())["recipe"]["solar"]["trim"] == 2

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dus.measure.text import jsonl_strings
-from dus.errors import DusError
+from dus.errors import DusError, read_user_text
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def load_prompts(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".jsonl":
         prompts = jsonl_strings(path, "prompt")
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_user_text(path, "prompts (.jsonl or .txt)").splitlines() if line.strip()]
     if not prompts:
         raise DusError(f"{path}: no prompts in the file")
     return prompts

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dus.errors import DusError
+from dus.errors import DusError, read_user_text
 
 MODES = ("lora", "qlora", "full", "band", "expand", "distill")
 DISTILL_STUDENTS = ("lora", "full", "band", "expand")
@@ -148,7 +148,7 @@ def load_config(config: str | Path | dict | None = None, overrides: dict[str, An
         else:
             path = resolve_config_path(config)
             try:
-                user = yaml.safe_load(path.read_text()) or {}
+                user = yaml.safe_load(read_user_text(path, "a YAML heal config")) or {}
             except yaml.YAMLError as error:
                 raise DusError(f"{path}: not valid YAML ({error.__class__.__name__}: {error})") from None
             source = str(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dus.errors import DusError
+from dus.errors import DusError, read_user_text
 
 DOCUMENT_SEPARATOR = "\n\n"
 PLAIN_SUFFIXES = {".txt", ".md", ".text", ""}
@@ -21,7 +21,7 @@ def read_text(path: str | Path) -> str:
     if suffix == ".jsonl":
         text = DOCUMENT_SEPARATOR.join(jsonl_strings(path, "text"))
     elif suffix in PLAIN_SUFFIXES:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, "held-out text (.txt, or .jsonl with a 'text' field)")
     else:
         raise DusError(f"{path}: unsupported text format {suffix!r}; use a .txt file or a .jsonl file with a 'text' field")
     if not text.strip():
@@ -33,7 +33,7 @@ def jsonl_strings(path: Path, field: str) -> list[str]:
     """The string `field` of every non-empty line of a JSONL file; a one-line DusError
     naming the line for anything else."""
     values = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_user_text(path, "a JSONL file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
