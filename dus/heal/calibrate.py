@@ -1,11 +1,12 @@
 """Zero-token seam calibration: quieten the repeated layers before any training.
 
 In a SOLAR or duplication build the second copy of a source layer meets a residual
-stream that already went through its first copy, and adds its update again: the stream
-grows off the distribution every later layer was trained on. Scaling the residual-branch
-outputs (`o_proj`, `down_proj`) of the repeated copies by a factor below 1 takes much of
-that back, and the right factor can be chosen with forward passes alone: score a few
-factors on calibration text and keep the best.
+stream that already went through its first copy, and applies the same transformation
+again, moving the stream along directions the layers after it never saw in training.
+Scaling the residual-branch outputs (`o_proj`, `down_proj`) of the repeated copies by a
+factor below 1 softens that (measured on SmolLM2 SOLAR 30 -> 44: x0.5 wins back about 60%
+of the seam's perplexity cost with no training), and the right factor can be chosen with
+forward passes alone: score a few factors on calibration text and keep the best.
 
 A floor keeps the built model what the user built: no factor may leave a layer's output
 projections with less than `MIN_FACTOR` of the norm they had in the source (below that the
