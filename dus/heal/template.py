@@ -11,22 +11,16 @@ conversations are then handed to TRL already tokenized, with labels.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dus.errors import DusError
 from dus.heal.data import LoadedData
 
 # Used only when the tokenizer has no chat template: plain-text role headers (no new
 # tokens needed), the assistant turn inside {% generation %} so that assistant-only loss
 # works, and the tokenizer's EOS closing each answer so that the model learns to stop.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
-    "{% else %}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
-)
+# Kept as a Jinja file (dus/templates/fallback_chat.jinja, package data), read as it is.
+FALLBACK_CHAT_TEMPLATE = (Path(__file__).resolve().parents[1] / "templates" / "fallback_chat.jinja").read_text(encoding="utf-8")
 
 
 def fit_data_to_template(data: LoadedData, tokenizer, assistant_only_loss: bool, notes: list[str]):
