@@ -8,14 +8,15 @@ difference so the user can judge it.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from dus.checkpoint import read_json
 
 
 def _vocab(path: Path) -> dict[str, int] | None:
     tokenizer_file = path / "tokenizer.json"
     if tokenizer_file.is_file():
-        data = json.loads(tokenizer_file.read_text())
+        data = read_json(tokenizer_file, "the tokenizer", "re-save the tokenizer or re-download the model")
         vocab = data.get("model", {}).get("vocab")
         if isinstance(vocab, list):  # unigram: [[piece, score], ...]
             vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
@@ -25,7 +26,7 @@ def _vocab(path: Path) -> dict[str, int] | None:
         return vocab
     vocab_file = path / "vocab.json"
     if vocab_file.is_file():
-        return json.loads(vocab_file.read_text())
+        return read_json(vocab_file, "the vocabulary", "re-save the tokenizer or re-download the model")
     return None
 
 
@@ -38,8 +39,8 @@ def _file_digest(path: Path) -> str | None:
 
 def first_tokenizer_difference(a: Path, b: Path) -> str | None:
     """None when the tokenizers agree, else a short description of the first difference."""
-    size_a = json.loads((a / "config.json").read_text()).get("vocab_size")
-    size_b = json.loads((b / "config.json").read_text()).get("vocab_size")
+    size_a = read_json(a / "config.json", "the model config", "re-download the model").get("vocab_size")
+    size_b = read_json(b / "config.json", "the model config", "re-download the model").get("vocab_size")
     if size_a != size_b:
         return f"vocab_size {size_a} vs {size_b}"
     vocab_a, vocab_b = _vocab(a), _vocab(b)

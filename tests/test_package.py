@@ -25,7 +25,7 @@ def installed(tmp_path_factory):
     wheel = next(wheels.glob("dus-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("dus/_shipped/train/lora-seam.yaml", "dus/_shipped/train/full.yaml", "dus/_shipped/data/prompts.jsonl",
-                    "dus/_shipped/data/text/train.jsonl", "dus/_shipped/recipes/solar.yaml"):
+                    "dus/_shipped/data/text/train.jsonl", "dus/_shipped/recipes/solar.yaml", "dus/templates/fallback_chat.jinja"):
         assert shipped in names, shipped
     venv = root / "venv"
     # The environment's own packages (torch, transformers ...) are visible; dus is installed
