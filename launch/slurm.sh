@@ -16,7 +16,9 @@ CONFIG=${3:-train/lora-seam.yaml}
 shift $(( $# < 3 ? $# : 3 ))
 
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
-MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first node of the job hosts the rendezvous. (sed reads the whole list: `head -n 1` may
+# close the pipe while scontrol still writes, and pipefail then kills the job with SIGPIPE.)
+MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PORT=${MAIN_PORT:-29500}
 # Compute nodes are often offline: dus logs W&B offline there unless a key is present;
 # upload afterwards with `wandb sync $OUT/wandb/offline-run-*`.

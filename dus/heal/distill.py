@@ -85,7 +85,14 @@ class DistillSFTTrainer(SFTTrainer):
             )
         teacher_model.eval()
         teacher_model.requires_grad_(False)
-        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if self.is_deepspeed_enabled:
+            # An inference engine of its own: under ZeRO-3 the teacher was loaded partitioned
+            # (deepspeed.zero.Init) and only an engine gathers its weights for each forward.
+            from trl.models.utils import prepare_deepspeed
+
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
 

@@ -2,7 +2,8 @@
 
 A healed checkpoint should say how it was made without anyone keeping notes: which
 layers trained and why, on what data (with its hash), for how many steps, to what loss,
-with which exact config, on how many processes, and whether those processes agreed.
+with which exact config, on how many processes of which kind (accelerate's distributed
+type, FSDP version or ZeRO stage, global batch), and whether those processes agreed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dus.heal.distributed import describe
 from dus.heal.merge import file_sha256
 
 CURVE_KEYS = ("step", "loss", "eval_loss", "distill_kl", "nll", "num_tokens")
@@ -54,7 +56,8 @@ def heal_record(cfg, targets, train_data, eval_data, teacher_dir, trainer, resul
             for entry in history
             if "loss" in entry or "eval_loss" in entry
         ],
-        "world_size": trainer.args.world_size,
+        # what ran, as the trainer's accelerator says (not what the launch config asked for)
+        **describe(trainer.accelerator, trainer.args),
         "ranks_agree": len(set(digests)) == 1 if digests else None,
         **extra,
         "config": cfg.to_dict(),

@@ -21,6 +21,17 @@ from dus.checkpoint import ModelDir, accelerator_type, read_json
 from dus.errors import DusError
 from dus.heal.config import HealConfig, build_lora_config, build_sft_config
 from dus.heal.data import LoadedData, load_data
+from dus.heal.distributed import (
+    check_supported,
+    describe,
+    describe_briefly,
+    enable_fsdp_on_cpu,
+    holds_shards,
+    launched_as,
+    needs_cpu_fsdp,
+    plain_loading,
+    whole_weights,
+)
 from dus.heal.merge import weights_digest, write_healed_model
 from dus.heal.record import heal_record
 from dus.heal.template import fit_data_to_template
@@ -233,7 +244,7 @@ def announce(run: "HealRun", student: "Student") -> None:
         distill = cfg.section("distill")
         say(f"  teacher: {student.teacher_dir} (alpha {distill['alpha']}, temperature {distill['temperature']})")
     state = run.state
-    kind = "single process" if run.args.world_size == 1 else state.distributed_type.value.lower().replace("_", "-")
+    kind = "single process" if run.args.world_size == 1 else launched_as(state.distributed_type.value)
     say(f"  processes: {run.args.world_size} ({kind}), device {run.args.device}")
 
 
@@ -386,7 +397,9 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
             and 0 <= max_steps <= (previous.get("steps") or 0):
         raise DusError(f"--resume: the run in {out} already finished its {previous.get('steps')} steps; "
                        "raise --steps to train further, or start afresh with --force")
-    use_cpu = accelerator_type() is None
+    accelerator = accelerator_type()
+    use_cpu = accelerator is None
+    check_supported(cfg.trains, accelerator)
     if cfg.mode == "qlora":
         quantization_config(cfg)  # fail before the data is read
     inputs = read_inputs(model_dir, cfg)
@@ -398,7 +411,12 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     if inputs.eval_set is not None and sft.get("eval_strategy", "no") == "no":
         extra.update(eval_strategy="steps", eval_steps=sft.get("eval_steps") or sft.get("save_steps", 100))
     name = run_name(cfg, model_dir, model_dir.manifest)
+    if needs_cpu_fsdp(accelerator):
+        enable_fsdp_on_cpu()
+        extra.update(use_cpu=False, ddp_backend="gloo")
     args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
+    if needs_cpu_fsdp(accelerator):
+        say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu)
 
 
@@ -407,7 +425,10 @@ def load_student(run: HealRun, teacher: str | None) -> Student:
     cfg = run.cfg
     model = load_model(run.model_dir, cfg, run.use_cpu)
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
-    calibration = calibrate_model(model, run.manifest, cfg, run.inputs) if cfg.section("calibrate")["enabled"] else None
+    calibration = None
+    if cfg.section("calibrate")["enabled"]:
+        with whole_weights(model, modify=True):  # ZeRO-3 loads partitioned weights; every rank calibrates
+            calibration = calibrate_model(model, run.manifest, cfg, run.inputs)
     targets, peft_config = select_trainable(model, cfg, run.manifest)
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -437,16 +458,14 @@ def open_output(run: HealRun, student: Student):
 
 def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     """Train, gather the weights, write the healed model (or the adapter); returns the record."""
-    from accelerate.utils import gather_object
     from transformers.trainer_utils import get_last_checkpoint
 
     cfg, out, inputs = run.cfg, run.out, run.inputs
     trainer = make_trainer(cfg, student.model, run.args, inputs, student.peft_config, student.teacher_model, callbacks)
     sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
-    if sharded:
-        say(f"  sharding: {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    say(f"  distributed: {describe_briefly(describe(trainer.accelerator, trainer.args))}")
+    trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in trainer.model.parameters())
     say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
     resumed_from = get_last_checkpoint(str(out / CHECKPOINTS)) if run.resume else None
     if resumed_from:
@@ -457,16 +476,13 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     result = trainer.train(resume_from_checkpoint=resumed_from)
     seconds = time.time() - started
 
-    # Under FSDP / DeepSpeed each rank holds shards: the Trainer gathers the full weights
-    # into files, and the healed model is rebuilt from those on rank 0. Otherwise every
-    # rank hashes its weights, which must agree.
+    # Under FSDP / DeepSpeed the Trainer gathers the full weights into files (a collective:
+    # every rank takes part), and the healed model is rebuilt from those on rank 0.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     trained_dir = out / ("adapter" if student.peft_config is not None else ".trained")
-    digests = None
     if sharded:
         trainer.save_model(str(trained_dir))
-    else:
-        digests = gather_object([weights_digest(unwrapped)])
+    digests = rank_digests(trainer, unwrapped)
     record = heal_record(cfg, student.targets, inputs.train_data, inputs.eval_data, student.teacher_dir, trainer, result, {
         "steps_this_run": counter.steps,
         "rank_digests": digests,
@@ -482,15 +498,36 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     return record
 
 
+def parameter_count(param) -> int:
+    """Elements of a parameter; a ZeRO-3 partition counts as the whole tensor it is part of."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def rank_digests(trainer, unwrapped) -> list[str] | None:
+    """Every rank's hash of its trainable weights (they must agree), where each rank holds
+    whole weights (DDP, ZeRO-1/2); None where ranks hold shards (FSDP, ZeRO-3): there the
+    gathered weights are hashed on rank 0 instead (see save_outputs)."""
+    from accelerate.utils import gather_object
+
+    if holds_shards(trainer.accelerator):
+        return None
+    return gather_object([weights_digest(unwrapped)])
+
+
 def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, sharded: bool, record: dict) -> None:
-    """Rank 0: the merged standalone model (or, with --no-merge, the adapter and the record)."""
+    """Rank 0: the merged standalone model (or, with --no-merge, the adapter and the record).
+
+    Nothing here may touch sharded parameters or start a collective: the other ranks are
+    already waiting at the final barrier."""
     out, tokenizer, is_adapter = run.out, run.inputs.tokenizer, student.peft_config is not None
     if is_adapter:
         if not sharded:
             unwrapped.save_pretrained(str(trained_dir))
         tokenizer.save_pretrained(str(trained_dir))
     if run.cfg.merge or not is_adapter:
-        final = reload_trained(run.model_dir, trained_dir, is_adapter) if sharded else unwrapped
+        final = reload_trained(run.model_dir, trained_dir, is_adapter, student.calibration) if sharded else unwrapped
+        if record["rank_digests"] is None:
+            record["gathered_digest"] = weights_digest(final, trainable_only=False)
         write_healed_model(final, tokenizer, run.model_dir.path, out, run.manifest, record, dtype=student.saved_dtype)
         if trained_dir.name == ".trained":
             shutil.rmtree(trained_dir, ignore_errors=True)
@@ -542,13 +579,22 @@ def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: I
     return result
 
 
-def reload_trained(model_dir: ModelDir, trained_dir: Path, is_adapter: bool):
-    """The trained model rebuilt from the files the Trainer gathered (sharded runs)."""
-    if not is_adapter:
-        return ModelDir(trained_dir).load_model("auto")
-    from peft import PeftModel
+def reload_trained(model_dir: ModelDir, trained_dir: Path, is_adapter: bool, calibration=None):
+    """The trained model rebuilt from the files the Trainer gathered (sharded runs), on
+    rank 0 alone: loaded as a plain model even under ZeRO-3 (a partitioned load would
+    wait for the other ranks). An adapter goes onto the input model with the calibration
+    the run applied before training (it is not in the adapter)."""
+    with plain_loading():
+        if not is_adapter:
+            return ModelDir(trained_dir).load_model("auto")
+        from peft import PeftModel
 
-    return PeftModel.from_pretrained(model_dir.load_model("auto"), str(trained_dir))
+        from dus.heal.calibrate import scale_layers
+
+        base = model_dir.load_model("auto")
+        if calibration is not None and calibration.per_layer:
+            scale_layers(base, calibration.per_layer)
+        return PeftModel.from_pretrained(base, str(trained_dir))
 
 
 __all__ = ["heal", "HealResult"]

@@ -90,7 +90,9 @@ def non_linear_weights(layer) -> list[str]:
         if isinstance(module, nn.Linear)
         for pname, _ in module.named_parameters(recurse=False)
     }
-    return [name for name, param in layer.named_parameters() if param.dim() >= 2 and name not in inside_linear]
+    # a ZeRO-3 partition is a flat slice; ds_shape is the shape of the whole parameter
+    return [name for name, param in layer.named_parameters()
+            if len(getattr(param, "ds_shape", param.shape)) >= 2 and name not in inside_linear]
 
 
 def manifest_seams(manifest, num_layers: int) -> list[int] | None:
