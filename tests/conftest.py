@@ -78,3 +78,20 @@ def run_cli(capsys):
         return CliResult(code, out.out, out.err)
 
     return run
+
+
+def write_addition_chats(path: Path, count: int = 48) -> Path:
+    """A small chat data set of sums ("add 3 and 4" / "3 plus 4 is 7."), the same every time."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [
+            {"role": "user", "content": f"add {a} and {b}"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

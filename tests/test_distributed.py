@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import write_addition_chats
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -112,15 +113,7 @@ def workspace(tmp_path_factory):
 
     source = make_tiny_model(root / "source", "llama", num_layers=4, seed=1)
     build_model({"solar": {"model": str(source), "trim": 1}}, root / "built")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rows.append({"messages": [
-            {"role": "user", "content": f"add {a} and {b}"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]})
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_addition_chats(root / "chat.jsonl")
     return root
 
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_addition_chats
+
 from dus.build import build_model
 from dus.heal.config import load_config
 from dus.heal.run import heal
@@ -42,15 +44,7 @@ def workspace(tmp_path_factory):
     source = make_tiny_model(root / "source", "llama", num_layers=4, seed=1)
     build_model({"solar": {"model": str(source), "trim": 1}}, root / "built")
     build_model({"expand": {"model": str(source), "every": 2}}, root / "expanded")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rows.append({"messages": [
-            {"role": "user", "content": f"add {a} and {b}"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]})
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_addition_chats(root / "chat.jsonl")
     prose = "\n\n".join(f"The number {i} comes after {i - 1} and before {i + 1}." for i in range(1, 40))
     (root / "prose.txt").write_text(prose + "\n")
     return root
