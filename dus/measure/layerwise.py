@@ -85,9 +85,16 @@ class LayerStats:
             for begin in range(0, h.shape[1], TOKEN_CHUNK):
                 unit = h[:, begin : begin + TOKEN_CHUNK].transpose(0, 1).double()  # [t, L+1, H]
                 unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-                gram = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)  # [t, L+1, L+1]
-                self._cos_sum += gram.sum(0).cpu()
-                self._angle_sum += (torch.arccos(gram) / math.pi).sum(0).cpu()
+                if self.max_skip is None:  # every pair (scan): one Gram matrix per token
+                    gram = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)  # [t, L+1, L+1]
+                    self._cos_sum += gram.sum(0).cpu()
+                    self._angle_sum += (torch.arccos(gram) / math.pi).sum(0).cpu()
+                    continue
+                for skip in range(1, min(self.max_skip, depth) + 1):  # only the diagonals reported
+                    cos = (unit[:, :-skip] * unit[:, skip:]).sum(-1).clamp(-1.0, 1.0)  # [t, L+1-skip]
+                    rows = torch.arange(depth + 1 - skip)
+                    self._cos_sum[rows, rows + skip] += cos.sum(0).cpu()
+                    self._angle_sum[rows, rows + skip] += (torch.arccos(cos) / math.pi).sum(0).cpu()
             self.tokens += h.shape[1]
 
     def _mean(self, values) -> list[float]:
