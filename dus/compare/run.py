@@ -3,6 +3,7 @@ then write plots, metrics.json and report.md, and optionally log to W&B."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -188,7 +189,10 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         "models": [],
     }
     setup = Measuring(texts, prompts, window, stride, device, options, console)
-    for label, path in zip(labels, model_dirs):
+    # matplotlib imports in a thread while the models are measured (torch releases the GIL)
+    threading.Thread(target=_import_plotting, daemon=True).start()
+    for index, (label, path) in enumerate(zip(labels, model_dirs)):
+        setup.more_models = index + 1 < len(model_dirs)
         measured = measure_model(label, path, tokenizers[label], setup)
         seams, new_layers, built = seams_of(path)
         measured.update({"seams": seams, "new_layers": new_layers, "built": built})
@@ -228,6 +232,13 @@ class Measuring:
     device: object
     options: CompareOptions
     console: object
+    more_models: bool = True  # another model is measured after this one
+
+
+def _import_plotting() -> None:
+    from dus.compare.plots import _pyplot
+
+    _pyplot()
 
 
 def measure_model(label: str, path, tokenizer, setup: Measuring) -> dict:
@@ -282,7 +293,8 @@ def measure_model(label: str, path, tokenizer, setup: Measuring) -> dict:
     if options.perplexity:
         pooled = PerplexityResult(sum(r.nll_sum for r in results.values()), sum(r.tokens for r in results.values()))
         measured["perplexity"] = {**pooled.to_dict(), "domains": {name: r.to_dict() for name, r in results.items()}}
-    free(model)
+    if setup.more_models:  # give the memory back before the next model loads
+        free(model)
     return measured
 
 
