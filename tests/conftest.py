@@ -95,3 +95,27 @@ def write_addition_chats(path: Path, count: int = 48) -> Path:
         ]})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def tensors(directory: Path) -> dict:
+    """Every tensor of a checkpoint directory, all shards merged."""
+    from safetensors.torch import load_file
+
+    merged = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        merged.update(load_file(shard))
+    return merged
+
+
+def changed_layers(before: Path, after: Path) -> dict[str, set[str]]:
+    """Which tensors differ, grouped by layer index ('-' for non-layer tensors)."""
+    import torch
+
+    a, b = tensors(before), tensors(after)
+    assert a.keys() == b.keys()
+    changed: dict[str, set[str]] = {}
+    for name in a:
+        if not torch.equal(a[name], b[name]):
+            layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
+            changed.setdefault(layer, set()).add(name)
+    return changed

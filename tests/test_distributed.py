@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_addition_chats
+from conftest import changed_layers, tensors, write_addition_chats
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -133,28 +133,10 @@ def runs(workspace):
     return get
 
 
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    merged = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        merged.update(load_file(shard))
-    return merged
-
-
 def max_difference(a: Path, b: Path) -> float:
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys()
     return max((ta[name].float() - tb[name].float()).abs().max().item() for name in ta)
-
-
-def changed_layers(before: Path, after: Path) -> dict[str, set[str]]:
-    a, b = tensors(before), tensors(after)
-    assert a.keys() == b.keys()
-    changed: dict[str, set[str]] = {}
-    for name in a:
-        if not torch.equal(a[name], b[name]):
-            layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
-            changed.setdefault(layer, set()).add(name)
-    return changed
 
 
 def assert_ran_as(run: Run, kind: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_addition_chats
+from conftest import changed_layers, tensors, write_addition_chats
 
 from dus.build import build_model
 from dus.heal.config import load_config
@@ -55,25 +55,6 @@ def run(workspace, out, steps=4, **overrides):
     resume = settings.pop("resume", False)
     teacher = settings.pop("teacher", None)
     return heal(model, out, load_config(settings.pop("config", "lora-seam"), settings), resume=resume, teacher=teacher)
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    merged = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        merged.update(load_file(shard))
-    return merged
-
-
-def changed_layers(before: Path, after: Path) -> dict[str, set[str]]:
-    """Which tensors differ, grouped by layer index ('-' for non-layer tensors)."""
-    a, b = tensors(before), tensors(after)
-    assert a.keys() == b.keys()
-    changed: dict[str, set[str]] = {}
-    for name in a:
-        if not torch.equal(a[name], b[name]):
-            layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
-            changed.setdefault(layer, set()).add(name)
-    return changed
 
 
 def mean(values):
