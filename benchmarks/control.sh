@@ -10,12 +10,7 @@
 # Knobs: DUS_RUN (default runs/demo), HEAL_STEPS (default 60), EVAL_TOKENS (default 4096).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/python-env.sh
-RUN=${DUS_RUN:-runs/demo}
-HEAL_STEPS=${HEAL_STEPS:-60}
-EVAL_TOKENS=${EVAL_TOKENS:-4096}
-BASE=models/SmolLM2-135M-Instruct
-export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+. scripts/demo-env.sh
 [ -d "$RUN/solar-healed" ] || { echo "run scripts/demo.sh first (no $RUN/solar-healed)" >&2; exit 2; }
 start=$SECONDS
 dus heal "$BASE" -c full -o "$RUN/control" --force --data data/text/train.jsonl --steps "$HEAL_STEPS" \

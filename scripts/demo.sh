@@ -10,12 +10,7 @@
 # HEAL_STEPS (see README: "Longer run on a GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/python-env.sh
-RUN=${DUS_RUN:-runs/demo}
-HEAL_STEPS=${HEAL_STEPS:-60}
-EVAL_TOKENS=${EVAL_TOKENS:-4096}
-BASE=models/SmolLM2-135M-Instruct
-export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+. scripts/demo-env.sh
 
 bash scripts/install.sh
 mkdir -p "$RUN"
