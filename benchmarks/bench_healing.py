@@ -184,12 +184,12 @@ def child(spec: dict) -> dict:
         "sft.activation_checkpointing": False, "sft.logging_steps": 1, "sft.seed": 0, "merge": spec["keep"],
         "sft.warmup_steps": 4,
     }
-    if spec["overrides"].get("sft.max_steps") == 0:  # calibration only: no training
+    calibration_only = spec["overrides"].get("sft.max_steps") == 0
+    if calibration_only:  # heal writes the calibrated model without a training step
         overrides["sft.max_steps"] = 0
-    cfg = load_config(REPO / spec["config"], overrides)
-    if overrides["sft.max_steps"] == 0:
-        return child_no_training(spec, cfg, streams)
-    result = heal(spec["model"], spec["out"], cfg, callbacks=[curve])
+    result = heal(spec["model"], spec["out"], load_config(REPO / spec["config"], overrides), callbacks=[curve])
+    if calibration_only:
+        return calibrated_scores(spec, result, streams, time.perf_counter() - started)
     calibration = result.record.get("calibration")
     heldout = heldout_scores(spec, curve.final_model) if spec.get("heldout") else None
     return {"name": spec["name"], "points": points, "heldout": heldout, "final_loss": result.final_loss,
@@ -211,28 +211,17 @@ def heldout_scores(spec: dict, model) -> dict[str, float]:
     return scores
 
 
-def child_no_training(spec: dict, cfg, streams) -> dict:
-    """Calibration alone: what forward passes buy before any training."""
-    import torch
-
-    from dus.heal.data import load_data
-    from dus.heal.run import Inputs, calibrate_model, load_model
+def calibrated_scores(spec: dict, result, streams, seconds: float) -> dict:
+    """Calibration alone (forward passes only): the written model scored like a curve point."""
     from dus.checkpoint import ModelDir
 
-    started = time.perf_counter()
-    data = load_data(cfg.section("data")["path"], "auto")
-    model_dir = ModelDir(spec["model"])
-    inputs = Inputs(model_dir.tokenizer(), data, None, None, None, False, [])
-    model = load_model(model_dir, cfg, use_cpu=True)
-    with torch.no_grad():
-        calibration = calibrate_model(model, model_dir.manifest, cfg, inputs)
-    seconds = time.perf_counter() - started
+    model = ModelDir(spec["out"]).load_model("float32")
     scores = perplexities(model, streams, spec["window"])
-    print(f"[{spec['name']}] calibrated x{calibration.factor:g}: {scores}", flush=True)
+    calibration = result.record["calibration"]
+    print(f"[{spec['name']}] calibrated x{calibration['factor']:g}: {scores}", flush=True)
     heldout = heldout_scores(spec, model) if spec.get("heldout") else None
     return {"name": spec["name"], "points": [{"step": 0, "tokens": 0, "train_seconds": 0.0, "perplexity": scores}],
-            "heldout": heldout,
-            "calibration": calibration.to_dict(), "setup_seconds": round(seconds, 1), "trains": "nothing",
+            "heldout": heldout, "calibration": calibration, "setup_seconds": round(seconds, 1), "trains": "nothing",
             "config": spec["config"], "overrides": spec["overrides"]}
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -143,10 +144,7 @@ def select_trainable(model, cfg: HealConfig, manifest: Manifest | None):
     if trains == "band":
         seam = cfg.section("seam")
         targets = choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
-        stack = find_layer_stack(model)
-        model.requires_grad_(False)
-        for index in targets.layers:
-            model.get_submodule(stack.path)[index].requires_grad_(True)
+        train_only_layers(model, targets.layers)
         targets.reason += " (all their parameters)"
         return targets, None
     if trains == "expand":
@@ -157,13 +155,18 @@ def select_trainable(model, cfg: HealConfig, manifest: Manifest | None):
                 + ("the model has no dus-manifest.json" if manifest is None else "its manifest lists no new layers")
                 + "; use mode lora or full"
             )
-        stack = find_layer_stack(model)
-        model.requires_grad_(False)
-        for index in new:
-            model.get_submodule(stack.path)[index].requires_grad_(True)
+        train_only_layers(model, new)
         return HealTargets(new, [], "new blocks of the expand build (all their parameters)"), None
     model.requires_grad_(True)
     return HealTargets(list(range(num_layers)), [], "full fine-tuning: every parameter"), None
+
+
+def train_only_layers(model, layers: list[int]) -> None:
+    """Every parameter of the given decoder layers trains, nothing else."""
+    stack = model.get_submodule(find_layer_stack(model).path)
+    model.requires_grad_(False)
+    for index in layers:
+        stack[index].requires_grad_(True)
 
 
 class StepCounter(TrainerCallback):
@@ -196,9 +199,9 @@ class Inputs:
     assistant_only_loss: bool
     notes: list[str]
 
-    @property
+    @cached_property
     def data_sha256(self) -> str | None:
-        """The training data file's sha256 (None for a hub name or a directory)."""
+        """The training data file's sha256 (None for a hub name or a directory), read once."""
         from dus.heal.merge import file_sha256
 
         return file_sha256(Path(self.train_data.source))
@@ -540,13 +543,11 @@ def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, s
 
 def calibration_record(run: HealRun, student: Student) -> dict:
     """The heal record of a calibration-only run (no training step)."""
-    from dus.heal.merge import file_sha256
-
     data = run.inputs.train_data
     return {
         "stage": "heal", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": run.cfg.mode, "trains": "nothing",
         "layers": [], "reason": "calibration only (sft.max_steps 0)", "seams": student.targets.seams,
-        "data": {"path": data.source, "format": data.format, "rows": data.rows, "sha256": file_sha256(Path(data.source))},
+        "data": {"path": data.source, "format": data.format, "rows": data.rows, "sha256": run.inputs.data_sha256},
         "steps": 0, "tokens": 0, "final_loss": None, "world_size": run.args.world_size,
         "calibration": student.calibration.to_dict() if student.calibration else None,
         "config": run.cfg.to_dict(), "config_file": run.cfg.source, "overrides": run.cfg.overrides,
