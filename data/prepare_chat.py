@@ -97,9 +97,12 @@ def _fingerprint(turns: list[tuple[str, str]]) -> str:
     return hashlib.sha256(folded.encode()).hexdigest()
 
 
-def build(raw: bytes) -> tuple[list[dict], list[dict], dict]:
+def usable_rows(raw: bytes, stats: dict | None = None) -> list[dict]:
+    """Every usable conversation, deduplicated and shuffled with SEED: held-out is the first
+    HELDOUT, train the next TRAIN (data/prepare_text.py takes dev chat from the rest)."""
     data = json.loads(raw)
-    stats = {"source_conversations": len(data), "unusable": 0, "duplicates": 0}
+    stats = stats if stats is not None else {}
+    stats.update(source_conversations=len(data), unusable=0, duplicates=0)
     seen: set[str] = set()
     rows = []
     for conversation_id in sorted(data):
@@ -117,6 +120,12 @@ def build(raw: bytes) -> tuple[list[dict], list[dict], dict]:
             "messages": [{"role": speaker, "content": text} for speaker, text in turns],
         })
     random.Random(SEED).shuffle(rows)
+    return rows
+
+
+def build(raw: bytes) -> tuple[list[dict], list[dict], dict]:
+    stats: dict = {}
+    rows = usable_rows(raw, stats)
     heldout, train = rows[:HELDOUT], rows[HELDOUT:HELDOUT + TRAIN]
     stats.update(usable=len(rows), heldout=len(heldout), train=len(train), unused=len(rows) - len(heldout) - len(train))
     return train, heldout, stats

