@@ -91,6 +91,10 @@ def check_gguf(path: str | Path) -> dict:
             f"{path} holds a {architecture!r} model, which dus import does not support; "
             f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if metadata.get(f"{architecture}.expert_count"):
+        # transformers reads a llama-architecture GGUF as a dense Llama and drops the experts.
+        raise DusError(f"{path} holds a mixture-of-experts model ({metadata[f'{architecture}.expert_count']} experts), "
+                       "which transformers (and so dus import) cannot read from GGUF; use the original safetensors checkpoint")
     return metadata
 
 
@@ -108,7 +112,19 @@ def _dense_load_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _load(gguf_path: Path, dtype: str):
+def _config(folder: str, name: str, metadata: dict):
+    """transformers' config of the GGUF, with the head size the file states: transformers
+    5.2x maps no `attention.key_length` for qwen3 and falls back to hidden/heads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    key_length = metadata.get(f"{metadata['general.architecture']}.attention.key_length")
+    if isinstance(key_length, int) and getattr(config, "head_dim", key_length) != key_length:
+        config.head_dim = key_length
+    return config
+
+
+def _load(gguf_path: Path, dtype: str, metadata: dict):
     """The GGUF's model (dense, in `dtype`) and tokenizer, as transformers reads them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +132,7 @@ def _load(gguf_path: Path, dtype: str):
     kwargs = _dense_load_kwargs()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
+        kwargs["config"] = _config(folder, name, metadata)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype), **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as error:
@@ -203,7 +220,7 @@ def import_gguf(
         raise DusError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     metadata = check_gguf(gguf_path)
     with atomic_directory(output, replace_only_dus_outputs(force, [gguf_path.parent])) as temporary:
-        model, tokenizer = _load(gguf_path, dtype)
+        model, tokenizer = _load(gguf_path, dtype, metadata)
         context = metadata.get(f"{metadata['general.architecture']}.context_length")
         if isinstance(context, int):
             tokenizer.model_max_length = context

@@ -39,9 +39,11 @@ def tiny_config(
     num_kv_heads: int = 2,
     vocab_size: int = TINY_VOCAB,
     tie_word_embeddings: bool | None = None,
+    **overrides,
 ):
     """A small config of `arch` that exercises what makes the family special
-    (sliding-window layer patterns, fused projections, experts, q/k norms, biases)."""
+    (sliding-window layer patterns, fused projections, experts, q/k norms, biases);
+    `overrides` are config fields that replace the defaults."""
     import transformers as tf
 
     common = dict(
@@ -57,30 +59,24 @@ def tiny_config(
         pad_token_id=BYTE_VOCAB + 3,
     )
     head_dim = hidden_size // num_heads
-    if arch == "llama":
-        config = tf.LlamaConfig(**common)
-    elif arch == "mistral":
-        config = tf.MistralConfig(**common, sliding_window=8)
-    elif arch == "qwen2":
+    families = {
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, {"sliding_window": 8}),
         # Sliding window on the upper half: `layer_types` differs per layer.
-        config = tf.Qwen2Config(
-            **common, use_sliding_window=True, sliding_window=8, max_window_layers=num_layers // 2
-        )
-    elif arch == "qwen3":
-        config = tf.Qwen3Config(**common, head_dim=head_dim)
-    elif arch == "gemma2":
-        config = tf.Gemma2Config(**common, head_dim=head_dim, sliding_window=8)
-    elif arch == "gemma3_text":
+        "qwen2": (tf.Qwen2Config, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": num_layers // 2}),
+        "qwen3": (tf.Qwen3Config, {"head_dim": head_dim}),
+        # query_pre_attn_scalar = head_dim, as in Gemma 2B/9B and Gemma 3 (llama.cpp assumes it).
+        "gemma2": (tf.Gemma2Config, {"head_dim": head_dim, "sliding_window": 8, "query_pre_attn_scalar": head_dim}),
         # Pattern 3 so that a 4-6 layer model has both sliding and full layers.
-        config = tf.Gemma3TextConfig(
-            **common, head_dim=head_dim, sliding_window=8, sliding_window_pattern=3
-        )
-    elif arch == "phi3":
-        config = tf.Phi3Config(**common)
-    elif arch == "mixtral":
-        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
-    else:
+        "gemma3_text": (tf.Gemma3TextConfig, {"head_dim": head_dim, "sliding_window": 8, "sliding_window_pattern": 3,
+                                              "query_pre_attn_scalar": head_dim}),
+        "phi3": (tf.Phi3Config, {}),
+        "mixtral": (tf.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    }
+    if arch not in families:
         raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config_class, special = families[arch]
+    config = config_class(**{**common, **special, **overrides})
     if tie_word_embeddings is not None:
         config.tie_word_embeddings = tie_word_embeddings
     return config

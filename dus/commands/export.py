@@ -1,0 +1,36 @@
+"""`dus export`: a model directory -> a GGUF file for llama.cpp (and Ollama, LM Studio ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def export_command(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A model directory (a dus build, a healed model, any HF checkpoint)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The GGUF file to write."),
+    type_name: str = typer.Option("f16", "--type", "-t", help="Tensor type: f32 (lossless), f16, bf16 or q8_0."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write OUT.Modelfile for `ollama create`."),
+) -> None:
+    """Write MODEL as one GGUF file that llama.cpp runs like the checkpoint (streamed, atomic)."""
+    from rich.console import Console
+
+    from dus.export.run import export_gguf
+
+    console = Console(stderr=True)
+    result = export_gguf(model, output, type_name, force=force, ollama=ollama)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(
+        f"[green]exported[/] {result.path}: {result.architecture}, {result.tensors} tensors, {result.type}, "
+        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+    )
+    if result.modelfile:
+        console.print(f"Ollama: ollama create {result.path.stem} -f {result.modelfile}")
+    console.print(f"llama.cpp: llama-cli -m {result.path} -cnv   (or: python -m llama_cpp.server --model {result.path})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
