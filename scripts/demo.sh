@@ -5,6 +5,7 @@
 #   3. heal with the defaults (train/heal.yaml): calibrate the repeated layers, then distil the
 #      source model into the 16 layers around the seam on the bundled broad text
 #   4. compare base / unhealed / healed on every bundled held-out text and write the report
+#   5. export the healed model to GGUF (q8_0) for llama.cpp, Ollama, LM Studio ...
 # Knobs (environment): DUS_RUN (output folder, default runs/demo), HEAL_STEPS (default 60),
 # EVAL_TOKENS (held-out tokens scored per text and model, default 4096). On a GPU, raise
 # HEAL_STEPS (see README: "Longer run on a GPU").
@@ -32,5 +33,7 @@ stage build dus build recipes/solar.yaml -o "$RUN/solar" --force
 stage heal dus heal "$RUN/solar" -o "$RUN/solar-healed" --force --steps "$HEAL_STEPS"
 stage compare dus compare "$BASE" "$RUN/solar" "$RUN/solar-healed" \
     -l base -l unhealed -l healed --max-tokens "$EVAL_TOKENS" -o "$RUN/report"
+stage export dus export "$RUN/solar-healed" -o "$RUN/solar-healed.q8_0.gguf" --type q8_0 --force
 echo "== stage times (seconds)"; cat "$timings"
 echo "report: $RUN/report/report.md"
+echo "GGUF: $RUN/solar-healed.q8_0.gguf (chat: python -m llama_cpp.server --model $RUN/solar-healed.q8_0.gguf, or llama-cli -m ... -cnv)"

@@ -9,7 +9,13 @@ PIP="python -m pip --disable-pip-version-check"
 if ! python -c "import torch" >/dev/null 2>&1; then
     $PIP install --quiet "torch==2.13.0"
 fi
-$PIP install --quiet -e ".[test]"
+# llama-cpp-python (in the test extra) compiles llama.cpp: portable flags, one job per core.
+# Where it cannot build, install the rest and say so: the llama.cpp tests then skip.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
+if ! $PIP install --quiet -e ".[test]"; then
+    echo "warning: llama-cpp-python did not build; installing without it (the llama.cpp export checks will skip)" >&2
+    $PIP install --quiet -e . "pytest>=8" "hypothesis>=6.100" "deepspeed>=0.16"
+fi
 # mergekit is the reference that tests/test_mergekit_compat.py and benchmarks/ compare
 # against; dus never imports it. Its requirements are all satisfied by the line above.
 $PIP install --quiet "mergekit==0.1.5"
