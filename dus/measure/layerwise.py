@@ -72,8 +72,7 @@ class LayerStats:
         import torch
 
         with torch.no_grad():
-            h = torch.stack([state.float() for state in states])  # [L+1, T, H]
-            depth = h.shape[0] - 1
+            depth = len(states) - 1
             if self.num_layers is None:
                 self.num_layers = depth
                 self._norm_sum = torch.zeros(depth + 1, dtype=torch.float64)
@@ -81,21 +80,28 @@ class LayerStats:
                 self._angle_sum = torch.zeros(depth + 1, depth + 1, dtype=torch.float64)
             elif depth != self.num_layers:
                 raise ValueError(f"got {depth} layers after {self.num_layers}")
-            self._norm_sum += h.norm(dim=-1).sum(-1).double().cpu()
-            for begin in range(0, h.shape[1], TOKEN_CHUNK):
-                unit = h[:, begin : begin + TOKEN_CHUNK].transpose(0, 1).double()  # [t, L+1, H]
-                unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-                if self.max_skip is None:  # every pair (scan): one Gram matrix per token
+            tokens = states[0].shape[0]
+            for begin in range(0, tokens, TOKEN_CHUNK):
+                h = torch.stack([state[begin : begin + TOKEN_CHUNK].float() for state in states])  # [L+1, t, H]
+                norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float64)  # [L+1, t]
+                self._norm_sum += norms.sum(-1).cpu()
+                if self.max_skip is None:  # every pair (scan): one Gram matrix per token, in float64
+                    unit = (h.double() / norms.clamp_min(1e-300).unsqueeze(-1)).transpose(0, 1)  # [t, L+1, H]
                     gram = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)  # [t, L+1, L+1]
                     self._cos_sum += gram.sum(0).cpu()
                     self._angle_sum += (torch.arccos(gram) / math.pi).sum(0).cpu()
                     continue
-                for skip in range(1, min(self.max_skip, depth) + 1):  # only the diagonals reported
-                    cos = (unit[:, :-skip] * unit[:, skip:]).sum(-1).clamp(-1.0, 1.0)  # [t, L+1-skip]
+                # Only the diagonals reported (compare), from chords between unit vectors:
+                # angle = 2 asin(|u - v| / 2) and 1 - cos = |u - v|^2 / 2 stay exact in float32
+                # for nearly equal states (an identity layer reads 0), where arccos(cos) would not.
+                unit = h / norms.float().clamp_min(1e-30).unsqueeze(-1)
+                for skip in range(1, min(self.max_skip, depth) + 1):
+                    chord = torch.linalg.vector_norm(unit[skip:] - unit[:-skip], dim=-1, dtype=torch.float64)
+                    chord = chord.clamp(0.0, 2.0)
                     rows = torch.arange(depth + 1 - skip)
-                    self._cos_sum[rows, rows + skip] += cos.sum(0).cpu()
-                    self._angle_sum[rows, rows + skip] += (torch.arccos(cos) / math.pi).sum(0).cpu()
-            self.tokens += h.shape[1]
+                    self._cos_sum[rows, rows + skip] += (1.0 - chord.square() / 2).sum(-1).cpu()
+                    self._angle_sum[rows, rows + skip] += (2 * torch.asin(chord / 2) / math.pi).sum(-1).cpu()
+            self.tokens += tokens
 
     def _mean(self, values) -> list[float]:
         if not self.tokens:
