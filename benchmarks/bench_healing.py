@@ -350,8 +350,12 @@ def plot(results: dict, workdir: Path) -> None:
     reference = results["reference"]
     domains = list(reference["source"])
     for axis_key, label in (("tokens", "training tokens"), ("train_seconds", "training seconds (1 CPU thread)")):
-        figure, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4.2), squeeze=False)
-        for axis, domain in zip(axes[0], domains):
+        columns = min(4, len(domains))
+        rows = -(-len(domains) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.2 * rows), squeeze=False)
+        for axis in axes.flat[len(domains):]:
+            axis.axis("off")
+        for axis, domain in zip(axes.flat, domains):
             for name, run in results["candidates"].items():
                 xs = [p[axis_key] for p in run["points"]]
                 ys = [p["perplexity"][domain] for p in run["points"]]
@@ -363,7 +367,7 @@ def plot(results: dict, workdir: Path) -> None:
             axis.set_xlabel(label)
             axis.set_ylabel("perplexity")
             axis.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7)
+        axes.flat[len(domains) - 1].legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(workdir / f"healing_vs_{axis_key}.png", dpi=110)
         plt.close(figure)
