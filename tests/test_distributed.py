@@ -56,6 +56,9 @@ COMMON = [
     # calibration before training: under ZeRO-3 it must gather (and change) partitioned weights,
     # and a sharded LoRA run must re-apply it to the base it merges into
     "--set", "calibrate.enabled=true", "--set", "calibrate.tokens=256", "--set", "calibrate.window=64",
+    # no 1.0 among the candidates: on a random model any factor may score best, and the
+    # tests need a scaled base to check that it survives sharding and merging
+    "--set", "calibrate.factors=[0.8, 0.6]",
 ]
 CPU_FSDP_LINE = "FSDP launch without a GPU: dus runs FSDP on the CPU over gloo"
 
@@ -168,7 +171,7 @@ def test_ddp_reference_runs_as_multi_cpu_and_trains(runs, workspace):
     assert_ran_as(run, "ddp")
     assert_digests_fit(run.record, "ddp")
     assert run.record["steps"] == 4
-    # far above the tolerance the sharded runs are held to below
+    # far above the tolerance the sharded runs are held to below (5e-6)
     assert max_difference(workspace / "built", run.out) > 1e-3
 
 
@@ -178,8 +181,9 @@ def test_sharded_full_fine_tuning_ends_with_the_ddp_weights(kind, runs):
     assert_ran_as(run, kind)
     assert_digests_fit(run.record, kind)
     assert run.record["steps"] == 4 and run.record["calibration"]["layers"] == [3, 4]
-    # same seed, same global batch: the same model, to float32 rounding
-    assert max_difference(runs("ddp", "full").out, run.out) <= 1e-6
+    # same seed, same global batch: the same model, to float32 rounding (sharded reductions
+    # sum in another order; seen up to 1.8e-6 after 4 steps at lr 1e-3), 1000x below training's change
+    assert max_difference(runs("ddp", "full").out, run.out) <= 5e-6
 
 
 @pytest.mark.parametrize("kind", [kind_param(k) for k in ("ddp", "fsdp", "zero2", "zero3")])
