@@ -109,7 +109,7 @@ def test_llama_cpp_tokenizes_and_computes_like_transformers(models, tmp_path, ar
     model = models(arch)
     ids = hf_tokens(model, SAMPLE)
     expected = transformers_logits(model, ids)
-    for type_name in ("f32", "f16", "q8_0"):
+    for type_name in ("f32", "f16", "bf16", "q8_0"):
         out = export(model, tmp_path / f"m-{type_name}.gguf", type_name).path
         with llamacpp.open_gguf(out, n_ctx=128, threads=1) as llm:
             assert llamacpp.tokenize(llm, SAMPLE) == ids
