@@ -13,6 +13,7 @@ held-out figures come from `dus compare` on `data/heldout/` after the defaults w
     python benchmarks/bench_healing.py --candidates distill-band,calibrated-distill-band
     python benchmarks/bench_healing.py --list            # the candidates and what they change
     python benchmarks/bench_healing.py --plot-only       # redraw from results.json
+    python benchmarks/bench_healing.py --heldout-kept NAME   # held-out scores of a run kept with --keep
 
 Results accumulate in WORKDIR/results.json (one entry per candidate; rerun one to replace
 it), with plots per domain against training tokens and against training seconds.
@@ -90,6 +91,9 @@ def parse_args(argv=None):
                         help="also score each final model on the held-out texts (data/heldout/*.txt and data/heldout.txt); "
                              "for reporting after the defaults are fixed, never for choosing them")
     parser.add_argument("--heldout-tokens", type=int, default=4096)
+    parser.add_argument("--heldout-kept", default="", metavar="NAME[,NAME]",
+                        help="score candidates already run with --keep (WORKDIR/run-NAME, the same weights --heldout "
+                             "scores) on the held-out texts, with no training; after the defaults are fixed")
     parser.add_argument("--keep", action="store_true", help="keep each candidate's healed model in WORKDIR/run-NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot-only", action="store_true")
@@ -299,7 +303,8 @@ def main(argv=None):
             streams = token_streams(str(built), texts, args.eval_tokens)
             results = {"settings": settings, "reference": references(args.source, built, streams, args.window)}
             results_path.write_text(json.dumps(results, indent=2) + "\n")
-        if args.heldout and results.get("heldout_reference", {}).get("tokens") != args.heldout_tokens:
+        wants_heldout = args.heldout or args.heldout_kept
+        if wants_heldout and results.get("heldout_reference", {}).get("tokens") != args.heldout_tokens:
             from dus.compare.run import default_heldout_files, domain_names
 
             files = default_heldout_files()
@@ -307,6 +312,17 @@ def main(argv=None):
             results["heldout_reference"] = {"tokens": args.heldout_tokens,
                                             **references(args.source, built, streams, args.window)}
             results_path.write_text(json.dumps(results, indent=2) + "\n")
+        for name in [n for n in args.heldout_kept.split(",") if n]:
+            stored = args.workdir / "candidates" / f"{name}.json"
+            if not (args.workdir / f"run-{name}" / "config.json").is_file() or not stored.is_file():
+                raise SystemExit(f"no kept model for {name}: run it with --keep first")
+            from dus.checkpoint import ModelDir
+
+            model = ModelDir(str(args.workdir / f"run-{name}")).load_model("float32")
+            result = json.loads(stored.read_text())
+            spec = {"name": name, "model": str(built), "heldout_tokens": args.heldout_tokens, "window": args.window}
+            result["heldout"] = heldout_scores(spec, model)
+            stored.write_text(json.dumps(result, indent=2) + "\n")
         extra: dict[str, dict] = {}
         for item in args.set:
             name, assignment = item.split(":", 1)
