@@ -289,6 +289,11 @@ def test_distillation_loss_is_kl_on_labelled_tokens():
     assert torch.allclose(mixed, 0.25 * kl2 + 0.75 * nll2)
     ce = torch.nn.functional.cross_entropy(student[:, :-1][mask], labels[:, 1:][mask], reduction="sum")
     assert torch.allclose(nll2, ce)
+    assert torch.allclose(nll, ce)  # at alpha 1, T 1 the logged NLL is read off the KL's softmax: still the NLL
+    hot, kl_t, nll_t, _ = distillation_loss(student, teacher, labels, alpha=1.0, temperature=2.0)
+    p_t = torch.softmax(teacher[:, :-1][mask] / 2, -1)
+    expected_t = 4 * (p_t * (p_t.log() - torch.log_softmax(student[:, :-1][mask] / 2, -1))).sum()
+    assert torch.allclose(hot, expected_t) and torch.allclose(nll_t, ce)
 
 
 # --- launch configs -------------------------------------------------------------------
