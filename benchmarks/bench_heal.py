@@ -5,6 +5,14 @@ ratios dus / TRL: training tokens per second (measured between the first and las
 step, so model loading and the warm-up step do not count) and peak resident memory.
 Aim: dus at >= 0.95x TRL's throughput. (Which healing works is benchmarks/bench_healing.py.)
 
+Two modes. `--mode lora` (LoRA SFT on the seam, the first default): the TRL script is
+SFTTrainer with the same PEFT targets. `--mode distill` (the default heal: the seam band's
+full parameters learn the source model's token distributions on packed plain text): the TRL
+script is SFTTrainer with the same layers unfrozen and a `compute_loss` that adds one teacher
+forward and a KL, as a user would write it; a third contender, the same script with plain
+cross-entropy and no teacher, shows what the teacher costs per step.
+
+    python benchmarks/bench_heal.py --mode distill --threads 1   # the default heal vs TRL
     python benchmarks/bench_heal.py                       # SmolLM2 SOLAR 30->44 if models/ has it
     python benchmarks/bench_heal.py --source DIR --trim 8 # any source model
     python benchmarks/bench_heal.py --tiny                # a random tiny Llama: quick smoke run
@@ -36,14 +44,17 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="Use a random tiny Llama (8 layers) instead.")
     parser.add_argument("--trim", type=int, default=None, help="SOLAR trim (default: a quarter of the layers).")
     parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-heal")
-    parser.add_argument("--data", default=str(REPO / "data" / "chat" / "train.jsonl"))
+    parser.add_argument("--mode", choices=["lora", "distill"], default="lora")
+    parser.add_argument("--data", default=None,
+                        help="default: data/chat/train.jsonl (lora), data/text/train.jsonl (distill)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="dus/TRL pairs for the overhead ratio.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per training process (default: torch's choice; 1 is steadier on a busy machine)")
-    parser.add_argument("--child", choices=["dus", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["dus", "trl", "dus-distill", "trl-distill", "trl-ce"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -59,7 +70,8 @@ def sft_fields(spec: dict) -> dict:
         "max_steps": spec["steps"],
         "per_device_train_batch_size": spec["batch_size"],
         "max_length": spec["max_length"],
-        "packing": False,
+        "packing": spec.get("packing", False),
+        **({"packing_strategy": "wrapped"} if spec.get("packing") else {}),
         "assistant_only_loss": False,
         "activation_checkpointing": False,
         "logging_steps": 1,
@@ -135,6 +147,78 @@ def child_trl(spec: dict) -> dict:
             "final_loss": losses[-1] if losses else None}
 
 
+def child_dus_distill(spec: dict) -> dict:
+    """`dus heal` with the default config (distill into the seam band), calibration off:
+    it is forward passes before training and would not count in tokens/s anyway."""
+    from dus.heal.config import load_config
+    from dus.heal.run import heal
+
+    meter = make_meter()
+    overrides = {f"sft.{k}": v for k, v in sft_fields(spec).items()}
+    overrides.update({"data.path": spec["data"], "calibrate.enabled": False})
+    result = heal(spec["model"], spec["out"], load_config("heal", overrides), callbacks=[meter])
+    return {"tokens_per_second": meter.tokens_per_second(), "peak_rss_mb": peak_rss_mb(),
+            "layers": result.record["layers"], "teacher": result.record.get("teacher"),
+            "final_loss": result.final_loss}
+
+
+def trl_band_trainer(spec: dict, meter, teacher_dir: str | None):
+    """A plain TRL script: the band's layers unfrozen, everything else frozen; with a
+    teacher, `compute_loss` is forward KL to it (one no-grad teacher forward per step)."""
+    import torch
+    import torch.nn.functional as F
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model.requires_grad_(False)
+    for index in spec["layers"]:
+        model.model.layers[index].requires_grad_(True)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    dataset = load_dataset("json", data_files=spec["data"], split="train")
+    args = SFTConfig(output_dir=spec["out"], **sft_fields(spec))
+    if teacher_dir is None:
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=[meter])
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
+    seconds = [0.0]
+
+    class KDTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs, use_cache=False)
+            began = time.perf_counter()
+            with torch.no_grad():
+                target = teacher(**inputs, use_cache=False).logits
+            seconds[0] += time.perf_counter() - began
+            mask = labels[:, 1:] != -100
+            log_q = F.log_softmax(outputs.logits[:, :-1][mask], dim=-1)
+            log_p = F.log_softmax(target[:, :-1][mask], dim=-1)
+            loss = (log_p.exp() * (log_p - log_q)).sum() / mask.sum()
+            self._total_train_tokens += inputs["input_ids"].numel()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = KDTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[meter])
+    trainer.teacher_seconds = seconds
+    return trainer
+
+
+def child_trl_band(spec: dict, teacher: bool) -> dict:
+    meter = make_meter()
+    trainer = trl_band_trainer(spec, meter, spec["teacher"] if teacher else None)
+    trainer.train()
+    trainer.save_model(spec["out"])  # dus saves its result too: peak memory includes writing it
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = {"tokens_per_second": meter.tokens_per_second(), "peak_rss_mb": peak_rss_mb(),
+              "final_loss": losses[-1] if losses else None}
+    if teacher:
+        result["teacher_seconds_per_step"] = trainer.teacher_seconds[0] / spec["steps"]
+        result["seconds_per_step"] = spec["batch_size"] * spec["max_length"] / result["tokens_per_second"]
+    return result
+
+
 # --- the parent: prepare, run children, report ------------------------------------------
 
 def run_child(kind: str, spec: dict, threads: int | None = None) -> dict:
@@ -183,45 +267,63 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        result = {"dus": child_dus, "trl": child_trl}[args.child](spec)
+        result = {"dus": child_dus, "trl": child_trl, "dus-distill": child_dus_distill,
+                  "trl-distill": lambda spec: child_trl_band(spec, teacher=True),
+                  "trl-ce": lambda spec: child_trl_band(spec, teacher=False)}[args.child](spec)
         print(json.dumps(result))
         return
 
     import shutil
 
     source, built = prepare_models(args)
-    base = {"model": str(built), "data": args.data, "batch_size": args.batch_size, "max_length": args.max_length}
+    distill = args.mode == "distill"
+    data = args.data or str(REPO / "data" / ("text" if distill else "chat") / "train.jsonl")
+    base = {"model": str(built), "data": data, "batch_size": args.batch_size, "max_length": args.max_length,
+            "packing": distill}
     results: dict = {}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results.update({"source": str(source), "built": str(built), "settings": settings})
-    print(f"source {source.name}, SOLAR build {built.name}", flush=True)
+    results.update({"source": str(source), "built": str(built), "settings": {**settings, "data": data}})
+    print(f"source {source.name}, SOLAR build {built.name}, mode {args.mode}", flush=True)
 
+    # dus runs first (it chooses the layers, and the teacher, that the TRL scripts get), then
+    # the order alternates so that neither side always runs on a warmer machine.
+    kinds = ["dus-distill", "trl-distill", "trl-ce"] if distill else ["dus", "trl"]
     pairs = []
-    layers = modules = None
+    chosen: dict = {}
     for repeat in range(args.repeats):
-        order = ["dus", "trl"] if repeat % 2 == 0 else ["trl", "dus"]
+        order = kinds if repeat % 2 == 0 else kinds[::-1]
         pair = {}
         for kind in order:
             out = args.workdir / f"throughput-{kind}"
             shutil.rmtree(out, ignore_errors=True)
-            spec = {**base, "steps": args.throughput_steps, "out": str(out)}
-            if kind == "trl":  # dus chose the targets in the first run; TRL gets the same ones
-                spec.update(layers=layers, lora_modules=modules)
+            spec = {**base, "steps": args.throughput_steps, "out": str(out), **chosen}
             pair[kind] = run_child(kind, spec, args.threads)
-            if kind == "dus":
-                layers, modules = pair[kind]["layers"], pair[kind]["lora_modules"]
+            if kind == kinds[0] and not chosen:
+                found = pair[kind]
+                chosen = ({"layers": found["layers"], "teacher": str(source)} if distill
+                          else {"layers": found["layers"], "lora_modules": found["lora_modules"]})
             print(f"  run {repeat + 1} {kind}: {pair[kind]['tokens_per_second']:.1f} tokens/s, "
                   f"peak {pair[kind]['peak_rss_mb']:.0f} MB", flush=True)
-        pairs.append(pair)
+        pairs.append({"dus": pair[kinds[0]], "trl": pair[kinds[1]], **({"trl-ce": pair["trl-ce"]} if distill else {})})
     speed = [p["dus"]["tokens_per_second"] / p["trl"]["tokens_per_second"] for p in pairs]
     memory = [p["dus"]["peak_rss_mb"] / p["trl"]["peak_rss_mb"] for p in pairs]
     results["throughput"] = {
-        "runs": pairs, "speed_ratios": speed, "memory_ratios": memory,
+        "mode": args.mode, "runs": pairs, "speed_ratios": speed, "memory_ratios": memory,
         "speed_ratio_median": statistics.median(speed), "memory_ratio_median": statistics.median(memory),
-        "layers": layers,
+        "layers": chosen["layers"],
     }
     print(f"dus/TRL tokens/s: median {statistics.median(speed):.3f} ({', '.join(f'{r:.3f}' for r in speed)}); "
           f"peak memory: median {statistics.median(memory):.3f}", flush=True)
+    if distill:
+        # What the teacher costs: the KD script's step time over the same script without a
+        # teacher, and the teacher's own forward time against one student forward (a third
+        # of a training step's compute at most; here the student is deeper than the teacher).
+        teacher_cost = [p["trl-ce"]["tokens_per_second"] / p["trl"]["tokens_per_second"] for p in pairs]
+        teacher_share = [p["trl"]["teacher_seconds_per_step"] / p["trl"]["seconds_per_step"] for p in pairs]
+        results["throughput"].update(step_time_with_teacher_over_without=teacher_cost,
+                                     teacher_forward_share_of_step=teacher_share)
+        print(f"teacher: step time x{statistics.median(teacher_cost):.3f} of the script without it; its forward is "
+              f"{statistics.median(teacher_share):.1%} of a step", flush=True)
 
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.workdir / "bench_heal.md").write_text(markdown(results))
@@ -233,7 +335,7 @@ def markdown(results: dict) -> str:
              f"`{Path(results['built']).name}`; settings: {json.dumps(results['settings'])}\n"]
     if "throughput" in results:
         t = results["throughput"]
-        lines.append("## dus heal vs a plain TRL SFTTrainer script (same model, data, LoRA targets, SFTConfig)\n")
+        lines.append("## dus heal vs a plain TRL SFTTrainer script (same model, data, trained layers, SFTConfig)\n")
         lines.append("| run | dus tokens/s | TRL tokens/s | ratio | dus peak MB | TRL peak MB | ratio |")
         lines.append("|---|---|---|---|---|---|---|")
         for i, pair in enumerate(t["runs"]):
@@ -241,8 +343,16 @@ def markdown(results: dict) -> str:
             lines.append(f"| {i + 1} | {d['tokens_per_second']:.1f} | {r['tokens_per_second']:.1f} | "
                          f"{t['speed_ratios'][i]:.3f} | {d['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{t['memory_ratios'][i]:.3f} |")
+        what = "LoRA" if t.get("mode", "lora") == "lora" else "distillation into the band of"
         lines.append(f"\nmedian throughput ratio dus/TRL **{t['speed_ratio_median']:.3f}**, "
-                     f"median peak-memory ratio **{t['memory_ratio_median']:.3f}** (LoRA on layers {t['layers']})\n")
+                     f"median peak-memory ratio **{t['memory_ratio_median']:.3f}** ({what} layers {t['layers']})\n")
+        if "step_time_with_teacher_over_without" in t:
+            cost = statistics.median(t["step_time_with_teacher_over_without"])
+            share = statistics.median(t["teacher_forward_share_of_step"])
+            ce = ", ".join(f"{p['trl-ce']['tokens_per_second']:.1f}" for p in t["runs"])
+            lines.append(f"the teacher: the TRL script without it (cross-entropy, same band) runs at {ce} tokens/s; "
+                         f"with it a step takes **{cost:.3f}x** as long, its no-grad forward being "
+                         f"**{share:.1%}** of the step (median)\n")
     return "\n".join(lines) + "\n"
 
 
