@@ -1,5 +1,5 @@
 """Benchmark `dus heal`'s overhead: `dus heal` against a plain TRL SFTTrainer script on
-the same model, data, LoRA targets and SFTConfig, in the same run. Each training runs in
+the same model, data, trained layers and SFTConfig, in the same run. Each training runs in
 its own process (so peak memory is its own), the two alternate, and the figures are
 ratios dus / TRL: training tokens per second (measured between the first and last logged
 step, so model loading and the warm-up step do not count) and peak resident memory.
@@ -300,7 +300,7 @@ def main(argv=None):
             pair[kind] = run_child(kind, spec, args.threads)
             if kind == kinds[0] and not chosen:
                 found = pair[kind]
-                chosen = ({"layers": found["layers"], "teacher": str(source)} if distill
+                chosen = ({"layers": found["layers"], "teacher": found["teacher"]} if distill
                           else {"layers": found["layers"], "lora_modules": found["lora_modules"]})
             print(f"  run {repeat + 1} {kind}: {pair[kind]['tokens_per_second']:.1f} tokens/s, "
                   f"peak {pair[kind]['peak_rss_mb']:.0f} MB", flush=True)
@@ -316,8 +316,8 @@ def main(argv=None):
           f"peak memory: median {statistics.median(memory):.3f}", flush=True)
     if distill:
         # What the teacher costs: the KD script's step time over the same script without a
-        # teacher, and the teacher's own forward time against one student forward (a third
-        # of a training step's compute at most; here the student is deeper than the teacher).
+        # teacher, and the teacher's forward time (mean over every step, the first included)
+        # as a share of a step (between the first and last logged step).
         teacher_cost = [p["trl-ce"]["tokens_per_second"] / p["trl"]["tokens_per_second"] for p in pairs]
         teacher_share = [p["trl"]["teacher_seconds_per_step"] / p["trl"]["seconds_per_step"] for p in pairs]
         results["throughput"].update(step_time_with_teacher_over_without=teacher_cost,
