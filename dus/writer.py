@@ -41,6 +41,7 @@ class OutputTensor:
     scale: float | None = None
     zero: bool = False
     blend: tuple[TensorInfo, Blend] | None = None
+    value: object = None  # a tensor computed in memory (a healed layer), written instead of the source's
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +50,8 @@ class OutputTensor:
     @property
     def is_byte_copy(self) -> bool:
         return (
-            not self.zero
+            self.value is None
+            and not self.zero
             and self.blend is None
             and self.scale in (None, 1.0)
             and self.dtype == self.source.dtype
@@ -207,6 +209,8 @@ def materialize(tensor: OutputTensor):
     import torch
 
     out_dtype = getattr(torch, TORCH_NAMES.get(tensor.dtype, ""), None)
+    if tensor.value is not None:
+        return tensor.value.detach().to("cpu", out_dtype)
     if tensor.zero:
         return torch.zeros(tensor.shape, dtype=out_dtype)
     value = read_tensor(tensor.source)

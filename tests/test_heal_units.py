@@ -12,7 +12,7 @@ import torch
 from dus.errors import DusError
 from dus.heal.config import DEFAULTS, load_config
 from dus.heal.data import detect_format, load_data
-from dus.heal.distill import distillation_loss
+from dus.heal.distill import chunked_distillation_loss, distillation_loss, head_logits
 from dus.heal.targets import choose_layers, describe_targets, find_layer_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,6 +294,28 @@ def test_distillation_loss_is_kl_on_labelled_tokens():
     p_t = torch.softmax(teacher[:, :-1][mask] / 2, -1)
     expected_t = 4 * (p_t * (p_t.log() - torch.log_softmax(student[:, :-1][mask] / 2, -1))).sum()
     assert torch.allclose(hot, expected_t) and torch.allclose(nll_t, ce)
+
+
+@pytest.mark.parametrize("alpha, temperature, softcap", [(1.0, 1.0, None), (0.25, 2.0, None), (1.0, 1.0, 3.0)])
+def test_chunked_loss_equals_the_whole_logits_loss_with_its_gradients(alpha, temperature, softcap):
+    """Chunks of 3 tokens (of 8 labelled) give the loss and the gradients of whole logits,
+    for the hidden states and for a trained head."""
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(2, 6, 8), torch.randn(13, 8)
+    labels = torch.tensor([[1, 2, 3, -100, -100, 4], [4, 5, 6, 7, 8, 9]])
+    whole = distillation_loss(head_logits(hidden, weight, softcap), head_logits(teacher_hidden, teacher_weight, softcap),
+                              labels, alpha, temperature)
+    whole_grads = torch.autograd.grad(whole[0] * 0.5, (hidden, weight))
+    chunked = chunked_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, alpha, temperature,
+                                        softcap, softcap, chunk=3)
+    chunked_grads = torch.autograd.grad(chunked[0] * 0.5, (hidden, weight))
+    assert chunked[3] == whole[3] == 8
+    for a, b in zip(chunked[:3], whole[:3]):
+        assert torch.allclose(a, b, rtol=1e-5), (a, b)
+    for a, b in zip(chunked_grads, whole_grads):
+        assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --- launch configs -------------------------------------------------------------------

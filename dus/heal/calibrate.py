@@ -16,10 +16,10 @@ so a layer the recipe already scaled gets a correspondingly smaller range.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from dus.errors import DusError
-from dus.plan import LayerPlan, scale_for
+from dus.plan import LayerPlan, ScaleRule, scale_for
 
 MIN_FACTOR = 0.5  # of the source layer's output-projection norm; see the module docstring
 DEFAULT_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -64,9 +64,11 @@ class Calibration:
     scores: dict[str, float] = field(default_factory=dict)  # factor -> calibration perplexity
     tokens: int = 0
     text: str | None = None
+    plan: LayerPlan | None = field(default=None, repr=False)  # the build plan with the chosen factors as scale rules
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(replace(self, plan=None))
+        del data["plan"]
         data["per_layer"] = {str(k): v for k, v in self.per_layer.items()}
         return data
 
@@ -101,6 +103,61 @@ def scale_layers(model, per_layer: dict[int, float]) -> None:
                     linear.bias.mul_(factor)
 
 
+def projection_names(layer) -> list[str]:
+    """Names (inside a decoder layer) of the parameters of its output projections."""
+    return [name for name, _ in layer.named_parameters() if "o_proj" in name or "down_proj" in name]
+
+
+def with_output_factors(plan: LayerPlan, per_layer: dict[int, float], names: list[str]) -> LayerPlan:
+    """The plan with each layer's output projections (`names`, inside a layer) multiplied
+    by its factor: scale rules placed before the recipe's own, so the product of both is
+    what `dus build` writes and what the in-memory model computes."""
+    layers = list(plan.layers)
+    for index, factor in per_layer.items():
+        if factor == 1.0:
+            continue
+        layer = layers[index]
+        rules = []
+        for name in names:
+            built = scale_for(layer.scale, f"model.layers.{index}.{name}")
+            rules.append(ScaleRule((1.0 if built is None else built) * factor, name))
+        layers[index] = replace(layer, scale=(*rules, *layer.scale))
+    return replace(plan, layers=layers)
+
+
+def calibrate_plan(plan: LayerPlan, sources, ids, factors=DEFAULT_FACTORS, window: int = 512, on_factor=None,
+                   copies: str = "later", config=None) -> Calibration:
+    """`calibrate` on the plan executed in memory: each factor is a plan of its own
+    (scale rules), assembled over the loaded sources and scored, with no weight changed.
+    The result's `plan` is the plan to heal from."""
+    from dus.assemble import assemble, decoder
+    from dus.measure.perplexity import evaluate_stream
+
+    layers = repeated_layers(plan, copies)
+    if not layers:
+        return Calibration([], 1.0, {}, {}, len(ids), plan=plan)
+    _check_factors(factors)
+    first = plan.layers[layers[0]]
+    names = projection_names(decoder(sources[first.model]).layers[first.layer])
+    scores: dict[str, float] = {}
+    for factor in sorted(set(factors), reverse=True):
+        candidate = with_output_factors(plan, factors_for(plan, layers, factor), names)
+        model = assemble(candidate, sources, config=config).eval()
+        scores[f"{factor:g}"] = evaluate_stream(model, ids, window, window).perplexity
+        del model
+        if on_factor is not None:
+            on_factor(factor, scores[f"{factor:g}"])
+    best = min(scores, key=scores.get)
+    chosen = factors_for(plan, layers, float(best))
+    return Calibration(layers, float(best), chosen, scores, len(ids), plan=with_output_factors(plan, chosen, names))
+
+
+def _check_factors(factors) -> None:
+    bad = [f for f in factors if not 0 < f <= 1.0]
+    if bad:
+        raise DusError(f"calibrate.factors {bad}: factors are in (0, 1]; {MIN_FACTOR} is the floor")
+
+
 def factors_for(plan: LayerPlan, layers: list[int], factor: float) -> dict[int, float]:
     return {index: max(factor, floor_for(plan, index)) for index in layers}
 
@@ -109,27 +166,41 @@ def calibrate(model, plan: LayerPlan, ids, factors=DEFAULT_FACTORS, window: int 
               copies: str = "later") -> Calibration:
     """Score each factor on the token stream `ids` (perplexity, non-overlapping windows),
     leave the best one applied to `model`, and say what was chosen."""
+    from dus.heal.targets import find_layer_stack
     from dus.measure.perplexity import evaluate_stream
 
     layers = repeated_layers(plan, copies)
     if not layers:
-        return Calibration([], 1.0, {}, {}, len(ids))
-    bad = [f for f in factors if not 0 < f <= 1.0]
-    if bad:
-        raise DusError(f"calibrate.factors {bad}: factors are in (0, 1]; {MIN_FACTOR} is the floor")
-    current = {index: 1.0 for index in layers}
+        return Calibration([], 1.0, {}, {}, len(ids), plan=plan)
+    _check_factors(factors)
+    stack = model.get_submodule(find_layer_stack(model).path)
+    # Each factor multiplies the weights as built (kept aside), never the previous factor's
+    # product: the chosen weights are exactly what the calibrated plan describes.
+    originals = {index: [(linear, linear.weight.detach().clone(), None if linear.bias is None else
+                          linear.bias.detach().clone()) for linear in output_projections(stack[index])]
+                 for index in layers}
     scores: dict[str, float] = {}
     was_training = model.training
     model.eval()
     for factor in sorted(set(factors), reverse=True):
-        wanted = factors_for(plan, layers, factor)
-        scale_layers(model, {i: wanted[i] / current[i] for i in layers})
-        current = wanted
+        _set_factors(originals, factors_for(plan, layers, factor))
         scores[f"{factor:g}"] = evaluate_stream(model, ids, window, window).perplexity
         if on_factor is not None:
             on_factor(factor, scores[f"{factor:g}"])
     best = min(scores, key=scores.get)
     chosen = factors_for(plan, layers, float(best))
-    scale_layers(model, {i: chosen[i] / current[i] for i in layers})
+    _set_factors(originals, chosen)
     model.train(was_training)
-    return Calibration(layers, float(best), chosen, scores, len(ids))
+    names = projection_names(stack[layers[0]])
+    return Calibration(layers, float(best), chosen, scores, len(ids), plan=with_output_factors(plan, chosen, names))
+
+
+def _set_factors(originals: dict, per_layer: dict[int, float]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for index, factor in per_layer.items():
+            for linear, weight, bias in originals[index]:
+                linear.weight.copy_(weight * factor)
+                if bias is not None:
+                    linear.bias.copy_(bias * factor)

@@ -47,7 +47,7 @@ DUS_SECTIONS = {
     "calibrate": "dus seam calibration",
     "wandb": "dus W&B placement",
 }
-SCALARS = {"mode", "merge"}
+SCALARS = {"mode", "merge", "in_memory"}
 
 # sft fields that dus sets itself; a config that sets them would be silently overridden.
 SFT_OWNED = {
@@ -73,6 +73,10 @@ class HealConfig:
     @property
     def merge(self) -> bool:
         return bool(self.raw["merge"])
+
+    @property
+    def in_memory(self) -> bool:
+        return bool(self.raw["in_memory"])
 
     def section(self, name: str) -> dict[str, Any]:
         return self.raw[name]
@@ -185,7 +189,7 @@ def _apply_override(raw: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if len(parts) == 1:
         if parts[0] not in SCALARS:
-            raise DusError(f"override '{dotted}': give section.key (e.g. sft.learning_rate=1e-4) or mode/merge")
+            raise DusError(f"override '{dotted}': give section.key (e.g. sft.learning_rate=1e-4) or mode/merge/in_memory")
         raw[parts[0]] = value
         return
     if len(parts) != 2 or parts[0] not in raw or parts[0] in SCALARS:
@@ -196,6 +200,8 @@ def _apply_override(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _validate(raw: dict, source: str) -> None:
+    if not isinstance(raw["in_memory"], bool):
+        raise DusError(f"{source}: in_memory must be true or false, got {raw['in_memory']!r}")
     if raw["mode"] not in MODES:
         raise DusError(f"{source}: mode '{raw['mode']}' is not one of {', '.join(MODES)}")
     for section, what in DUS_SECTIONS.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from trl import SFTTrainer
 
@@ -50,16 +51,9 @@ def teacher_path(model_dir: str | Path, manifest, teacher: str | None) -> Path:
     )
 
 
-def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
-    """Summed (not averaged) KL and NLL over positions whose next token has a label.
-
-    Returns (loss_sum, kl_sum, nll_sum, count); the caller divides by the token count
-    of the whole (accumulated, multi-rank) batch, as Trainer expects."""
-    target = labels[:, 1:]
-    mask = target != -100
-    student = student_logits[:, :-1][mask].float()
-    teacher = teacher_logits[:, :-1][mask].float()
-    count = mask.sum()
+def _loss_terms(student, teacher, target, alpha: float, temperature: float):
+    """Summed loss, KL and NLL over rows of float logits `student`/`teacher` (tokens x
+    vocabulary) whose next tokens are `target`."""
     scaled_student, scaled_teacher = student, teacher
     if temperature != 1.0:  # a division over the whole vocabulary, forward and backward: only when needed
         scaled_student, scaled_teacher = student / temperature, teacher / temperature
@@ -67,20 +61,139 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temp
     log_p = F.log_softmax(scaled_teacher, dim=-1)
     kl_sum = (log_p.exp() * (log_p - log_q)).sum() * temperature**2
     if alpha < 1.0 or temperature != 1.0:
-        nll_sum = F.cross_entropy(student, target[mask], reduction="sum")
+        nll_sum = F.cross_entropy(student, target, reduction="sum")
     else:  # only logged: log_q already holds the student's log-probabilities (a second softmax costs ~2% of a step)
-        nll_sum = -log_q.detach().gather(1, target[mask].unsqueeze(1)).sum()
+        nll_sum = -log_q.detach().gather(1, target.unsqueeze(1)).sum()
     loss_sum = alpha * kl_sum + (1.0 - alpha) * nll_sum if alpha < 1.0 else kl_sum
-    return loss_sum, kl_sum.detach(), nll_sum.detach(), count
+    return loss_sum, kl_sum.detach(), nll_sum.detach()
+
+
+def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
+    """Summed (not averaged) KL and NLL over positions whose next token has a label, from
+    whole logits (batch x sequence x vocabulary). Returns (loss_sum, kl_sum, nll_sum, count);
+    the caller divides by the token count of the whole (accumulated, multi-rank) batch, as
+    Trainer expects. `chunked_distillation_loss` gives the same values without the logits."""
+    target = labels[:, 1:]
+    mask = target != -100
+    student = student_logits[:, :-1][mask].float()
+    teacher = teacher_logits[:, :-1][mask].float()
+    return (*_loss_terms(student, teacher, target[mask], alpha, temperature), mask.sum())
+
+
+# Tokens per chunk: about this many logits (x 4 bytes) of each model exist at a time.
+CHUNK_LOGITS = 1 << 24
+
+
+def head_logits(hidden, weight, softcap: float | None):
+    """What a causal LM's head does to its last hidden states (Gemma caps them with tanh),
+    in the model's dtype, then float32 for the loss."""
+    logits = F.linear(hidden, weight)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """The distillation loss from last hidden states, a chunk of tokens at a time.
+
+    Each chunk's logits (student and teacher), softmaxes and gradients exist only while
+    that chunk is computed: the gradients with respect to the student's hidden states (and
+    head weight, if it trains) are summed during the forward pass, and backward only scales
+    them. Memory is a chunk's logits instead of a batch's, with no recomputation."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, target, alpha, temperature, softcap,
+                teacher_softcap, chunk):
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            with torch.no_grad():
+                teacher = head_logits(teacher_hidden[rows], teacher_weight, teacher_softcap)
+            with torch.enable_grad():
+                h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
+                w = weight.detach().requires_grad_(grad_weight is not None)
+                loss, kl, nll = _loss_terms(head_logits(h, w, softcap), teacher, target[rows], alpha, temperature)
+                wanted = [t for t, g in ((h, grad_hidden), (w, grad_weight)) if g is not None]
+                grads = torch.autograd.grad(loss, wanted) if wanted else ()
+            grads = list(grads)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grads.pop(0)
+            if grad_weight is not None:
+                grad_weight += grads.pop(0)
+            totals += torch.stack([loss.detach(), kl, nll])
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return totals[0], totals[1], totals[2]
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_nll):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_loss.to(next_dtype) if has else None
+                 for has, next_dtype in zip(ctx.has, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def chunked_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, alpha: float,
+                              temperature: float, softcap: float | None = None, teacher_softcap: float | None = None,
+                              chunk: int | None = None):
+    """`distillation_loss` from the last hidden states and head weights of both models,
+    never holding either model's logits for the whole batch."""
+    target = labels[:, 1:]
+    mask = target != -100
+    rows = hidden[:, :-1][mask]
+    teacher_rows = teacher_hidden[:, :-1][mask]
+    chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
+    loss, kl, nll = _ChunkedDistillation.apply(rows, weight, teacher_rows, teacher_weight, target[mask], float(alpha),
+                                               float(temperature), softcap, teacher_softcap, chunk)
+    return loss, kl.detach(), nll.detach(), mask.sum()
+
+
+class DeferredHead(nn.Module):
+    """Stands in for the student's lm_head while it trains: keeps the last hidden states
+    and returns no logits, so the loss can compute them a chunk at a time. Its `weight` is
+    the head's own parameter (tied to the embeddings where they are tied)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.weight = head.weight
+        self.hidden = None
+
+    def forward(self, hidden):
+        self.hidden = hidden
+        return hidden[..., :0]
+
+    def take(self):
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a PEFT or accelerate wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def softcap_of(model) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
 class DistillSFTTrainer(SFTTrainer):
     """SFTTrainer with a teacher: the loss is KL to the teacher's token distributions,
-    optionally mixed with SFT's NLL (see the module docstring)."""
+    optionally mixed with SFT's NLL (see the module docstring).
+
+    Where the models are whole in this process (one process or DDP), neither model's
+    logits for the batch are ever formed: both stop at their last hidden states and
+    `chunked_distillation_loss` applies the heads a chunk of tokens at a time; the
+    teacher may start from the student's hidden state (`shared`, dus.heal.teacher).
+    Under FSDP or DeepSpeed (weights sharded, forwards owned by the engine) the loss
+    takes whole logits from both models' forwards."""
 
     _tag_names = ["trl", "sft", "dus", "distill"]
 
-    def __init__(self, *args, teacher_model, alpha: float = 1.0, temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, teacher_model, alpha: float = 1.0, temperature: float = 1.0, shared=None, **kwargs):
         super().__init__(*args, **kwargs)
         student_vocab = self.model.config.get_text_config().vocab_size
         teacher_vocab = teacher_model.config.get_text_config().vocab_size
@@ -91,16 +204,37 @@ class DistillSFTTrainer(SFTTrainer):
             )
         teacher_model.eval()
         teacher_model.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            # An inference engine of its own: under ZeRO-3 the teacher was loaded partitioned
-            # (deepspeed.zero.Init) and only an engine gathers its weights for each forward.
-            from trl.models.utils import prepare_deepspeed
-
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+        self.chunked = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if not self.chunked:
+            if self.is_deepspeed_enabled:
+                # An inference engine of its own: under ZeRO-3 the teacher was loaded partitioned
+                # (deepspeed.zero.Init) and only an engine gathers its weights for each forward.
+                from trl.models.utils import prepare_deepspeed
+
+                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            return
+        from dus.heal.teacher import share_with_student
+
+        self.teacher_model = teacher_model.to(self.accelerator.device)
+        student = causal_lm(self.model)
+        self.shared = shared or share_with_student(teacher_model, student, 0)
+        self.teacher_head = teacher_model.get_output_embeddings()
+        self.original_head = student.get_output_embeddings()
+        for head in (self.teacher_head, self.original_head):
+            if getattr(head, "bias", None) is not None:
+                raise DusError("dus distils from models whose lm_head has no bias; this one has one")
+        self.student_head = DeferredHead(self.original_head)
+        student.set_output_embeddings(self.student_head)
+        self.softcaps = (softcap_of(student), softcap_of(teacher_model))
+
+    def restore_head(self) -> None:
+        """Put the student's own lm_head back (before saving it as a model)."""
+        if self.chunked:
+            causal_lm(self.model).set_output_embeddings(self.original_head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -108,11 +242,18 @@ class DistillSFTTrainer(SFTTrainer):
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         forward["use_cache"] = False
         outputs = model(**forward)
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(**forward).logits
-        loss_sum, kl_sum, nll_sum, count = distillation_loss(
-            outputs.logits, teacher_logits, labels, self.alpha, self.temperature
-        )
+        if self.chunked:
+            with torch.no_grad():
+                teacher_hidden = self.shared.decoder(**forward).last_hidden_state
+            loss_sum, kl_sum, nll_sum, count = chunked_distillation_loss(
+                self.student_head.take(), self.student_head.weight, teacher_hidden, self.teacher_head.weight, labels,
+                self.alpha, self.temperature, *self.softcaps)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**forward).logits
+            loss_sum, kl_sum, nll_sum, count = distillation_loss(
+                outputs.logits, teacher_logits, labels, self.alpha, self.temperature
+            )
         denominator = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)
         # Like SFTTrainer: num_items_in_batch counts every rank's tokens and DDP averages gradients.

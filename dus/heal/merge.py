@@ -69,7 +69,7 @@ def healed_manifest(source_manifest, record: dict):
     return base.with_record(record)
 
 
-def _model_card(source_dir: Path, record: dict) -> str:
+def model_card(source_dir: Path, record: dict) -> str:
     """The source's card (front matter and text kept) with a section on the healing."""
     from dus.cards import card_text, read_card
 
@@ -107,16 +107,23 @@ def write_healed_model(model, tokenizer, source_dir: Path, out_dir: Path, manife
         plain.config.use_cache = True
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(source_dir, record))
+        (tmp / "README.md").write_text(model_card(source_dir, record))
         (tmp / MANIFEST_NAME).write_text(json.dumps(healed_manifest(manifest, record).to_dict(), indent=2) + "\n")
-        for stale in LAST_FILES:
-            (out_dir / stale).unlink(missing_ok=True)
-        for pattern in WEIGHT_PATTERNS:
-            for old in out_dir.glob(pattern):
-                old.unlink()
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in [n for n in names if n not in LAST_FILES] + [n for n in LAST_FILES if n in names]:
-            os.replace(tmp / name, out_dir / name)
+        move_into(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def move_into(tmp: Path, out_dir: Path) -> None:
+    """Move a finished model from `tmp` into `out_dir`: the previous model's config and
+    manifest go first, its weights next, then the new files with config.json and the
+    manifest last, so no moment shows a directory that loads with mixed weights."""
+    for stale in LAST_FILES:
+        (out_dir / stale).unlink(missing_ok=True)
+    for pattern in WEIGHT_PATTERNS:
+        for old in out_dir.glob(pattern):
+            old.unlink()
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in [n for n in names if n not in LAST_FILES] + [n for n in LAST_FILES if n in names]:
+        os.replace(tmp / name, out_dir / name)

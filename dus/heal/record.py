@@ -64,3 +64,16 @@ def heal_record(cfg, targets, train_data, eval_data, teacher_dir, trainer, resul
         "config_file": cfg.source,
         "overrides": cfg.overrides,
     }
+
+
+def calibration_record(cfg, targets, inputs, calibration, world_size: int) -> dict:
+    """The heal record of a calibration-only run (no training step)."""
+    data = inputs.train_data
+    return {
+        "stage": "heal", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": cfg.mode, "trains": "nothing",
+        "layers": [], "reason": "calibration only (sft.max_steps 0)", "seams": targets.seams,
+        "data": {"path": data.source, "format": data.format, "rows": data.rows, "sha256": inputs.data_sha256},
+        "steps": 0, "tokens": 0, "final_loss": None, "world_size": world_size,
+        "calibration": calibration.to_dict() if calibration else None,
+        "config": cfg.to_dict(), "config_file": cfg.source, "overrides": cfg.overrides,
+    }

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from dus.checkpoint import ModelDir, accelerator_type, read_json
+from dus.checkpoint import ModelDir, accelerator_type
 from dus.errors import DusError
-from dus.heal.config import HealConfig, build_lora_config, build_sft_config
+from dus.heal.config import HealConfig, build_sft_config
 from dus.heal.data import LoadedData, load_data
 from dus.heal.distributed import (
     check_supported,
@@ -31,24 +31,15 @@ from dus.heal.distributed import (
     launched_as,
     needs_cpu_fsdp,
     plain_loading,
-    whole_weights,
 )
 from dus.heal.merge import weights_digest, write_healed_model
-from dus.heal.record import heal_record
+from dus.heal.output import CHECKPOINTS, open_output, prepare_output, write_marker
+from dus.heal.record import calibration_record, heal_record
+from dus.heal.student import Student, load_student, quantization_config
+from dus.heal.targets import HealTargets
 from dus.heal.template import fit_data_to_template
-from dus.heal.targets import (
-    HealTargets,
-    choose_layers,
-    describe_targets,
-    find_layer_stack,
-    manifest_new_layers,
-)
 from dus.manifest import Manifest
 from dus.resources import local_or_shipped
-
-RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
-CHECKPOINTS = "checkpoints"
-DEFAULT_CALIBRATION_TEXT = "data/text/train.jsonl"  # broad plain text shipped with dus
 
 
 @dataclass
@@ -72,101 +63,6 @@ def say(message: str) -> None:
         from rich.console import Console
 
         Console(stderr=True, highlight=False, soft_wrap=True).print(message)
-
-
-def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dict | None:
-    """Check OUT before anything runs; returns the previous run's marker when resuming."""
-    if out.resolve() == model_dir.resolve():
-        raise DusError(f"-o {out} is the input model directory; write the healed model elsewhere")
-    marker = out / RUN_MARKER
-    previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
-    if resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoints = out / CHECKPOINTS
-        if not checkpoints.is_dir() or get_last_checkpoint(str(checkpoints)) is None:
-            raise DusError(f"--resume: no checkpoint in {checkpoints}; run without --resume to start afresh")
-        return previous
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise DusError(
-                f"{out} exists and is not empty; use --resume to continue its run, --force to replace it, "
-                "or choose another -o"
-            )
-        if previous is None:
-            raise DusError(f"--force: {out} is not a dus heal output (no {RUN_MARKER}); refusing to delete it")
-    return None
-
-
-def load_model(model_dir: ModelDir, cfg: HealConfig, use_cpu: bool):
-    """The student, with `sft.model_init_kwargs`; float32 on a CPU, the checkpoint's dtype elsewhere."""
-    kwargs = dict(cfg.section("sft").get("model_init_kwargs") or {})
-    if kwargs.pop("trust_remote_code", False):
-        raise DusError("sft.model_init_kwargs.trust_remote_code: dus never runs a model's remote code")
-    dtype = kwargs.pop("dtype", "float32" if use_cpu else "auto")
-    if cfg.mode == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg)
-        kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
-    return model_dir.load_model(dtype, **kwargs)
-
-
-def quantization_config(cfg: HealConfig):
-    import importlib.util
-
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if not torch.cuda.is_available():
-        raise DusError("mode qlora loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
-                       "none is visible here: use mode lora (train/lora-seam.yaml) instead")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise DusError("mode qlora needs bitsandbytes: pip install bitsandbytes (or dus[gpu])")
-    kwargs = dict(cfg.section("quantization"))
-    if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
-        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
-    return BitsAndBytesConfig(**kwargs)
-
-
-def select_trainable(model, cfg: HealConfig, manifest: Manifest | None):
-    """Targets and PEFT config for LoRA modes; requires_grad flags for full/expand."""
-    num_layers = model.config.get_text_config().num_hidden_layers
-    trains = cfg.trains
-    if trains == "lora":
-        seam = cfg.section("seam")
-        targets = choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
-        targets = describe_targets(model, targets)
-        stack = find_layer_stack(model)
-        lora = build_lora_config(cfg, targets.linear_modules, targets.layers, stack.pattern)
-        if lora.layers_to_transform is not None:
-            explicit = lora.layers_to_transform
-            targets.layers = [explicit] if isinstance(explicit, int) else list(explicit)
-        return targets, lora
-    if trains == "band":
-        seam = cfg.section("seam")
-        targets = choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
-        train_only_layers(model, targets.layers)
-        targets.reason += " (all their parameters)"
-        return targets, None
-    if trains == "expand":
-        new = manifest_new_layers(manifest)
-        if not new:
-            raise DusError(
-                "mode expand trains the new blocks of an expand build, but "
-                + ("the model has no dus-manifest.json" if manifest is None else "its manifest lists no new layers")
-                + "; use mode lora or full"
-            )
-        train_only_layers(model, new)
-        return HealTargets(new, [], "new blocks of the expand build (all their parameters)"), None
-    model.requires_grad_(True)
-    return HealTargets(list(range(num_layers)), [], "full fine-tuning: every parameter"), None
-
-
-def train_only_layers(model, layers: list[int]) -> None:
-    """Every parameter of the given decoder layers trains, nothing else."""
-    stack = model.get_submodule(find_layer_stack(model).path)
-    model.requires_grad_(False)
-    for index in layers:
-        stack[index].requires_grad_(True)
 
 
 class StepCounter(TrainerCallback):
@@ -224,13 +120,6 @@ def read_inputs(model_dir: ModelDir, cfg: HealConfig) -> Inputs:
     return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
 
 
-def load_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None, dtype):
-    from dus.heal.distill import teacher_path
-
-    teacher_dir = teacher_path(model_dir.path, model_dir.manifest, teacher or cfg.section("distill")["teacher"])
-    return teacher_dir, ModelDir(teacher_dir).load_model(dtype)
-
-
 def announce(run: "HealRun", student: "Student") -> None:
     cfg, inputs, targets = run.cfg, run.inputs, student.targets
     for warning in targets.warnings:
@@ -285,17 +174,17 @@ def start_tracking(run: "HealRun", targets: HealTargets):
     return wandb_run
 
 
-def make_trainer(cfg, model, args, inputs: Inputs, peft_config, teacher_model, callbacks):
+def make_trainer(cfg, student: Student, args, inputs: Inputs, callbacks):
     kwargs = dict(
-        model=model,
+        model=student.model,
         args=args,
         train_dataset=inputs.train_set,
         eval_dataset=inputs.eval_set,
         processing_class=inputs.tokenizer,
-        peft_config=peft_config,
+        peft_config=student.peft_config,
         callbacks=list(callbacks or []),
     )
-    if teacher_model is None:
+    if student.teacher_model is None:
         from trl import SFTTrainer
 
         return SFTTrainer(**kwargs)
@@ -303,15 +192,9 @@ def make_trainer(cfg, model, args, inputs: Inputs, peft_config, teacher_model, c
 
     distill = cfg.section("distill")
     return DistillSFTTrainer(
-        teacher_model=teacher_model, alpha=distill["alpha"], temperature=distill["temperature"], **kwargs
+        teacher_model=student.teacher_model, alpha=distill["alpha"], temperature=distill["temperature"],
+        shared=student.shared, **kwargs
     )
-
-
-def write_marker(out: Path, **fields) -> None:
-    path = out / RUN_MARKER
-    marker = read_json(path, "the heal run marker", f"delete {out} to start afresh") if path.is_file() else {}
-    marker.update(fields)
-    path.write_text(json.dumps(marker, indent=2) + "\n")
 
 
 @dataclass
@@ -338,19 +221,6 @@ class HealRun:
         return self.args.distributed_state
 
 
-@dataclass
-class Student:
-    """The model to train, what in it trains, and its teacher."""
-
-    model: object
-    targets: HealTargets
-    peft_config: object | None
-    saved_dtype: str
-    calibration: object | None = None
-    teacher_dir: Path | None = None
-    teacher_model: object | None = None
-
-
 def heal(
     model_dir: str | Path,
     output: str | Path,
@@ -366,14 +236,13 @@ def heal(
     library users who want to watch or steer the run (the benchmark measures with them).
     With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
     run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force)
-    student = load_student(run, teacher)
+    student = load_student(run, teacher, say)
     announce(run, student)
-    wandb_run = open_output(run, student)
+    wandb_run = open_output(run, student.targets, start_tracking)
     if run.args.max_steps == 0:
-        record = calibration_record(run, student)
+        record = calibration_record(cfg, student.targets, run.inputs, student.calibration, run.args.world_size)
         if run.state.is_main_process:
-            write_healed_model(student.model, run.inputs.tokenizer, run.model_dir.path, run.out, run.manifest, record,
-                               dtype=student.saved_dtype)
+            write_model(run, student, student.model, record)
             write_marker(run.out, finished=True, steps=0, final_loss=None)
             say(f"[green]calibrated model written to {run.out}[/] (no training: sft.max_steps is 0)")
     else:
@@ -423,48 +292,12 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu)
 
 
-def load_student(run: HealRun, teacher: str | None) -> Student:
-    """The student (calibrated when asked), its trainable set, and the teacher for distill."""
-    cfg = run.cfg
-    model = load_model(run.model_dir, cfg, run.use_cpu)
-    saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
-    calibration = None
-    if cfg.section("calibrate")["enabled"]:
-        with whole_weights(model, modify=True):  # ZeRO-3 loads partitioned weights; every rank calibrates
-            calibration = calibrate_model(model, run.manifest, cfg, run.inputs)
-    targets, peft_config = select_trainable(model, cfg, run.manifest)
-    if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
-        model.enable_input_require_grads()
-    student = Student(model, targets, peft_config, saved_dtype, calibration)
-    if cfg.mode == "distill" and run.args.max_steps != 0:
-        student.teacher_dir, student.teacher_model = load_teacher(run.model_dir, cfg, teacher, model.dtype)
-    return student
-
-
-def open_output(run: HealRun, student: Student):
-    """Create (or, with --force, replace) OUT on rank 0 once every rank has checked
-    everything, then start W&B and write the run marker. Returns the W&B run or None."""
-    state, out = run.state, run.out
-    state.wait_for_everyone()  # a slow rank's check of OUT must not see what rank 0 writes next
-    if state.is_main_process:
-        if run.force and out.exists() and not run.resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    wandb_run = start_tracking(run, student.targets)
-    if state.is_main_process:
-        write_marker(out, model=str(run.model_dir), config=run.cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     wandb_run_id=wandb_run.run_id if wandb_run else None, data_sha256=run.inputs.data_sha256,
-                     finished=False)
-    return wandb_run
-
-
 def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     """Train, gather the weights, write the healed model (or the adapter); returns the record."""
     from transformers.trainer_utils import get_last_checkpoint
 
     cfg, out, inputs = run.cfg, run.out, run.inputs
-    trainer = make_trainer(cfg, student.model, run.args, inputs, student.peft_config, student.teacher_model, callbacks)
+    trainer = make_trainer(cfg, student, run.args, inputs, callbacks)
     sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
     say(f"  distributed: {describe_briefly(describe(trainer.accelerator, trainer.args))}")
     trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
@@ -478,6 +311,8 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resumed_from)
     seconds = time.time() - started
+    if hasattr(trainer, "restore_head"):
+        trainer.restore_head()
 
     # Under FSDP / DeepSpeed the Trainer gathers the full weights into files (a collective:
     # every rank takes part), and the healed model is rebuilt from those on rank 0.
@@ -493,6 +328,9 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
         "seconds": round(seconds, 1),
         "notes": inputs.notes,
         "calibration": student.calibration.to_dict() if student.calibration else None,
+        "in_memory": student.in_memory,
+        "built_because": student.built_because,
+        "logits": ("chunked" if getattr(trainer, "chunked", False) else "whole") if student.teacher_model else None,
     })
     if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
@@ -531,7 +369,7 @@ def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, s
         final = reload_trained(run.model_dir, trained_dir, is_adapter, student.calibration) if sharded else unwrapped
         if record["rank_digests"] is None:
             record["gathered_digest"] = weights_digest(final, trainable_only=False)
-        write_healed_model(final, tokenizer, run.model_dir.path, out, run.manifest, record, dtype=student.saved_dtype)
+        write_model(run, student, final, record)
         if trained_dir.name == ".trained":
             shutil.rmtree(trained_dir, ignore_errors=True)
         say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
@@ -541,43 +379,21 @@ def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, s
     write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
 
 
-def calibration_record(run: HealRun, student: Student) -> dict:
-    """The heal record of a calibration-only run (no training step)."""
-    data = run.inputs.train_data
-    return {
-        "stage": "heal", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": run.cfg.mode, "trains": "nothing",
-        "layers": [], "reason": "calibration only (sft.max_steps 0)", "seams": student.targets.seams,
-        "data": {"path": data.source, "format": data.format, "rows": data.rows, "sha256": run.inputs.data_sha256},
-        "steps": 0, "tokens": 0, "final_loss": None, "world_size": run.args.world_size,
-        "calibration": student.calibration.to_dict() if student.calibration else None,
-        "config": run.cfg.to_dict(), "config_file": run.cfg.source, "overrides": run.cfg.overrides,
-    }
+def write_model(run: HealRun, student: Student, model, record: dict) -> None:
+    """The healed model into OUT: streamed from the plan when the student was assembled in
+    memory, else saved whole by transformers (LoRA merged in)."""
+    tokenizer = run.inputs.tokenizer
+    if student.in_memory:
+        from dus.heal.save import write_streamed
 
-
-def calibrate_model(model, manifest: Manifest | None, cfg: HealConfig, inputs: Inputs):
-    """Scale the repeated layers' output projections by the factor that scores best on
-    calibration text (dus.heal.calibrate), before training starts."""
-    from dus.measure.text import read_text, tokenize_stream
-    from dus.heal.calibrate import calibrate
-    section = cfg.section("calibrate")
-    if manifest is None or manifest.plan is None:
-        say("[yellow]warning:[/] calibration skipped: the model has no build plan (dus-manifest.json) naming "
-            "repeated layers")
-        return None
-    if section["text"] == "auto" and inputs.train_data.shape == "text":
-        source, text = inputs.train_data.source, "\n\n".join(inputs.train_data.dataset["text"])
-    else:  # chat data calibrates on the bundled broad text, unless calibrate.text names a file
-        source = section["text"] if section["text"] != "auto" else DEFAULT_CALIBRATION_TEXT
-        text = read_text(local_or_shipped(source))
-    ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
-    say(f"  calibrating repeated layers on {len(ids)} tokens of {source}")
-    result = calibrate(model, manifest.plan, ids, section["factors"], section["window"],
-                       on_factor=lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}"), copies=section["copies"])
-    if result.layers:
-        say(f"  calibration: output projections of layers {result.layers} scaled by {result.factor:g}")
+        write_streamed(student, tokenizer, run.model_dir.path, run.out, run.manifest, record)
     else:
-        say("  calibration: the plan repeats no layer; nothing to scale")
-    return result
+        manifest = run.manifest
+        if manifest is not None and student.calibration is not None and student.calibration.plan is not None:
+            from dataclasses import replace
+
+            manifest = replace(manifest, plan=student.calibration.plan)
+        write_healed_model(model, tokenizer, run.model_dir.path, run.out, manifest, record, dtype=student.saved_dtype)
 
 
 def reload_trained(model_dir: ModelDir, trained_dir: Path, is_adapter: bool, calibration=None):

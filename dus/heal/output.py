@@ -1,0 +1,72 @@
+"""Where a heal writes: checking OUT before anything runs, creating it, the run marker.
+
+OUT is a heal run's directory: the healed model's files at its top, `checkpoints/`,
+`wandb/` and the run marker (`dus-heal-run.json`, which also holds the W&B run id for
+`--resume`). `--force` replaces only a previous heal output, never the model being
+healed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from dus.checkpoint import read_json
+from dus.errors import DusError
+
+RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B run id for --resume
+CHECKPOINTS = "checkpoints"
+
+
+def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dict | None:
+    """Check OUT before anything runs; returns the previous run's marker when resuming."""
+    if out.resolve() == model_dir.resolve():
+        raise DusError(f"-o {out} is the input model directory; write the healed model elsewhere")
+    marker = out / RUN_MARKER
+    previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoints = out / CHECKPOINTS
+        if not checkpoints.is_dir() or get_last_checkpoint(str(checkpoints)) is None:
+            raise DusError(f"--resume: no checkpoint in {checkpoints}; run without --resume to start afresh")
+        return previous
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise DusError(
+                f"{out} exists and is not empty; use --resume to continue its run, --force to replace it, "
+                "or choose another -o"
+            )
+        if previous is None:
+            raise DusError(f"--force: {out} is not a dus heal output (no {RUN_MARKER}); refusing to delete it")
+    return None
+
+
+def write_marker(out: Path, **fields) -> None:
+    path = out / RUN_MARKER
+    marker = read_json(path, "the heal run marker", f"delete {out} to start afresh") if path.is_file() else {}
+    marker.update(fields)
+    path.write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def open_output(run, targets, start_tracking):
+    """Create (or, with --force, replace) OUT on rank 0 once every rank has checked
+    everything, then start W&B (`start_tracking(run, targets)`) and write the run
+    marker. Returns the W&B run or None."""
+    state, out = run.state, run.out
+    state.wait_for_everyone()  # a slow rank's check of OUT must not see what rank 0 writes next
+    if state.is_main_process:
+        if run.force and out.exists() and not run.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    wandb_run = start_tracking(run, targets)
+    if state.is_main_process:
+        write_marker(out, model=str(run.model_dir), config=run.cfg.to_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     wandb_run_id=wandb_run.run_id if wandb_run else None, data_sha256=run.inputs.data_sha256,
+                     finished=False)
+    return wandb_run
+
+

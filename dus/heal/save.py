@@ -1,0 +1,128 @@
+"""Writing a model healed in memory: the build plan streamed again, trained tensors from memory.
+
+The healed checkpoint is the (calibrated) build plan executed on disk by the same writer
+as `dus build`: every tensor that did not train is a byte copy from its source file (or the
+writer's own transform of it: a scale, a blend), and only the tensors that trained come
+from memory: the band's or new blocks' parameters, or for a LoRA student each adapted
+projection with its adapter merged (the scaled weight plus the adapter's delta, which is
+what the trained model computed). Same file layout and names as a build; the manifest
+carries the calibrated plan and the heal record in its history.
+
+A layer whose parameters have no on-disk twin by name (Mixtral's experts are fused in
+memory) cannot be streamed this way: the model is then made standalone in memory and
+saved by transformers, as for a checkpoint healed as built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch.nn as nn
+
+from dus.assemble import ScaledLinear, decoder
+from dus.plan import MANIFEST_NAME, LayerPlan
+
+LAYER_PREFIX = "model.layers"
+
+
+def trained_tensors(model, plan: LayerPlan, own: list[int]) -> dict[str, object]:
+    """Output tensor name -> value, for every tensor that training changed."""
+    values = {}
+    layers = decoder(_causal_lm(model)).layers
+    for index in own:
+        for name, param in layers[index].named_parameters():
+            values[f"{LAYER_PREFIX}.{index}.{name}"] = param.detach()
+    values.update(_merged_adapters(model))
+    return values
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _merged_adapters(model) -> dict[str, object]:
+    """Each LoRA-adapted projection's merged weight: base (as scaled) + delta."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return {}
+    merged = {}
+    base = _causal_lm(model)
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        layer = module.get_base_layer()
+        weight = layer.weight.detach()
+        if isinstance(layer, ScaledLinear):
+            weight = weight * layer.weight_scale
+        delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+        merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
+    return merged
+
+
+def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest, record: dict) -> Path:
+    """The healed model into `out_dir` (config and manifest moved in last)."""
+    from dus.build import _copy_tokenizer
+    from dus.config_rewrite import has_layer_fields, output_config, write_config
+    from dus.heal.merge import healed_manifest, move_into, model_card
+    from dus.sources import load_source
+    from dus.writer import layout, write_shards
+
+    plan = student.plan
+    own = student.targets.layers if student.peft_config is None else []
+    values = trained_tensors(student.model, plan, own)
+    headers = {name: load_source(name, path) for name, path in plan.models.items()}
+    tensors = layout(plan, headers)
+    names = {tensor.name for tensor in tensors}
+    if not set(values) <= names:
+        return write_standalone(student, tokenizer, built_dir, out_dir, manifest, record)
+    tensors = [replace(tensor, value=values[tensor.name]) if tensor.name in values else tensor for tensor in tensors]
+    tmp = _fresh(out_dir / f".tmp-model-{os.getpid()}")
+    try:
+        write_shards(tensors, tmp, 5 * 10**9)
+        config, _ = output_config(plan, headers)
+        config["use_cache"] = True
+        write_config(config, tmp, validate=has_layer_fields(config, headers[plan.config_from]))
+        _copy_tokenizer(Path(built_dir), tmp)
+        (tmp / "README.md").write_text(model_card(Path(built_dir), record))
+        healed = healed_manifest(replace(manifest, plan=plan) if manifest else None, record)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(healed.to_dict(), indent=2) + "\n")
+        move_into(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def write_standalone(student, tokenizer, built_dir: Path, out_dir: Path, manifest, record: dict) -> Path:
+    """A private copy of every weight (ScaledLinear made plain), saved by transformers."""
+    from dus.heal.merge import write_healed_model
+
+    model = copy.deepcopy(student.model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ScaledLinear):
+                setattr(parent, name, plain_linear(child))
+    manifest = replace(manifest, plan=student.plan) if manifest else None
+    return write_healed_model(model, tokenizer, Path(built_dir), out_dir, manifest, record, dtype=student.saved_dtype)
+
+
+def plain_linear(scaled: ScaledLinear) -> nn.Linear:
+    """An nn.Linear holding the product a ScaledLinear computes."""
+    linear = nn.Linear(scaled.in_features, scaled.out_features, bias=scaled.bias is not None,
+                       device="meta")
+    linear.weight = nn.Parameter(scaled.weight.detach() * scaled.weight_scale, requires_grad=False)
+    if scaled.bias is not None:
+        linear.bias = nn.Parameter(scaled.bias.detach() * scaled.bias_scale, requires_grad=False)
+    return linear
+
+
+def _fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path

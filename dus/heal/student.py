@@ -1,0 +1,284 @@
+"""The model a heal trains, what in it trains, and its teacher.
+
+By default the student is the build plan executed in memory (dus.assemble) over one
+loaded copy of each source: only the layers that train are copies (the seam band, the new
+blocks of an expand build); a LoRA student copies nothing (one adapter per output
+position on shared layers); calibration chooses scale rules for the plan with forward
+passes and changes no weight; and the teacher is the loaded source itself, starting
+from the student's hidden state below the trained layers (dus.heal.teacher).
+
+Where the plan cannot serve, the checkpoint as built is loaded and trained as it is, and
+one line says why (`in_memory_obstacle`): no plan in the manifest, weights changed since
+the build, sources gone or changed, full fine-tuning, 4-bit loading, sharded launches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dus.checkpoint import ModelDir
+from dus.errors import DusError
+from dus.heal.config import HealConfig, build_lora_config
+from dus.heal.targets import (
+    HealTargets,
+    choose_layers,
+    describe_targets,
+    find_layer_stack,
+    manifest_new_layers,
+)
+from dus.manifest import Manifest
+from dus.plan import LayerPlan
+
+DEFAULT_CALIBRATION_TEXT = "data/text/train.jsonl"  # broad plain text shipped with dus
+
+
+@dataclass
+class Student:
+    """The model to train, what in it trains, and its teacher."""
+
+    model: object
+    targets: HealTargets
+    peft_config: object | None
+    saved_dtype: str
+    calibration: object | None = None
+    teacher_dir: Path | None = None
+    teacher_model: object | None = None
+    plan: LayerPlan | None = None  # in memory: the (calibrated) plan the student was assembled from
+    sources: object | None = None  # in memory: dus.assemble.Sources
+    shared: object | None = None  # in memory: dus.heal.teacher.SharedTeacher
+    built_because: str | None = None  # why the checkpoint as built is trained instead
+
+    @property
+    def in_memory(self) -> bool:
+        return self.plan is not None
+
+
+def in_memory_obstacle(model_dir: ModelDir, cfg: HealConfig) -> str | None:
+    """Why this run cannot heal the plan in memory (None: it can)."""
+    from dus.heal.distributed import fsdp_launch, _flag
+
+    manifest = model_dir.manifest
+    if not cfg.in_memory:
+        return "in_memory is false in the heal config"
+    if manifest is None or manifest.plan is None:
+        return "the model has no build plan (dus-manifest.json)"
+    if any(isinstance(record, dict) and record.get("stage") == "heal" for record in manifest.history):
+        return "the model was healed after it was built, so its weights are no longer the plan's"
+    if cfg.trains == "full":
+        return "full fine-tuning trains every weight, so no layer can be shared with the sources"
+    if cfg.mode == "qlora":
+        return "4-bit (QLoRA) loading of the sources in memory is not supported yet"
+    if fsdp_launch() or _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "FSDP and DeepSpeed shard each module's weights, and the in-memory model shares weights between layers"
+    return _sources_obstacle(manifest)
+
+
+def _sources_obstacle(manifest: Manifest) -> str | None:
+    """A source that is gone or whose weight files changed since the build (sha256, cached)."""
+    from dus.hashing import sha256_file
+
+    for name, path in manifest.plan.models.items():
+        directory = Path(path)
+        if not (directory / "config.json").is_file():
+            return f"source {name!r} is not at {path} any more"
+        recorded = (manifest.sources.get(name) or {}).get("files") or {}
+        for relative, digest in recorded.items():
+            if not relative.endswith(".safetensors"):
+                continue
+            file = directory / relative
+            if not file.is_file() or sha256_file(file) != digest:
+                return f"source {name!r} changed since the build ({relative})"
+    return None
+
+
+def load_student(run, teacher: str | None, say) -> Student:
+    """The student (calibrated when asked), its trainable set, and the teacher for distill."""
+    obstacle = in_memory_obstacle(run.model_dir, run.cfg)
+    if obstacle is None:
+        from dus.assemble import NotInMemory
+
+        try:
+            return _in_memory_student(run, teacher, say)
+        except NotInMemory as error:
+            obstacle = str(error)
+    say(f"  healing the checkpoint as built: {obstacle}")
+    student = _built_student(run, teacher, say)
+    student.built_because = obstacle
+    return student
+
+
+def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
+    """`sft.model_init_kwargs` and the dtype: float32 on a CPU, the checkpoint's elsewhere."""
+    kwargs = dict(cfg.section("sft").get("model_init_kwargs") or {})
+    if kwargs.pop("trust_remote_code", False):
+        raise DusError("sft.model_init_kwargs.trust_remote_code: dus never runs a model's remote code")
+    return kwargs.pop("dtype", "float32" if use_cpu else "auto"), kwargs
+
+
+def _in_memory_student(run, teacher: str | None, say) -> Student:
+    from dus.assemble import assemble, load_sources, output_config
+    from dus.heal.teacher import share_with_student, shared_prefix
+
+    cfg, plan = run.cfg, run.manifest.plan
+    dtype, kwargs = _dtype_and_kwargs(cfg, run.use_cpu)
+    sources = load_sources(plan, dtype, **kwargs)
+    config = output_config(plan, sources)
+    calibration = None
+    if cfg.section("calibrate")["enabled"]:
+        calibration = calibrate(run, plan, say, sources=sources, config=config)
+        plan = calibration.plan
+    targets = trained_layers(plan.num_layers, cfg, run.manifest)
+    own = set(targets.layers) if cfg.trains in ("band", "expand") else set()
+    model = assemble(plan, sources, own, config)
+    targets, peft_config = select_trainable(model, cfg, run.manifest, targets)
+    if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
+    student = Student(model, targets, peft_config, saved_dtype, calibration, plan=plan, sources=sources)
+    say(f"  in memory: {len(plan.models)} source(s) loaded once; {len(own)} of {plan.num_layers} layers are copies")
+    if cfg.mode == "distill" and run.args.max_steps != 0:
+        from dus.heal.distill import teacher_path
+
+        student.teacher_dir = teacher_path(run.model_dir.path, run.manifest, teacher or cfg.section("distill")["teacher"])
+        name = sources.by_path(student.teacher_dir)
+        if name is not None:
+            student.teacher_model = sources[name]
+            start = shared_prefix(plan, name, set(targets.layers))
+            say(f"  teacher: the loaded source {name!r}, from layer {start} on (layers below are the student's)")
+        else:
+            student.teacher_model, start = ModelDir(student.teacher_dir).load_model(model.dtype), 0
+        student.shared = share_with_student(student.teacher_model, model, start)
+    return student
+
+
+def _built_student(run, teacher: str | None, say) -> Student:
+    """Today's path: the built checkpoint loaded whole, calibrated in place, a second teacher."""
+    from dus.heal.distributed import whole_weights
+
+    cfg = run.cfg
+    model = load_model(run.model_dir, cfg, run.use_cpu)
+    saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
+    calibration = None
+    if cfg.section("calibrate")["enabled"]:
+        with whole_weights(model, modify=True):  # ZeRO-3 loads partitioned weights; every rank calibrates
+            calibration = calibrate(run, run.manifest.plan if run.manifest else None, say, model=model)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    targets, peft_config = select_trainable(model, cfg, run.manifest, trained_layers(num_layers, cfg, run.manifest))
+    if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    student = Student(model, targets, peft_config, saved_dtype, calibration)
+    if cfg.mode == "distill" and run.args.max_steps != 0:
+        from dus.heal.distill import teacher_path
+
+        student.teacher_dir = teacher_path(run.model_dir.path, run.manifest, teacher or cfg.section("distill")["teacher"])
+        student.teacher_model = ModelDir(student.teacher_dir).load_model(model.dtype)
+    return student
+
+
+def load_model(model_dir: ModelDir, cfg: HealConfig, use_cpu: bool):
+    """The built checkpoint as the student, with `sft.model_init_kwargs`."""
+    dtype, kwargs = _dtype_and_kwargs(cfg, use_cpu)
+    if cfg.mode == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg)
+        kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
+    return model_dir.load_model(dtype, **kwargs)
+
+
+def quantization_config(cfg: HealConfig):
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise DusError("mode qlora loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+                       "none is visible here: use mode lora (train/lora-seam.yaml) instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DusError("mode qlora needs bitsandbytes: pip install bitsandbytes (or dus[gpu])")
+    kwargs = dict(cfg.section("quantization"))
+    if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
+        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
+    return BitsAndBytesConfig(**kwargs)
+
+
+def trained_layers(num_layers: int, cfg: HealConfig, manifest: Manifest | None) -> HealTargets:
+    """Which output layers train, decided from the config and the plan before any model exists."""
+    trains = cfg.trains
+    if trains in ("lora", "band"):
+        seam = cfg.section("seam")
+        return choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
+    if trains == "expand":
+        new = manifest_new_layers(manifest)
+        if not new:
+            raise DusError(
+                "mode expand trains the new blocks of an expand build, but "
+                + ("the model has no dus-manifest.json" if manifest is None else "its manifest lists no new layers")
+                + "; use mode lora or full"
+            )
+        return HealTargets(new, [], "new blocks of the expand build (all their parameters)")
+    return HealTargets(list(range(num_layers)), [], "full fine-tuning: every parameter")
+
+
+def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, targets: HealTargets):
+    """The PEFT config for LoRA students; requires_grad flags for band, expand and full."""
+    trains = cfg.trains
+    if trains == "lora":
+        targets = describe_targets(model, targets)
+        stack = find_layer_stack(model)
+        lora = build_lora_config(cfg, targets.linear_modules, targets.layers, stack.pattern)
+        if lora.layers_to_transform is not None:
+            explicit = lora.layers_to_transform
+            targets.layers = [explicit] if isinstance(explicit, int) else list(explicit)
+        return targets, lora
+    if trains in ("band", "expand"):
+        train_only_layers(model, targets.layers)
+        if trains == "band":
+            targets.reason += " (all their parameters)"
+        return targets, None
+    model.requires_grad_(True)
+    return targets, None
+
+
+def train_only_layers(model, layers: list[int]) -> None:
+    """Every parameter of the given decoder layers trains, nothing else."""
+    stack = model.get_submodule(find_layer_stack(model).path)
+    model.requires_grad_(False)
+    for index in layers:
+        stack[index].requires_grad_(True)
+
+
+def calibrate(run, plan: LayerPlan | None, say, sources=None, config=None, model=None):
+    """Choose the scale of the repeated layers' output projections on calibration text
+    (dus.heal.calibrate): on the plan in memory (`sources`), or on a loaded `model`,
+    whose weights are scaled in place."""
+    from dus.heal.calibrate import calibrate as calibrate_model
+    from dus.heal.calibrate import calibrate_plan
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.resources import local_or_shipped
+
+    section, inputs = run.cfg.section("calibrate"), run.inputs
+    if plan is None:
+        say("[yellow]warning:[/] calibration skipped: the model has no build plan (dus-manifest.json) naming "
+            "repeated layers")
+        return None
+    if section["text"] == "auto" and inputs.train_data.shape == "text":
+        source, text = inputs.train_data.source, "\n\n".join(inputs.train_data.dataset["text"])
+    else:  # chat data calibrates on the bundled broad text, unless calibrate.text names a file
+        source = section["text"] if section["text"] != "auto" else DEFAULT_CALIBRATION_TEXT
+        text = read_text(local_or_shipped(source))
+    ids = tokenize_stream(inputs.tokenizer, text[: 16 * section["tokens"]], section["tokens"])  # no token is 16+ chars
+    say(f"  calibrating repeated layers on {len(ids)} tokens of {source}")
+    report = lambda f, ppl: say(f"    factor {f:g}: perplexity {ppl:.3f}")  # noqa: E731
+    if sources is not None:
+        result = calibrate_plan(plan, sources, ids, section["factors"], section["window"], report, section["copies"],
+                                config)
+    else:
+        result = calibrate_model(model, plan, ids, section["factors"], section["window"], on_factor=report,
+                                 copies=section["copies"])
+    if result.layers:
+        say(f"  calibration: output projections of layers {result.layers} scaled by {result.factor:g}")
+    else:
+        say("  calibration: the plan repeats no layer; nothing to scale")
+    return result
