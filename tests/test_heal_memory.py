@@ -119,3 +119,17 @@ def test_a_healed_model_heals_again_from_its_checkpoint(space, tmp_path):
     assert second.record["in_memory"] is False and "healed after it was built" in second.record["built_because"]
     history = json.loads((tmp_path / "second" / "dus-manifest.json").read_text())["history"]
     assert [entry["stage"] for entry in history] == ["build", "heal", "heal"]
+
+
+def test_a_resumed_in_memory_band_heal_ends_where_an_uninterrupted_one_does(space, tmp_path):
+    settings = {"sft.lr_scheduler_type": "constant", "sft.save_steps": 2, "calibrate.factors": [0.7]}
+    whole = run(space, tmp_path / "whole", **settings, **{"sft.max_steps": 4})
+    run(space, tmp_path / "resumed", **settings, **{"sft.max_steps": 2})
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    config = load_config(None, {**FAST, **settings, "data.path": str(space / "prose.txt"), "sft.max_steps": 4})
+    resumed = heal(space / "built", tmp_path / "resumed", config, resume=True)
+    assert resumed.record["in_memory"] is True and resumed.record["resumed_from"].endswith("checkpoint-2")
+    assert resumed.record["steps_this_run"] == 2
+    a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "resumed")
+    assert max(relative_gap(a[name], b[name]) for name in a) < 1e-6

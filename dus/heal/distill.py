@@ -206,7 +206,9 @@ class DistillSFTTrainer(SFTTrainer):
         teacher_model.requires_grad_(False)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        self.chunked = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        from dus.heal.distributed import sharded_launch
+
+        self.chunked = not sharded_launch()
         if not self.chunked:
             if self.is_deepspeed_enabled:
                 # An inference engine of its own: under ZeRO-3 the teacher was loaded partitioned

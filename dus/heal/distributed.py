@@ -38,6 +38,12 @@ def fsdp_version_requested() -> int:
         return 1
 
 
+def sharded_launch() -> bool:
+    """`accelerate launch` asked for FSDP or DeepSpeed: the engine owns each forward and
+    keeps weights, gradients or optimizer state in parts (dus's one meaning of "sharded")."""
+    return fsdp_launch() or _flag("ACCELERATE_USE_DEEPSPEED")
+
+
 def launched_as(distributed_type: str) -> str:
     """The kind of run the launch asked for, for the console: fsdp, deepspeed, or the state's type."""
     if fsdp_launch():

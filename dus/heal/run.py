@@ -8,9 +8,7 @@ in one process and under `accelerate launch` (every rank runs it; only rank 0 wr
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,9 +28,9 @@ from dus.heal.distributed import (
     holds_shards,
     launched_as,
     needs_cpu_fsdp,
-    plain_loading,
+    sharded_launch,
 )
-from dus.heal.merge import weights_digest, write_healed_model
+from dus.heal.merge import weights_digest
 from dus.heal.output import CHECKPOINTS, open_output, prepare_output, write_marker
 from dus.heal.record import calibration_record, heal_record
 from dus.heal.student import Student, load_student, quantization_config
@@ -242,6 +240,8 @@ def heal(
     if run.args.max_steps == 0:
         record = calibration_record(cfg, student.targets, run.inputs, student.calibration, run.args.world_size)
         if run.state.is_main_process:
+            from dus.heal.save import write_model
+
             write_model(run, student, student.model, record)
             write_marker(run.out, finished=True, steps=0, final_loss=None)
             say(f"[green]calibrated model written to {run.out}[/] (no training: sft.max_steps is 0)")
@@ -298,7 +298,7 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
 
     cfg, out, inputs = run.cfg, run.out, run.inputs
     trainer = make_trainer(cfg, student, run.args, inputs, callbacks)
-    sharded = bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    sharded = sharded_launch()
     say(f"  distributed: {describe_briefly(describe(trainer.accelerator, trainer.args))}")
     trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in trainer.model.parameters())
@@ -335,7 +335,9 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     if record["ranks_agree"] is False:
         say(f"[red]warning:[/] the {len(digests)} ranks ended with different weights: {digests}")
     if run.state.is_main_process:
-        save_outputs(run, student, unwrapped, trained_dir, sharded, record)
+        from dus.heal.save import save_outputs
+
+        save_outputs(run, student, unwrapped, trained_dir, sharded, record, say)
     return record
 
 
@@ -353,65 +355,6 @@ def rank_digests(trainer, unwrapped) -> list[str] | None:
     if holds_shards(trainer.accelerator):
         return None
     return gather_object([weights_digest(unwrapped)])
-
-
-def save_outputs(run: HealRun, student: Student, unwrapped, trained_dir: Path, sharded: bool, record: dict) -> None:
-    """Rank 0: the merged standalone model (or, with --no-merge, the adapter and the record).
-
-    Nothing here may touch sharded parameters or start a collective: the other ranks are
-    already waiting at the final barrier."""
-    out, tokenizer, is_adapter = run.out, run.inputs.tokenizer, student.peft_config is not None
-    if is_adapter:
-        if not sharded:
-            unwrapped.save_pretrained(str(trained_dir))
-        tokenizer.save_pretrained(str(trained_dir))
-    if run.cfg.merge or not is_adapter:
-        final = reload_trained(run.model_dir, trained_dir, is_adapter, student.calibration) if sharded else unwrapped
-        if record["rank_digests"] is None:
-            record["gathered_digest"] = weights_digest(final, trainable_only=False)
-        write_model(run, student, final, record)
-        if trained_dir.name == ".trained":
-            shutil.rmtree(trained_dir, ignore_errors=True)
-        say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
-    else:
-        (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
-        say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
-    write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
-
-
-def write_model(run: HealRun, student: Student, model, record: dict) -> None:
-    """The healed model into OUT: streamed from the plan when the student was assembled in
-    memory, else saved whole by transformers (LoRA merged in)."""
-    tokenizer = run.inputs.tokenizer
-    if student.in_memory:
-        from dus.heal.save import write_streamed
-
-        write_streamed(student, tokenizer, run.model_dir.path, run.out, run.manifest, record)
-    else:
-        manifest = run.manifest
-        if manifest is not None and student.calibration is not None and student.calibration.plan is not None:
-            from dataclasses import replace
-
-            manifest = replace(manifest, plan=student.calibration.plan)
-        write_healed_model(model, tokenizer, run.model_dir.path, run.out, manifest, record, dtype=student.saved_dtype)
-
-
-def reload_trained(model_dir: ModelDir, trained_dir: Path, is_adapter: bool, calibration=None):
-    """The trained model rebuilt from the files the Trainer gathered (sharded runs), on
-    rank 0 alone: loaded as a plain model even under ZeRO-3 (a partitioned load would
-    wait for the other ranks). An adapter goes onto the input model with the calibration
-    the run applied before training (it is not in the adapter)."""
-    with plain_loading():
-        if not is_adapter:
-            return ModelDir(trained_dir).load_model("auto")
-        from peft import PeftModel
-
-        from dus.heal.calibrate import scale_layers
-
-        base = model_dir.load_model("auto")
-        if calibration is not None and calibration.per_layer:
-            scale_layers(base, calibration.per_layer)
-        return PeftModel.from_pretrained(base, str(trained_dir))
 
 
 __all__ = ["heal", "HealResult"]

@@ -1,4 +1,10 @@
-"""Writing a model healed in memory: the build plan streamed again, trained tensors from memory.
+"""Saving a heal: the healed model (or the adapter), on rank 0, after training.
+
+A student healed in memory is written by `write_streamed`; a checkpoint healed as built
+by transformers (`dus.heal.merge.write_healed_model`), rebuilt first from the files the
+trainer gathered when the run was sharded (`reload_trained`).
+
+Writing a model healed in memory: the build plan streamed again, trained tensors from memory.
 
 The healed checkpoint is the (calibrated) build plan executed on disk by the same writer
 as `dus build`: every tensor that did not train is a byte copy from its source file (or the
@@ -25,9 +31,69 @@ from pathlib import Path
 import torch.nn as nn
 
 from dus.assemble import ScaledLinear, decoder
+from dus.heal.merge import weights_digest, write_healed_model
+from dus.heal.output import write_marker
 from dus.plan import MANIFEST_NAME, LayerPlan
 
 LAYER_PREFIX = "model.layers"
+
+
+def save_outputs(run, student, unwrapped, trained_dir: Path, sharded: bool, record: dict, say) -> None:
+    """Rank 0: the merged standalone model (or, with --no-merge, the adapter and the record).
+
+    Nothing here may touch sharded parameters or start a collective: the other ranks are
+    already waiting at the final barrier."""
+    out, tokenizer, is_adapter = run.out, run.inputs.tokenizer, student.peft_config is not None
+    if is_adapter:
+        if not sharded:
+            unwrapped.save_pretrained(str(trained_dir))
+        tokenizer.save_pretrained(str(trained_dir))
+    if run.cfg.merge or not is_adapter:
+        final = reload_trained(run.model_dir, trained_dir, is_adapter, student.calibration) if sharded else unwrapped
+        if record["rank_digests"] is None:
+            record["gathered_digest"] = weights_digest(final, trainable_only=False)
+        write_model(run, student, final, record)
+        if trained_dir.name == ".trained":
+            shutil.rmtree(trained_dir, ignore_errors=True)
+        say(f"[green]healed model written to {out}[/] (loads with from_pretrained)")
+    else:
+        (out / "dus-heal-record.json").write_text(json.dumps(record, indent=2) + "\n")
+        say(f"[green]LoRA adapter written to {out / 'adapter'}[/] (--no-merge)")
+    write_marker(out, finished=True, steps=record["steps"], final_loss=record["final_loss"])
+
+
+def write_model(run, student, model, record: dict) -> None:
+    """The healed model into OUT: streamed from the plan when the student was assembled in
+    memory, else saved whole by transformers (LoRA merged in)."""
+    tokenizer = run.inputs.tokenizer
+    if student.in_memory:
+        write_streamed(student, tokenizer, run.model_dir.path, run.out, run.manifest, record)
+    else:
+        manifest = run.manifest
+        if manifest is not None and student.calibration is not None and student.calibration.plan is not None:
+            manifest = replace(manifest, plan=student.calibration.plan)
+        write_healed_model(model, tokenizer, run.model_dir.path, run.out, manifest, record, dtype=student.saved_dtype)
+
+
+def reload_trained(model_dir, trained_dir: Path, is_adapter: bool, calibration=None):
+    """The trained model rebuilt from the files the Trainer gathered (sharded runs), on
+    rank 0 alone: loaded as a plain model even under ZeRO-3 (a partitioned load would
+    wait for the other ranks). An adapter goes onto the input model with the calibration
+    the run applied before training (it is not in the adapter)."""
+    from dus.checkpoint import ModelDir
+    from dus.heal.distributed import plain_loading
+
+    with plain_loading():
+        if not is_adapter:
+            return ModelDir(trained_dir).load_model("auto")
+        from peft import PeftModel
+
+        from dus.heal.calibrate import scale_layers
+
+        base = model_dir.load_model("auto")
+        if calibration is not None and calibration.per_layer:
+            scale_layers(base, calibration.per_layer)
+        return PeftModel.from_pretrained(base, str(trained_dir))
 
 
 def trained_tensors(model, plan: LayerPlan, own: list[int]) -> dict[str, object]:
@@ -100,8 +166,6 @@ def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest,
 
 def write_standalone(student, tokenizer, built_dir: Path, out_dir: Path, manifest, record: dict) -> Path:
     """A private copy of every weight (ScaledLinear made plain), saved by transformers."""
-    from dus.heal.merge import write_healed_model
-
     model = copy.deepcopy(student.model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -57,7 +57,7 @@ class Student:
 
 def in_memory_obstacle(model_dir: ModelDir, cfg: HealConfig) -> str | None:
     """Why this run cannot heal the plan in memory (None: it can)."""
-    from dus.heal.distributed import fsdp_launch, _flag
+    from dus.heal.distributed import sharded_launch
 
     manifest = model_dir.manifest
     if not cfg.in_memory:
@@ -70,7 +70,7 @@ def in_memory_obstacle(model_dir: ModelDir, cfg: HealConfig) -> str | None:
         return "full fine-tuning trains every weight, so no layer can be shared with the sources"
     if cfg.mode == "qlora":
         return "4-bit (QLoRA) loading of the sources in memory is not supported yet"
-    if fsdp_launch() or _flag("ACCELERATE_USE_DEEPSPEED"):
+    if sharded_launch():
         return "FSDP and DeepSpeed shard each module's weights, and the in-memory model shares weights between layers"
     return _sources_obstacle(manifest)
 

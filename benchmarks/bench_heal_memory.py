@@ -1,0 +1,260 @@
+"""The default heal in memory against the same heal of the checkpoint as built.
+
+`dus heal` assembles the build plan over one loaded copy of each source (only the trained
+band is copied; the teacher is the loaded source and starts from the student's hidden
+state below the band; the distillation loss never forms whole logits). `in_memory: false`
+is the previous path: the built checkpoint loaded whole, a second copy of the source as
+teacher, whole-vocabulary logits of both. Both run here in the same script, each in its own
+process (so peak memory is its own), alternating, with the same seed and settings:
+
+- peak resident memory (ru_maxrss of the child) and the median time of a training step
+  (the first step, warm-up, excluded), as ratios memory / built;
+- whether they train the same model: the largest relative difference of any tensor of the
+  two healed checkpoints, and held-out perplexity of both (and of the unhealed build) on
+  a bundled held-out text no healing step or test uses.
+
+    python benchmarks/bench_heal_memory.py                      # SmolLM2 SOLAR 30 -> 44 (models/ must have it)
+    python benchmarks/bench_heal_memory.py --size 1.5b --steps 3 --batch-size 1 --dtype bfloat16
+    python benchmarks/bench_heal_memory.py --tiny               # a quick smoke run
+
+Writes WORKDIR/results.json (and prints a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+HELDOUT = REPO / "data" / "heldout" / "fiction.txt"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=None, help="source model (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--size", default=None, help="a random bf16 Llama of benchmarks/bench_build.py (e.g. 1.5b)")
+    parser.add_argument("--tiny", action="store_true", help="a random tiny Llama: a quick smoke run")
+    parser.add_argument("--trim", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (CPU default float32)")
+    parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, built) pairs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored (0: skip)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-heal-memory")
+    parser.add_argument("--loss-memory", action="store_true",
+                        help="only measure the distillation loss's peak memory per token, whole logits against chunks")
+    parser.add_argument("--vocab", type=int, default=49152, help="--loss-memory: vocabulary size")
+    parser.add_argument("--hidden", type=int, default=576, help="--loss-memory: hidden size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --- the child: one heal, measured ---------------------------------------------------
+
+def child(spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from dus.heal.config import load_config
+    from dus.heal.run import heal
+
+    torch.set_num_threads(spec["threads"])
+    marks: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    overrides = {
+        "data.path": str(REPO / "data" / "text" / "train.jsonl"),
+        "sft.max_steps": spec["steps"],
+        "sft.per_device_train_batch_size": spec["batch_size"],
+        "sft.max_length": spec["max_length"],
+        "sft.report_to": "none",
+        "sft.save_steps": 10**6,
+        "sft.model_init_kwargs": {"dtype": spec["dtype"]},
+        "in_memory": spec["in_memory"],
+    }
+    started = time.perf_counter()
+    result = heal(spec["model"], spec["out"], load_config(None, overrides), force=True, callbacks=[StepClock()])
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return {
+        "in_memory": result.record["in_memory"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_s": statistics.median(steps) if steps else None,
+        "steps_s": steps,
+        "wall_s": time.perf_counter() - started,
+        "final_loss": result.final_loss,
+        "calibration": (result.record.get("calibration") or {}).get("factor"),
+        "layers": result.record["layers"],
+    }
+
+
+def loss_child(spec: dict) -> dict:
+    """Peak memory of one distillation loss forward + backward, from last hidden states:
+    whole logits (the previous path: both heads applied to the batch) or chunks."""
+    import torch
+
+    from dus.heal.distill import chunked_distillation_loss, distillation_loss, head_logits
+
+    torch.manual_seed(0)
+    tokens, vocab, hidden = spec["tokens"], spec["vocab"], spec["hidden"]
+    weight = torch.randn(vocab, hidden) * 0.02
+    teacher_hidden = torch.randn(1, tokens, hidden)
+    labels = torch.randint(0, vocab, (1, tokens))
+    states = torch.randn(1, tokens, hidden, requires_grad=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if spec["how"] == "whole":
+        logits = head_logits(states, weight, None)
+        with torch.no_grad():
+            teacher = head_logits(teacher_hidden, weight, None)
+        loss = distillation_loss(logits, teacher, labels, 1.0, 1.0)[0]
+    else:
+        loss = chunked_distillation_loss(states, weight, teacher_hidden, weight, labels, 1.0, 1.0)[0]
+    loss.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"how": spec["how"], "tokens": tokens, "vocab": vocab, "peak_above_inputs_mb": after - before}
+
+
+def loss_memory(args) -> None:
+    rows = []
+    for tokens in (256, 1024):
+        for how in ("whole", "chunked"):
+            spec = {"how": how, "tokens": tokens, "vocab": args.vocab, "hidden": args.hidden, "loss": True}
+            rows.append(run_child(spec, 1))
+            print(rows[-1], flush=True)
+    per = {how: (r2["peak_above_inputs_mb"] - r1["peak_above_inputs_mb"]) * 2**20 / ((1024 - 256) * args.vocab)
+           for how in ("whole", "chunked")
+           for r1, r2 in [[r for r in rows if r["how"] == how]]}
+    result = {"rows": rows, "bytes_per_token_and_vocab_entry": per}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "loss-memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+# --- the parent ------------------------------------------------------------------------
+
+def source_model(args) -> Path:
+    if args.tiny:
+        from dus.tiny import make_tiny_model
+
+        path = args.workdir / "tiny-source"
+        if not path.exists():
+            make_tiny_model(path, "llama", num_layers=8, hidden_size=64, intermediate_size=128)
+        return path
+    if args.size:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_build import ensure_model
+
+        return ensure_model(args.workdir / f"random-{args.size}", args.size)
+    path = args.source or SMOLLM2
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path} is missing: run `dus import --smollm2 -o {SMOLLM2}` first, or pass --source/--size")
+    return path
+
+
+def run_child(spec: dict, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({spec}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def largest_gap(a_dir: Path, b_dir: Path) -> tuple[float, str]:
+    from safetensors.torch import load_file
+
+    def load(directory):
+        merged = {}
+        for shard in sorted(directory.glob("*.safetensors")):
+            merged.update(load_file(shard))
+        return merged
+
+    a, b = load(a_dir), load(b_dir)
+    worst = (0.0, "")
+    for name in a:
+        x, y = a[name].float(), b[name].float()
+        gap = ((x - y).abs().max() / y.abs().max().clamp(min=1e-12)).item()
+        worst = max(worst, (gap, name))
+    return worst
+
+
+def perplexity(model_dir: Path, tokens: int, dtype: str) -> float:
+    import torch
+
+    from dus.checkpoint import ModelDir
+    from dus.measure.perplexity import evaluate_stream
+    from dus.measure.text import read_text, tokenize_stream
+
+    directory = ModelDir(model_dir)
+    ids = tokenize_stream(directory.tokenizer(), read_text(HELDOUT)[: 16 * tokens], tokens)
+    model = directory.load_model(getattr(torch, dtype), quiet=True).eval()
+    return evaluate_stream(model, ids, 512, 512).perplexity
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(loss_child(spec) if spec.get("loss") else child(spec)))
+        return
+    if args.loss_memory:
+        loss_memory(args)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    from dus.build import build_model
+
+    source = source_model(args)
+    built = args.workdir / f"solar-{source.name}"
+    if not (built / "dus-manifest.json").is_file():
+        build_model({"solar": {"model": str(source), "trim": args.trim}}, built, force=True)
+    runs = {"memory": [], "built": []}
+    for pair in range(args.pairs):
+        for name in ("memory", "built"):
+            spec = {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
+                    "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                    "dtype": args.dtype, "threads": args.threads}
+            result = run_child(spec, args.threads)
+            runs[name].append(result)
+            print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "
+                  f"final loss {result['final_loss']:.5f}", flush=True)
+    summary = {
+        name: {"peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+               "step_s": statistics.median(r["step_s"] for r in rs), "final_loss": rs[-1]["final_loss"]}
+        for name, rs in runs.items()
+    }
+    gap, where = largest_gap(args.workdir / "healed-memory", args.workdir / "healed-built")
+    summary["ratios"] = {
+        "peak_rss": summary["memory"]["peak_rss_mb"] / summary["built"]["peak_rss_mb"],
+        "step_time": summary["memory"]["step_s"] / summary["built"]["step_s"],
+    }
+    summary["largest_relative_tensor_gap"] = {"value": gap, "tensor": where}
+    if args.eval_tokens:
+        summary["heldout_perplexity"] = {
+            "text": str(HELDOUT.relative_to(REPO)), "tokens": args.eval_tokens,
+            **{name: perplexity(path, args.eval_tokens, args.dtype) for name, path in (
+                ("unhealed", built), ("memory", args.workdir / "healed-memory"), ("built", args.workdir / "healed-built"))},
+        }
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "source": str(source), "runs": runs,
+              "summary": summary}
+    (args.workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
