@@ -14,7 +14,7 @@ process (so peak memory is its own), alternating, with the same seed and setting
   a bundled held-out text no healing step or test uses.
 
     python benchmarks/bench_heal_memory.py                      # SmolLM2 SOLAR 30 -> 44 (models/ must have it)
-    python benchmarks/bench_heal_memory.py --size 1.5b --steps 3 --batch-size 1 --dtype bfloat16
+    python benchmarks/bench_heal_memory.py --size 1.5b --steps 3 --batch-size 1 --dtype bfloat16 --calibrate-tokens 256
     python benchmarks/bench_heal_memory.py --tiny               # a quick smoke run
 
 Writes WORKDIR/results.json (and prints a table).
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (CPU default float32)")
+    parser.add_argument("--calibrate-tokens", type=int, default=2048, help="calibration tokens (the default heal's 2048)")
     parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, built) pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored (0: skip)")
@@ -57,6 +58,9 @@ def parse_args(argv=None):
                         help="only measure the distillation loss's peak memory per token, whole logits against chunks")
     parser.add_argument("--vocab", type=int, default=49152, help="--loss-memory: vocabulary size")
     parser.add_argument("--hidden", type=int, default=576, help="--loss-memory: hidden size")
+    parser.add_argument("--project", action="store_true",
+                        help="print the projected memory table (7B -> SOLAR, 70B -> 120B interleave) from the measured "
+                             "loss bytes in WORKDIR/loss-memory.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -86,6 +90,7 @@ def child(spec: dict) -> dict:
         "sft.save_steps": 10**6,
         "sft.model_init_kwargs": {"dtype": spec["dtype"]},
         "in_memory": spec["in_memory"],
+        "calibrate.tokens": spec["calibrate_tokens"],
     }
     started = time.perf_counter()
     result = heal(spec["model"], spec["out"], load_config(None, overrides), force=True, callbacks=[StepClock()])
@@ -142,6 +147,50 @@ def loss_memory(args) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "loss-memory.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+# --- projection to the sizes users build -------------------------------------------------
+
+def layer_params(hidden: int, inter: int, heads: int, kv_heads: int) -> int:
+    head = hidden // heads
+    return 2 * hidden * hidden + 2 * hidden * kv_heads * head + 3 * hidden * inter + 2 * hidden
+
+
+SHAPES = {  # name -> (hidden, intermediate, heads, kv heads, vocab, layers)
+    "Llama-2-7B": (4096, 11008, 32, 32, 32000, 32),
+    "Llama-2-70B": (8192, 28672, 64, 8, 32000, 80),
+}
+BUILDS = [  # (build, source shape, sources, output layers, trained layers of a band student or None)
+    ("Llama-2-7B -> SOLAR 48 layers (trim 8)", "Llama-2-7B", 1, 48, 16),
+    ("2 x Llama-2-70B -> 137-layer interleave (Goliath)", "Llama-2-70B", 2, 137, None),
+]
+NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, double-quantized absmax: ~4.1 bits a parameter
+
+
+def project(args) -> str:
+    """The weights, teacher and logits of a distillation heal, in GB, for the old and new path.
+    Measured: bytes per logit of the whole-logit loss and of one chunk (loss-memory.json);
+    bf16 weights are 2 bytes a parameter by definition; the rest is arithmetic on shapes."""
+    measured = json.loads((args.workdir / "loss-memory.json").read_text())
+    per_logit = measured["bytes_per_token_and_vocab_entry"]["whole"]
+    chunk_bytes = max(r["peak_above_inputs_mb"] for r in measured["rows"] if r["how"] == "chunked") * 2**20
+    tokens = 4 * 2048
+    rows = ["| build | student | weights (old: built + teacher) | weights (new: sources once + copies) | "
+            "logits, 4 x 2048 tokens (old / new) | old total | new total |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, shape, count, depth, band in BUILDS:
+        hidden, inter, heads, kv, vocab, layers = SHAPES[shape]
+        per_layer = layer_params(hidden, inter, heads, kv)
+        outside = 2 * vocab * hidden + hidden
+        source = layers * per_layer + outside
+        built = depth * per_layer + outside
+        logits_old, logits_new = tokens * vocab * per_logit, chunk_bytes
+        students = [("LoRA", 2.0, 0)] + ([("band", 2.0, band)] if band else []) + [("QLoRA (new: projected)", NF4_BYTES, 0)]
+        for student, bytes_per, copies in students:
+            old = built * bytes_per + source * 2.0  # the teacher is loaded in bf16 either way today
+            new = count * source * bytes_per + copies * per_layer * 2.0
+            rows.append(f"| {name} | {student} | {old / 1e9:.1f} | {new / 1e9:.1f} | {logits_old / 1e9:.1f} / "
+                        f"{logits_new / 1e9:.2f} | {(old + logits_old) / 1e9:.1f} | {(new + logits_new) / 1e9:.1f} |")
+    return "\n".join(rows)
 
 
 # --- the parent ------------------------------------------------------------------------
@@ -213,6 +262,9 @@ def main(argv=None) -> None:
     if args.loss_memory:
         loss_memory(args)
         return
+    if args.project:
+        print(project(args))
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -228,7 +280,7 @@ def main(argv=None) -> None:
         for name in ("memory", "built"):
             spec = {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
                     "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "dtype": args.dtype, "threads": args.threads}
+                    "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens}
             result = run_child(spec, args.threads)
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "

@@ -28,10 +28,19 @@ def installed(tmp_path_factory):
                     "dus/_shipped/data/text/train.jsonl", "dus/_shipped/recipes/solar.yaml", "dus/templates/fallback_chat.jinja"):
         assert shipped in names, shipped
     venv = root / "venv"
-    # The environment's own packages (torch, transformers ...) are visible; dus is installed
-    # into the venv from the wheel, and must be the one imported.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    # The packages of the environment running the tests (torch, transformers ...: a venv's own
+    # when run inside one, which `--system-site-packages` would miss) are made visible by a .pth
+    # listing its site directories; dus is installed into the venv from the wheel, and must be
+    # the one imported (a .pth adds directories without running their own .pth files, so an
+    # editable install of the checkout stays out).
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    inner = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    import site
+
+    outer = [*site.getsitepackages(), site.getusersitepackages()]
+    (Path(inner) / "_dus_test_outer_packages.pth").write_text("".join(f"{path}\n" for path in outer))
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=300)
     return venv
 
