@@ -12,10 +12,10 @@ def heal(
     model: Path = typer.Argument(..., help="Model directory to heal (usually a `dus build` output)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: healed model, checkpoints, W&B run."),
     config: Optional[str] = typer.Option(
-        None, "-c", "--config", help="Heal YAML, or a name in train/ (lora-seam, full, qlora, expand, distill). "
-        "Default: the built-in lora-seam settings."
+        None, "-c", "--config", help="Heal YAML, or a name in train/ (heal, band, lora-seam, full, qlora, expand, "
+        "distill). Default: train/heal.yaml (calibrate, then distil the source into the seam band, in memory)."
     ),
-    mode: Optional[str] = typer.Option(None, "--mode", help="lora | qlora | full | expand | distill"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="distill | band | lora | qlora | full | expand"),
     data: Optional[str] = typer.Option(None, "--data", help="Training data: file, save_to_disk dir or hub name."),
     data_format: Optional[str] = typer.Option(
         None, "--format", help="auto | messages | alpaca | sharegpt | prompt-completion | text"
@@ -39,7 +39,8 @@ def heal(
     force: bool = typer.Option(False, "--force", help="Replace an earlier heal output in OUT."),
     settings: List[str] = typer.Option([], "--set", help="Any config key: --set sft.warmup_steps=0 (repeatable)."),
 ) -> None:
-    """Heal MODEL: fine-tune the layers around its seams with TRL + PEFT; write OUT."""
+    """Heal MODEL: train the layers around its seams with TRL + PEFT (by default distilling its source
+    model, on the build plan executed in memory); write OUT."""
     from dus.heal.config import load_config, parse_set_option
     from dus.heal.run import heal as run_heal
     from dus.heal.run import is_main_process

@@ -20,10 +20,17 @@ RUN_MARKER = "dus-heal-run.json"  # marks OUT as a heal output; holds the W&B ru
 CHECKPOINTS = "checkpoints"
 
 
-def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dict | None:
-    """Check OUT before anything runs; returns the previous run's marker when resuming."""
-    if out.resolve() == model_dir.resolve():
-        raise DusError(f"-o {out} is the input model directory; write the healed model elsewhere")
+def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=()) -> dict | None:
+    """Check OUT before anything runs; returns the previous run's marker when resuming.
+
+    `reads` are the other paths the run reads (data, config, teacher, the plan's sources):
+    `--force` never deletes an OUT that is one of them or holds one, checked with `..` and
+    symbolic links resolved, before anything is deleted."""
+    resolved = out.resolve()
+    model = model_dir.resolve()
+    if model == resolved or resolved in model.parents:
+        raise DusError(f"-o {out} {'is' if model == resolved else 'holds'} the input model {model_dir}; "
+                       "write the healed model elsewhere")
     marker = out / RUN_MARKER
     previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
     if resume:
@@ -41,6 +48,11 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool) -> dic
             )
         if previous is None:
             raise DusError(f"--force: {out} is not a dus heal output (no {RUN_MARKER}); refusing to delete it")
+        for path in reads:
+            read = Path(path).resolve()
+            if read == resolved or resolved in read.parents:
+                raise DusError(f"--force: {out} holds {path}, which this run reads; move it out of {out} "
+                               "or choose another -o")
     return None
 
 

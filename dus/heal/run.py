@@ -233,7 +233,7 @@ def heal(
     `callbacks` (transformers TrainerCallbacks) are handed to the trainer as they are, for
     library users who want to watch or steer the run (the benchmark measures with them).
     With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
-    run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force)
+    run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force, teacher)
     student = load_student(run, teacher, say)
     announce(run, student)
     wandb_run = open_output(run, student.targets, start_tracking)
@@ -258,9 +258,11 @@ def heal(
     )
 
 
-def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool) -> HealRun:
+def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool,
+            teacher: str | None = None) -> HealRun:
     """Check OUT and the options, read the data, build the SFTConfig: all before any output."""
-    previous = prepare_output(out, model_dir.path, resume, force)
+    teacher_dir = check_teacher(model_dir, cfg, teacher)
+    previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teacher_dir))
     max_steps = cfg.section("sft").get("max_steps", -1)
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
         raise DusError("sft.max_steps 0 trains nothing and calibration is off; give --steps N >= 1 "
@@ -290,6 +292,41 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu)
+
+
+def check_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None) -> Path | None:
+    """The distillation teacher's directory, refused in one line unless it tokenizes as the
+    model does (distillation compares token distributions id by id)."""
+    if cfg.mode != "distill" or cfg.section("sft").get("max_steps") == 0:
+        return None
+    from dus.heal.distill import teacher_path
+    from dus.tokenizer_check import first_tokenizer_difference
+
+    teacher_dir = teacher_path(model_dir.path, model_dir.manifest, teacher or cfg.section("distill")["teacher"])
+    difference = first_tokenizer_difference(model_dir.path, teacher_dir)
+    if difference:
+        raise DusError(f"the teacher {teacher_dir} does not tokenize as {model_dir} does ({difference}); distillation "
+                       "compares token distributions, so give a teacher with the same tokenizer (--teacher)")
+    return teacher_dir
+
+
+def paths_read(model_dir: ModelDir, cfg: HealConfig, teacher_dir: Path | None) -> list[Path]:
+    """What the run reads besides the model: data, evaluation data, calibration text, the
+    config file, the teacher and the build plan's sources."""
+    found: list[Path] = []
+    candidates = [cfg.section("data")["path"], cfg.section("data")["eval_path"], cfg.section("calibrate")["text"],
+                  cfg.source]
+    for text in candidates:
+        if text and text != "auto":
+            path = local_or_shipped(str(text))
+            if path.exists():
+                found.append(path)
+    if teacher_dir is not None:
+        found.append(teacher_dir)
+    manifest = model_dir.manifest
+    if manifest is not None and manifest.plan is not None:
+        found += [Path(path) for path in manifest.plan.models.values() if Path(path).exists()]
+    return found
 
 
 def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
