@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+LOSS_RESULTS = REPO / "benchmarks" / "results" / "heal-memory-loss.json"  # --loss-memory writes, --project reads
 HELDOUT = REPO / "data" / "heldout" / "fiction.txt"
 
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=576, help="--loss-memory: hidden size")
     parser.add_argument("--project", action="store_true",
                         help="print the projected memory table (7B -> SOLAR, 70B -> 120B interleave) from the measured "
-                             "loss bytes in WORKDIR/loss-memory.json")
+                             "loss bytes in benchmarks/results/heal-memory-loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -144,8 +145,7 @@ def loss_memory(args) -> None:
            for how in ("whole", "chunked")
            for r1, r2 in [[r for r in rows if r["how"] == how]]}
     result = {"rows": rows, "bytes_per_token_and_vocab_entry": per}
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "loss-memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    LOSS_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
@@ -171,7 +171,7 @@ def project(args) -> str:
     """The weights, teacher and logits of a distillation heal, in GB, for the old and new path.
     Measured: bytes per logit of the whole-logit loss and of one chunk (loss-memory.json);
     bf16 weights are 2 bytes a parameter by definition; the rest is arithmetic on shapes."""
-    measured = json.loads((args.workdir / "loss-memory.json").read_text())
+    measured = json.loads(LOSS_RESULTS.read_text())
     per_logit = measured["bytes_per_token_and_vocab_entry"]["whole"]
     chunk_bytes = max(r["peak_above_inputs_mb"] for r in measured["rows"] if r["how"] == "chunked") * 2**20
     tokens = 4 * 2048
