@@ -178,19 +178,16 @@ def _shell_without_layers(model: nn.Module) -> nn.Module:
         inner.layers = layers
 
 
-def _is_embedding(path: str) -> bool:
-    # the writer's rule (writer._is_embedding) for which non-layer tensors come first
-    return "embed" in path or path.endswith("wte")
-
-
 def _take_non_layer_modules(model: nn.Module, plan: LayerPlan, sources: Sources) -> None:
     """Embeddings from the plan's embeddings source, final norm and lm_head from its head
     source, each with its scale rules; parameterless modules (rotary tables) stay."""
+    from dus.writer import is_embedding
+
     inner = decoder(model)
     holders = [(inner, name, f"model.{name}") for name, _ in inner.named_children() if name != "layers"]
     holders += [(model, name, name) for name, _ in model.named_children() if name != "model"]
     for parent, name, path in holders:
-        group = plan.embeddings if _is_embedding(path) else plan.head
+        group = plan.embeddings if is_embedding(f"{path}.weight") else plan.head
         source_model = sources[group.model]
         source_parent = decoder(source_model) if parent is inner else source_model
         module = getattr(source_parent, name)

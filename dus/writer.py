@@ -84,13 +84,13 @@ def layout(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[OutputTenso
             )
         )
 
-    def add_non_layer(group: NonLayerSource, is_embedding: bool):
+    def add_non_layer(group: NonLayerSource, embeddings: bool):
         source = sources[group.model]
         for name, info in sorted(source.non_layer.items()):
-            if _is_embedding(name) == is_embedding:
+            if is_embedding(name) == embeddings:
                 add(name, info, scale=scale_for(group.scale, name))
 
-    add_non_layer(plan.embeddings, is_embedding=True)
+    add_non_layer(plan.embeddings, embeddings=True)
     for index, layer in enumerate(plan.layers):
         source = sources[layer.model]
         prefix = source.adapter.layer_prefix
@@ -102,11 +102,11 @@ def layout(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[OutputTenso
             zero = layer.zero_output and source.adapter.is_output_projection(rest)
             names = [f"{prefix}.{index}.{alias}" for alias in source.adapter.names(rest)]
             add(name, info, scale=scale_for(layer.scale, *names), zero=zero, blend=blend)
-    add_non_layer(plan.head, is_embedding=False)
+    add_non_layer(plan.head, embeddings=False)
     return tensors
 
 
-def _is_embedding(name: str) -> bool:
+def is_embedding(name: str) -> bool:
     """Embeddings come before the layers (mergekit's "pre" weights); all other non-layer
     tensors (final norm, lm_head) come after them."""
     return "embed" in name or name.endswith("wte.weight")
