@@ -238,6 +238,8 @@ def atomic_directory(output: Path, replaceable):
         why_not = replaceable(output)
         if why_not:
             raise DusError(why_not)
+    # `..` resolved lexically: `B/../B` must not put the temporary inside B, which is renamed away
+    output = Path(os.path.abspath(output))
     temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

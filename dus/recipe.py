@@ -11,6 +11,8 @@ final norm and lm_head) and `seam_smoothing` (blend across seams instead of cutt
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,7 +262,8 @@ def _parameters(data: dict, key: str) -> dict:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (a NaN or infinite scale would build a checkpoint of NaNs)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_setting(setting, place: str, name: str) -> None:
@@ -281,10 +284,10 @@ def _check_setting(setting, place: str, name: str) -> None:
                 raise DusError(f"{place}: {name} filter must be a string (part of a tensor name)")
             value = entry["value"]
             if not (_is_number(value) or (isinstance(value, list) and value and all(_is_number(v) for v in value))):
-                raise DusError(f"{place}: {name} value must be a number or a list of numbers, got {plain(value)!r}")
+                raise DusError(f"{place}: {name} value must be a finite number or a list of them, got {plain(value)!r}")
         return
     raise DusError(
-        f"{place}: {name} must be a number, a list of numbers (a gradient) or a list of "
+        f"{place}: {name} must be a finite number, a list of finite numbers (a gradient) or a list of "
         f"`{{filter, value}}` conditions, got {plain(setting)!r}"
     )
 
@@ -348,5 +351,5 @@ def _preset(kind: str, value, place: str) -> tuple[dict, dict]:
         if not isinstance(positions, list) or not positions or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in positions):
             raise DusError(f"{places['positions']}: `expand.positions` must list source layer indices (a new block goes after each)")
     if "scale" in value and not _is_number(value["scale"]):
-        raise DusError(f"{places['scale']}: `duplicate.scale` must be a number (applied to o_proj/down_proj of the repeated layers)")
+        raise DusError(f"{places['scale']}: `duplicate.scale` must be a finite number (applied to o_proj/down_proj of the repeated layers)")
     return plain(value), places

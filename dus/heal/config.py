@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,8 @@ def _validate(raw: dict, source: str) -> None:
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise DusError(f"{source}: distill.alpha must be a number in [0, 1] (1 = pure KL), got {alpha!r}")
     temperature = raw["distill"]["temperature"]
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise DusError(f"{source}: distill.temperature must be a positive number, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise DusError(f"{source}: distill.temperature must be a positive finite number, got {temperature!r}")
     radius = raw["seam"]["radius"]
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
         raise DusError(f"{source}: seam.radius must be a whole number >= 1, got {radius!r}")
@@ -240,6 +241,10 @@ def _validate(raw: dict, source: str) -> None:
         raise DusError(f"{source}: seam.layers must be 'auto' or a list of layer indices, got {layers!r}")
     _validate_sft_values(raw["sft"], source)
     _validate_calibrate(raw["calibrate"], source)
+    for key in ("max_samples", "eval_max_samples"):
+        value = raw["data"][key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise DusError(f"{source}: data.{key} must be a whole number >= 1 (or null for all rows), got {value!r}")
     if not raw["data"]["path"]:
         raise DusError(f"{source}: data.path is empty; give a data file, a save_to_disk directory or a hub name")
 
@@ -280,6 +285,8 @@ def _validate_sft_values(section: dict, source: str) -> None:
         if not ok:
             names = " or ".join(t.__name__ for t in allowed)
             raise DusError(f"{source}: sft.{key} must be a {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DusError(f"{source}: sft.{key} must be a finite number, got {value!r}")
         if key in POSITIVE_SFT and not isinstance(value, bool) and value <= 0:
             raise DusError(f"{source}: sft.{key} must be positive, got {value!r}")
     max_steps = section.get("max_steps")

@@ -8,6 +8,7 @@ in one process and under `accelerate launch` (every rank runs it; only rank 0 wr
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,29 @@ class StepCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps += 1
+
+
+class StopWhenNotFinite(TrainerCallback):
+    """A loss that became NaN or infinite heals nothing any more: stop with one line (the
+    healed model is never written)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "train_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise DusError(f"the training loss became {value} at step {state.global_step}; no model was written: "
+                               "lower the learning rate (--lr), check the distill temperature, and check the model's "
+                               "weights are finite")
+
+
+def check_finite_weights(model) -> None:
+    """Refuse to write a model whose trained weights are NaN or infinite."""
+    import torch
+
+    bad = [name for name, param in model.named_parameters() if param.requires_grad and not torch.isfinite(param).all()]
+    if bad:
+        raise DusError(f"training left {len(bad)} weights non-finite (first: {bad[0]}); no model was written: lower the "
+                       "learning rate (--lr)")
 
 
 def run_name(cfg: HealConfig, model_dir: Path, manifest: Manifest | None) -> str:
@@ -276,6 +300,9 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     check_supported(cfg.trains, accelerator)
     if cfg.mode == "qlora":
         quantization_config(cfg)  # fail before the data is read
+        if cfg.section("calibrate")["enabled"]:
+            raise DusError("calibration scales the output projections' weights, which 4-bit (qlora) weights cannot "
+                           "take: --set calibrate.enabled=false, or calibrate first (--steps 0) and QLoRA the result")
     inputs = read_inputs(model_dir, cfg)
     if resume and previous and previous.get("data_sha256") not in (None, inputs.data_sha256):
         raise DusError(f"--resume: the data ({inputs.train_data.source}) is not what the run in {out} started with; "
@@ -345,6 +372,7 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
         say(f"  resuming from {resumed_from}")
     counter = StepCounter()
     trainer.add_callback(counter)
+    trainer.add_callback(StopWhenNotFinite())
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resumed_from)
     seconds = time.time() - started
@@ -354,6 +382,8 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     # Under FSDP / DeepSpeed the Trainer gathers the full weights into files (a collective:
     # every rank takes part), and the healed model is rebuilt from those on rank 0.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if not sharded:
+        check_finite_weights(unwrapped)
     trained_dir = out / ("adapter" if student.peft_config is not None else ".trained")
     if sharded:
         trainer.save_model(str(trained_dir))

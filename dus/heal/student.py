@@ -110,10 +110,18 @@ def load_student(run, teacher: str | None, say) -> Student:
 
 
 def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
-    """`sft.model_init_kwargs` and the dtype: float32 on a CPU, the checkpoint's elsewhere."""
+    """`sft.model_init_kwargs` and the dtype: float32 on a CPU, the checkpoint's elsewhere.
+    With an accelerator and no sharded launch, weights load straight onto this process's
+    device, so calibration's forward passes run there, not on the CPU."""
+    from dus.checkpoint import accelerator_type
+    from dus.heal.distributed import sharded_launch
+
     kwargs = dict(cfg.section("sft").get("model_init_kwargs") or {})
     if kwargs.pop("trust_remote_code", False):
         raise DusError("sft.model_init_kwargs.trust_remote_code: dus never runs a model's remote code")
+    accelerator = accelerator_type()
+    if accelerator in ("cuda", "xpu") and not use_cpu and not sharded_launch():
+        kwargs.setdefault("device_map", {"": f"{accelerator}:{int(os.environ.get('LOCAL_RANK', '0'))}"})
     return kwargs.pop("dtype", "float32" if use_cpu else "auto"), kwargs
 
 
