@@ -78,8 +78,9 @@ def sft_fields(spec: dict) -> dict:
         "save_strategy": "no",
         "report_to": "none",
         "seed": 0,
-        "use_cpu": True,
-        "bf16": False,
+        # CPU float32 unless the spec says otherwise (benchmarks/gpu runs these children on CUDA in bf16)
+        "use_cpu": spec.get("device", "cpu") == "cpu",
+        "bf16": spec.get("bf16", False),
         "dataloader_num_workers": 0,
     }
 
@@ -130,7 +131,7 @@ def child_trl(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     meter = make_meter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     peft_config = LoraConfig(
@@ -171,7 +172,7 @@ def trl_band_trainer(spec: dict, meter, teacher_dir: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
     model.requires_grad_(False)
     for index in spec["layers"]:
         model.model.layers[index].requires_grad_(True)
@@ -181,7 +182,8 @@ def trl_band_trainer(spec: dict, meter, teacher_dir: str | None):
     if teacher_dir is None:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[meter])
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, spec.get("dtype", "float32")))
+    teacher = teacher.to(spec.get("device", "cpu")).eval().requires_grad_(False)  # the Trainer moves only the student
     seconds = [0.0]
 
     class KDTrainer(SFTTrainer):
