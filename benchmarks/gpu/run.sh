@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU run (benchmarks/gpu/README.md): installs the carried wheels offline, then runs
+# gpu_bench.py's stages (random 7B-shaped Llama -> dus build -> heal four ways -> compare),
+# writing $OUT/gpu.json and the whole log, $OUT/gpu.log. Run from anywhere:
+#
+#   bash benchmarks/gpu/run.sh                       # on the device: SHAPE=7b DEVICE=cuda
+#   SHAPE=tiny DEVICE=cpu OUT=/tmp/o bash benchmarks/gpu/run.sh   # CPU dry run (tests/test_gpu_script.py)
+#
+# Settings are environment variables; gpu_bench.py's docstring lists them.
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cd "$repo" || exit 1
+PYTHON="${PYTHON:-python3}"
+export OUT="${OUT:-$repo/out/gpu}"
+mkdir -p "$OUT" || exit 1
+wheels="${WHEELS:-$here/wheels}"
+
+{
+  date -u '+started %Y-%m-%dT%H:%M:%SZ'
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    # --target keeps the image's own packages untouched; --no-deps: prepare.sh chose every wheel
+    site="${SITE:-/tmp/dus-gpu-site}"
+    echo "installing $(ls "$wheels"/*.whl | wc -l) carried wheels into $site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$site" "$wheels"/*.whl || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "no wheels in $wheels: using the packages already installed"
+  fi
+  # the worktree's dus first, whatever else is installed
+  export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PYTHON" "$here/gpu_bench.py"
+} 2>&1 | tee "$OUT/gpu.log"
