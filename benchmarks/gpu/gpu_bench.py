@@ -10,7 +10,7 @@ Started by benchmarks/gpu/run.sh (read it first); settings come from the environ
     TRIM                 SOLAR trim (default: a quarter of the layers: 32 -> 48)
     COMPARE_TOKENS       held-out tokens each model scores in the compare stage
     WORK                 scratch directory for the models (the device's own disk)
-    DEADLINE_S=540       no stage starts after this many seconds, and a running one is stopped
+    DEADLINE_S=420       no stage starts after this many seconds, and a running one is stopped
     STAGES               comma-separated subset of stage names (default: all, in order)
     PEAK_TFLOPS=989      the MFU denominator: H200 dense bf16 by the datasheet
     OUT                  results: OUT/gpu.json (rewritten after every stage)
@@ -54,7 +54,9 @@ SHAPES = {
     "tiny": dict(num_layers=8, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4),
 }
 VOCAB = 32000
-STAGES = ["environment", "source", "build", "heal_band", "trl_band", "heal_lora_student", "heal_qlora", "compare"]
+# in order of what matters most should the deadline cut the run short: the default heal and its
+# TRL counterpart, then the CUDA-only QLoRA path
+STAGES = ["environment", "source", "build", "heal_band", "trl_band", "heal_qlora", "heal_lora_student", "compare"]
 
 
 class Skip(Exception):
@@ -72,7 +74,7 @@ def settings() -> dict:
         "trim": int(env.get("TRIM", layers // 4)),
         "compare_tokens": int(env.get("COMPARE_TOKENS", 16384 if shape == "7b" else 512)),
         "work": env.get("WORK", "/tmp/dus-gpu"), "out": env.get("OUT", "out/gpu"),
-        "deadline_s": float(env.get("DEADLINE_S", 540)), "peak_tflops": float(env.get("PEAK_TFLOPS", 989)),
+        "deadline_s": float(env.get("DEADLINE_S", 420)), "peak_tflops": float(env.get("PEAK_TFLOPS", 989)),
         "stages": [s for s in env.get("STAGES", ",".join(STAGES)).split(",") if s],
     }
 
@@ -178,25 +180,43 @@ def add_mfu(run: Run, result: dict, layers: list[int], distill: bool) -> None:
 
 # --- stages --------------------------------------------------------------------------------
 
+PROBE = r"""
+import importlib, importlib.metadata as md, json, platform, sys
+import torch
+out = {"python": platform.python_version(), "cuda_available": torch.cuda.is_available(), "versions": {},
+       "import_errors": {}}
+for name in ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "safetensors",
+             "numpy", "pyarrow", "fsspec", "huggingface_hub", "dill", "multiprocess", "wandb"]:
+    try:
+        out["versions"][name] = md.version(name)
+    except md.PackageNotFoundError:
+        out["versions"][name] = None
+needed = ["trl", "datasets", "peft", "gguf", "dus.cli"] + (["bitsandbytes"] if torch.cuda.is_available() else [])
+for name in needed:
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        out["import_errors"][name] = f"{type(error).__name__}: {error}"
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    out.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30, cuda=torch.version.cuda)
+print(json.dumps(out))
+"""
+
+
 def stage_environment(run: Run) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    versions = {}
-    for name in ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "gguf",
-                 "safetensors", "numpy", "wandb"]:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    out = {"python": platform.python_version(), "versions": versions, "cuda_available": torch.cuda.is_available(),
-           "work_disk_free_gb": shutil.disk_usage(run.work).free / 1e9}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        out.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30, cuda=torch.version.cuda)
-    if run.cuda and not torch.cuda.is_available():
+    """Versions, the GPU, free disk, and whether everything the stages import imports (in a child
+    process, so that this one never holds a CUDA context)."""
+    done = subprocess.run([sys.executable, "-c", PROBE], env=run.env, cwd=REPO, capture_output=True, text=True,
+                          timeout=max(run.left(), 1.0))
+    if done.returncode != 0:
+        raise RuntimeError(f"the environment probe failed: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["work_disk_free_gb"] = shutil.disk_usage(run.work).free / 1e9
+    if run.cuda and not out["cuda_available"]:
         raise RuntimeError("DEVICE=cuda but torch sees no GPU")
+    if out["import_errors"]:
+        raise RuntimeError(f"imports failed: {out['import_errors']}")
     return out
 
 

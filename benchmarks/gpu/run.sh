@@ -4,7 +4,8 @@
 # writing $OUT/gpu.json and the whole log, $OUT/gpu.log. Run from anywhere:
 #
 #   bash benchmarks/gpu/run.sh                       # on the device: SHAPE=7b DEVICE=cuda
-#   SHAPE=tiny DEVICE=cpu OUT=/tmp/o bash benchmarks/gpu/run.sh   # CPU dry run (tests/test_gpu_script.py)
+#   SHAPE=tiny DEVICE=cpu WHEELS=none OUT=/tmp/o bash benchmarks/gpu/run.sh   # CPU dry run
+#                                                    # (tests/test_gpu_script.py; the wheels are for python 3.12)
 #
 # Settings are environment variables; gpu_bench.py's docstring lists them.
 set -o pipefail
@@ -20,7 +21,7 @@ wheels="${WHEELS:-$here/wheels}"
 
 {
   date -u '+started %Y-%m-%dT%H:%M:%SZ'
-  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+  if [ "$wheels" != none ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     # --target keeps the image's own packages untouched; --no-deps: prepare.sh chose every wheel
     site="${SITE:-/tmp/dus-gpu-site}"
     echo "installing $(ls "$wheels"/*.whl | wc -l) carried wheels into $site"
