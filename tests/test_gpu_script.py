@@ -50,6 +50,7 @@ def test_every_stage_runs_and_only_qlora_is_skipped(full_run):
     assert not failed, failed
     assert stages["heal_qlora"]["status"] == "skipped" and "CUDA" in stages["heal_qlora"]["reason"]
     assert all(stage["status"] == "ok" for name, stage in stages.items() if name != "heal_qlora")
+    assert Path(stages["environment"]["dus"]).is_relative_to(REPO)  # this checkout's dus ran
     log = (Path(results["settings"]["out"]) / "gpu.log").read_text()
     assert "=== compare: ok" in log
 
@@ -78,6 +79,7 @@ def test_compare_scores_both_models_and_times_the_bare_loop(full_run):
     _, results = full_run
     compare = results["stages"]["compare"]
     assert len(compare["perplexities"]) == 2 and all(math.isfinite(p) and p > 1 for p in compare["perplexities"])
+    assert compare["bare_perplexities"] == pytest.approx(compare["perplexities"], rel=1e-4)  # the same windows
     assert compare["bare"]["process_seconds"] > 0 and compare["bare_over_dus_throughput"] > 0
 
 

@@ -118,12 +118,13 @@ class Run:
         watchdog = threading.Timer(max(self.left(), 1.0), process.kill)
         watchdog.start()
         try:
-            for line in process.stdout:
-                print(f"  | {line}", end="", flush=True)
+            for line in process.stdout:  # stamped with the stage's seconds: the log shows where time goes
+                print(f"{time.perf_counter() - started:7.1f} | {line}", end="", flush=True)
                 tail.append(line)
             process.wait()
         finally:
             watchdog.cancel()
+        self.last_output = list(tail)
         result = json.loads(metrics.read_text()) if metrics.is_file() else {}
         result["process_seconds"] = time.perf_counter() - started
         if process.returncode != 0 or "error" in result:
@@ -197,6 +198,8 @@ for name in needed:
         importlib.import_module(name)
     except Exception as error:
         out["import_errors"][name] = f"{type(error).__name__}: {error}"
+import dus
+out["dus"] = dus.__file__  # the repository's own dus (PYTHONPATH), not one installed elsewhere
 if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
     out.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30, cuda=torch.version.cuda)
@@ -306,8 +309,10 @@ def stage_trl_band(run: Run) -> dict:
 
 
 def stage_heal_lora_student(run: Run) -> dict:
-    """Distillation with a LoRA student on the band instead of its full parameters."""
-    return dus_heal(run, "heal_lora_student", ["--set", "distill.student=lora"])
+    """Distillation with a LoRA student on the band instead of its full parameters. Calibration
+    off: heal_band has measured it, it is not in tokens/s, and dus runs it before the Trainer
+    moves the model to the GPU (on the CPU, minutes at this size)."""
+    return dus_heal(run, "heal_lora_student", ["--set", "distill.student=lora", "--set", "calibrate.enabled=false"])
 
 
 def stage_heal_qlora(run: Run) -> dict:
@@ -316,7 +321,18 @@ def stage_heal_qlora(run: Run) -> dict:
 
     if not torch.cuda.is_available():
         raise Skip("QLoRA loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU")
-    return dus_heal(run, "heal_qlora", ["-c", "qlora"])
+    try:
+        return dus_heal(run, "heal_qlora", ["-c", "qlora"])
+    except StageFailed as failed:
+        # calibration scales o_proj/down_proj in place, which packed 4-bit weights may not allow:
+        # once more without it, so that a failure there still leaves QLoRA's own figures
+        if run.left() > 60:
+            try:
+                failed.result["retry_without_calibration"] = dus_heal(
+                    run, "heal_qlora", ["-c", "qlora", "--set", "calibrate.enabled=false"])
+            except StageFailed as again:
+                failed.result["retry_without_calibration"] = {"status": "failed", **again.result}
+        raise
 
 
 def stage_compare(run: Run) -> dict:
@@ -338,8 +354,11 @@ def stage_compare(run: Run) -> dict:
             "for model in models:\n    sys.argv = ['-c', model, *rest]\n    exec(BARE, {'__name__': '__main__'})\n")
     bare = run.measured("compare_bare", ["-c", both, str(run.source), str(run.built), str(text), window, tokens,
                                          cfg["device"]])
+    # the bare loop prints "perplexity tokens" per model: the same windows must give the same numbers
+    printed = [line.split() for line in run.last_output]
+    bare_perplexities = [float(words[0]) for words in printed if len(words) == 2 and words[1].isdigit()]
     return {"dus": dus, "bare": bare, "perplexities": [m["perplexity"]["perplexity"] for m in metrics["models"]],
-            "tokens_per_model": int(tokens),
+            "bare_perplexities": bare_perplexities, "tokens_per_model": int(tokens),
             "bare_over_dus_throughput": bare["process_seconds"] / dus["process_seconds"]}
 
 

@@ -34,5 +34,16 @@ wheels="${WHEELS:-$here/wheels}"
   # the worktree's dus first, whatever else is installed
   export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  # The 7B run holds about 55 GB on disk at its peak (source, build, one healed output); where
+  # /tmp has less and the RAM-backed /dev/shm more, use that (the machine has 128 GiB of memory).
+  if [ -z "${WORK:-}" ]; then
+    WORK=/tmp/dus-gpu
+    tmp_free=$(df -Pk /tmp | awk 'NR==2 {print $4}')
+    shm_free=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+    if [ "${SHAPE:-7b}" = 7b ] && [ "${tmp_free:-0}" -lt $((60 * 1024 * 1024)) ] \
+       && [ "${shm_free:-0}" -gt "${tmp_free:-0}" ]; then WORK=/dev/shm/dus-gpu; fi
+    echo "WORK=$WORK (free KiB: /tmp ${tmp_free:-?}, /dev/shm ${shm_free:-?})"
+    export WORK
+  fi
   "$PYTHON" "$here/gpu_bench.py"
 } 2>&1 | tee "$OUT/gpu.log"
