@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "gpu" / "run.sh"
 STEPS, BATCH, SEQ = 3, 2, 64
-TRAINING = ["heal_band", "trl_band", "heal_lora_student"]
+TRAINING = ["heal_band", "trl_band", "heal_lora_student", "heal_default"]
 
 pytestmark = pytest.mark.gpu_script
 
@@ -45,7 +45,7 @@ def test_every_stage_runs_and_only_qlora_is_skipped(full_run):
     assert done.returncode == 0, done.stdout[-3000:]
     stages = results["stages"]
     assert list(stages) == ["environment", "source", "build", "heal_band", "trl_band", "heal_qlora",
-                            "heal_lora_student", "compare"]
+                            "heal_lora_student", "compare", "heal_default"]
     failed = {name: stage.get("error") for name, stage in stages.items() if stage["status"] == "failed"}
     assert not failed, failed
     assert stages["heal_qlora"]["status"] == "skipped" and "CUDA" in stages["heal_qlora"]["reason"]
@@ -70,6 +70,8 @@ def test_training_stages_measure_the_same_work_and_save_models_that_reload(full_
     band, trl = stages["heal_band"], stages["trl_band"]
     assert band["trains"] == "band" and stages["heal_lora_student"]["trains"] == "lora"
     assert band["teacher"] and band["steps"] == STEPS
+    assert band["calibration"] is None and stages["heal_default"]["calibration"]["layers"]  # only the default calibrates
+    assert stages["heal_default"]["trainable_parameters"] == band["trainable_parameters"]
     assert trl["trainable_parameters"] == band["trainable_parameters"]  # the same layers train
     assert trl["dus_over_trl_tokens_per_second"] > 0
     assert stages["heal_lora_student"]["trainable_parameters"] < band["trainable_parameters"]
@@ -84,10 +86,12 @@ def test_compare_scores_both_models_and_times_the_bare_loop(full_run):
 
 
 def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
-    # no source model in WORK: build fails; trl_band has no heal_band to take its layers from
-    done, results = dry_run(tmp_path, STAGES="build,trl_band")
+    # a 1 s cap stops making the source (python and torch take longer to start); build then has
+    # no source; trl_band has no heal_band to take its layers from
+    done, results = dry_run(tmp_path, STAGES="source,build,trl_band", STAGE_TIMEOUT_S="1")
     assert done.returncode == 0
-    build, trl = results["stages"]["build"], results["stages"]["trl_band"]
+    source, build, trl = (results["stages"][name] for name in ("source", "build", "trl_band"))
+    assert source["status"] == "failed" and "stopped after 1 s" in source["error"]
     assert build["status"] == "failed" and build["error"] and "output_tail" in build
     assert trl["status"] == "skipped" and "heal_band" in trl["reason"]
 

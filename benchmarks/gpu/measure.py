@@ -33,8 +33,10 @@ class Meter:
     """Timestamps of logged steps, (seconds, cumulative tokens), and the trainer's sizes."""
 
     def __init__(self):
+        self.began = time.perf_counter()
         self.marks: list[tuple[float, float]] = []
         self.params: dict = {}
+        self.trainer_ready: float | None = None
 
     def callback(self):
         from transformers import TrainerCallback
@@ -56,6 +58,7 @@ class Meter:
 
         def init(trainer, *args, **kwargs):
             original(trainer, *args, **kwargs)
+            meter.trainer_ready = time.perf_counter()
             trainer.add_callback(meter.callback())
             params = list(trainer.model.parameters())
             meter.params = {"parameters_seen": sum(p.numel() for p in params),  # 4-bit weights count packed
@@ -65,6 +68,10 @@ class Meter:
 
     def summary(self) -> dict:
         out: dict = {"logged_steps": len(self.marks), **self.params}
+        if self.trainer_ready is not None:  # loading, calibration, teacher, data: all before the Trainer
+            out["seconds_before_trainer"] = self.trainer_ready - self.began
+        if self.marks:  # saving (and merging) after the last step
+            out["seconds_after_last_step"] = time.perf_counter() - self.marks[-1][0]
         if len(self.marks) >= 2:
             (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
             gaps = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]
@@ -134,7 +141,7 @@ def main(argv: list[str]) -> int:
     if "--train" in options:  # importing Trainer costs seconds: only where there is training
         meter.watch_trainers()
     result: dict = {"command": target}
-    began = time.perf_counter()
+    began = meter.began
     code = 0
     try:
         try:
