@@ -211,7 +211,8 @@ def child_trl_band(spec: dict, teacher: bool) -> dict:
     meter = make_meter()
     trainer = trl_band_trainer(spec, meter, spec["teacher"] if teacher else None)
     trainer.train()
-    trainer.save_model(spec["out"])  # dus saves its result too: peak memory includes writing it
+    if spec.get("save", True):  # benchmarks/gpu leaves it out: 20 GB of device time, not dus's path
+        trainer.save_model(spec["out"])  # dus saves its result too: peak memory includes writing it
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"tokens_per_second": meter.tokens_per_second(), "peak_rss_mb": peak_rss_mb(),
               "final_loss": losses[-1] if losses else None}

@@ -28,7 +28,9 @@ def dry_run(tmp: Path, **settings) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "SHAPE": "tiny", "DEVICE": "cpu", "DTYPE": "float32", "STEPS": str(STEPS),
            "BATCH": str(BATCH), "SEQ": str(SEQ), "WHEELS": "none", "PYTHON": sys.executable,
            "OUT": str(tmp / "out"), "WORK": str(tmp / "work"), "OMP_NUM_THREADS": "1",
-           "DUS_GPU_HIDE_MODULES": "wandb,bitsandbytes,deepspeed", **settings}
+           "DUS_GPU_HIDE_MODULES": "wandb,bitsandbytes,deepspeed",
+           # the device's time limits would cut a dry run on a busy CPU short
+           "DEADLINE_S": "3000", "STAGE_TIMEOUT_S": "600", **settings}
     done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=600)
     results = tmp / "out" / "gpu.json"
     assert results.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,7 +65,9 @@ def test_training_stages_measure_the_same_work_and_save_models_that_reload(full_
         stage = stages[name]
         assert stage["logged_steps"] == STEPS, name
         assert stage["tokens_per_step"] == BATCH * SEQ, name  # packed: every sequence full
-        assert stage["tokens_per_second"] > 0 and stage["reloaded"] and stage["reload_layers"] == 12, name
+        assert stage["tokens_per_second"] > 0, name
+        if name != "trl_band":  # the TRL reference saves nothing
+            assert stage["reloaded"] and stage["reload_layers"] == 12, name
         assert 0 < stage["trainable_parameters"] < stage["parameters_seen"], name
         # forward of student and teacher at least; no MFU against a GPU peak on a CPU
         assert stage["model_flops_per_token"] > 2 * stage["parameters_seen"] and stage["mfu"] is None, name

@@ -81,10 +81,9 @@ class Meter:
 
 
 def memory() -> dict:
-    import torch
-
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # a command that never imported torch (a copy build) used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out.update(peak_gpu_allocated_gb=torch.cuda.max_memory_allocated() / 2**30,
                    peak_gpu_reserved_gb=torch.cuda.max_memory_reserved() / 2**30)
     return out
