@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
