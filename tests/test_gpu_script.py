@@ -31,7 +31,7 @@ def dry_run(tmp: Path, **settings) -> tuple[subprocess.CompletedProcess, dict]:
            "DUS_GPU_HIDE_MODULES": "wandb,bitsandbytes,deepspeed",
            # the device's time limits would cut a dry run on a busy CPU short
            "DEADLINE_S": "3000", "STAGE_TIMEOUT_S": "600", **settings}
-    done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=1500)
     results = tmp / "out" / "gpu.json"
     assert results.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     return done, json.loads(results.read_text())
