@@ -47,7 +47,7 @@ def test_every_stage_runs_and_only_qlora_is_skipped(full_run):
     assert done.returncode == 0, done.stdout[-3000:]
     stages = results["stages"]
     assert list(stages) == ["environment", "source", "build", "heal_band", "trl_band", "heal_qlora",
-                            "heal_lora_student", "compare", "heal_default"]
+                            "heal_default", "heal_lora_student", "compare"]
     failed = {name: stage.get("error") for name, stage in stages.items() if stage["status"] == "failed"}
     assert not failed, failed
     assert stages["heal_qlora"]["status"] == "skipped" and "CUDA" in stages["heal_qlora"]["reason"]

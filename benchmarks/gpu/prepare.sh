@@ -74,5 +74,5 @@ run.sh stops starting stages at DEADLINE_S=420 s and writes \$OUT/gpu.json after
 so a slow stage costs the stages after it, not the results before it. Results come back as
 gpu.json and gpu.log; copy gpu.json to benchmarks/results/gpu-h200.json.
 A second call, if device time is left, runs the stages gpu.json records as past the deadline, e.g.
-  command: STAGES=environment,source,build,heal_lora_student,compare,heal_default bash benchmarks/gpu/run.sh
+  command: STAGES=environment,source,build,heal_lora_student,compare bash benchmarks/gpu/run.sh
 EOF
