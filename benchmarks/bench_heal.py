@@ -73,7 +73,7 @@ def sft_fields(spec: dict) -> dict:
         "packing": spec.get("packing", False),
         **({"packing_strategy": "wrapped"} if spec.get("packing") else {}),
         "assistant_only_loss": False,
-        "activation_checkpointing": False,
+        "activation_checkpointing": spec.get("activation_checkpointing", False),
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
@@ -131,7 +131,15 @@ def child_trl(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     meter = make_meter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
+    quantized = {}
+    if spec.get("load_in_4bit"):  # QLoRA as TRL's docs write it (benchmarks/gpu; needs CUDA and bitsandbytes)
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": {"": 0}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)}
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")),
+                                                 **quantized)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     peft_config = LoraConfig(

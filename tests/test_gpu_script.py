@@ -42,16 +42,17 @@ def full_run(tmp_path_factory):
     return dry_run(tmp_path_factory.mktemp("gpu-dry-run"))
 
 
-def test_every_stage_runs_and_only_qlora_is_skipped(full_run):
+def test_every_stage_runs_and_only_qlora_stages_are_skipped(full_run):
     done, results = full_run
     assert done.returncode == 0, done.stdout[-3000:]
     stages = results["stages"]
     assert list(stages) == ["environment", "source", "build", "heal_band", "trl_band", "heal_qlora",
-                            "heal_default", "heal_lora_student", "compare"]
+                            "heal_default", "heal_lora_student", "compare", "trl_qlora"]
     failed = {name: stage.get("error") for name, stage in stages.items() if stage["status"] == "failed"}
     assert not failed, failed
-    assert stages["heal_qlora"]["status"] == "skipped" and "CUDA" in stages["heal_qlora"]["reason"]
-    assert all(stage["status"] == "ok" for name, stage in stages.items() if name != "heal_qlora")
+    qlora = ("heal_qlora", "trl_qlora")
+    assert all(stages[name]["status"] == "skipped" and "CUDA" in stages[name]["reason"] for name in qlora)
+    assert all(stage["status"] == "ok" for name, stage in stages.items() if name not in qlora)
     assert Path(stages["environment"]["dus"]).is_relative_to(REPO)  # this checkout's dus ran
     log = (Path(results["settings"]["out"]) / "gpu.log").read_text()
     assert "=== compare: ok" in log

@@ -60,7 +60,7 @@ VOCAB = 32000
 # possibly minutes at 10B, hence after the training figures and capped by STAGE_TIMEOUT_S; the
 # log's stamped lines time each calibration factor even if it is stopped), the LoRA student, compare.
 STAGES = ["environment", "source", "build", "heal_band", "trl_band", "heal_qlora", "heal_default",
-          "heal_lora_student", "compare"]
+          "heal_lora_student", "compare", "trl_qlora"]
 
 
 class Skip(Exception):
@@ -275,8 +275,8 @@ def dus_heal(run: Run, name: str, extra: list[str]) -> dict:
         result = run.measured(name, ["-m", "dus", "heal", str(run.built), "-o", str(out), *heal_flags(run), *extra],
                               reload=out, train=True)
         record = heal_record(out)
-        result.update({key: record.get(key) for key in ("mode", "trains", "layers", "teacher", "steps", "tokens",
-                                                        "final_loss", "calibration")})
+        result.update({key: record.get(key) for key in ("mode", "trains", "layers", "lora_modules", "teacher", "steps",
+                                                        "tokens", "final_loss", "calibration")})
         result["settings_used"] = {key: record["config"]["sft"].get(key) for key in
                                    ("bf16", "activation_checkpointing", "per_device_train_batch_size", "max_length")}
         add_mfu(run, result, record["layers"], distill=bool(record.get("teacher")))
@@ -347,6 +347,37 @@ def stage_heal_qlora(run: Run) -> dict:
             except StageFailed as again:
                 failed.result["retry_without_calibration"] = {"status": "failed", **again.result}
         raise
+
+
+def stage_trl_qlora(run: Run) -> dict:
+    """bench_heal.py's plain TRL LoRA script with the model in 4 bits, on the layers and modules
+    heal_qlora recorded, the same data, steps and activation checkpointing: QLoRA's dus/TRL ratios."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skip("QLoRA loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU")
+    qlora = run.results["stages"].get("heal_qlora", {})
+    done = qlora if qlora.get("status") == "ok" else qlora.get("retry_without_calibration") or {}
+    if not done.get("layers") or "error" in done:
+        raise Skip("needs the layers and LoRA modules heal_qlora recorded, and heal_qlora did not succeed")
+    cfg, out = run.cfg, run.work / "trl_qlora"
+    spec = {"model": str(run.built), "data": str(REPO / "data" / "text" / "train.jsonl"), "batch_size": cfg["batch"],
+            "max_length": cfg["seq"], "packing": True, "steps": cfg["steps"], "out": str(out),
+            "layers": done["layers"], "lora_modules": done["lora_modules"], "device": cfg["device"],
+            "dtype": cfg["dtype"], "bf16": True, "load_in_4bit": True,
+            "activation_checkpointing": bool(done["settings_used"]["activation_checkpointing"])}
+    shutil.rmtree(out, ignore_errors=True)
+    try:  # the adapter it saves is small: no reload check
+        result = run.measured("trl_qlora", [str(REPO / "benchmarks" / "bench_heal.py"), "--child", "trl",
+                                            "--spec", json.dumps(spec)], train=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    add_mfu(run, result, done["layers"], distill=False)
+    if done.get("tokens_per_second") and result.get("tokens_per_second"):
+        result["dus_over_trl_tokens_per_second"] = done["tokens_per_second"] / result["tokens_per_second"]
+    if done.get("peak_gpu_allocated_gb") and result.get("peak_gpu_allocated_gb"):
+        result["dus_over_trl_peak_gpu"] = done["peak_gpu_allocated_gb"] / result["peak_gpu_allocated_gb"]
+    return result
 
 
 def stage_compare(run: Run) -> dict:
