@@ -33,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir, text_path, window, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+device = sys.argv[5] if len(sys.argv) > 5 else "cpu"  # benchmarks/gpu runs this loop on cuda
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+placed = {"device_map": device} if device != "cpu" else {}  # load straight onto the GPU
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **placed).eval()
 ids = tokenizer(open(text_path).read(), return_tensors="pt").input_ids[0][:tokens]
 nll, count = 0.0, 0
 with torch.inference_mode():
     for begin in range(0, len(ids) - 1, window):
-        chunk = ids[begin:begin + window].unsqueeze(0)
+        chunk = ids[begin:begin + window].unsqueeze(0).to(device)
         if chunk.shape[1] < 2:
             break
         logits = model(chunk).logits[0, :-1].float()

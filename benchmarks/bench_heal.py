@@ -73,13 +73,14 @@ def sft_fields(spec: dict) -> dict:
         "packing": spec.get("packing", False),
         **({"packing_strategy": "wrapped"} if spec.get("packing") else {}),
         "assistant_only_loss": False,
-        "activation_checkpointing": False,
+        "activation_checkpointing": spec.get("activation_checkpointing", False),
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
         "seed": 0,
-        "use_cpu": True,
-        "bf16": False,
+        # CPU float32 unless the spec says otherwise (benchmarks/gpu runs these children on CUDA in bf16)
+        "use_cpu": spec.get("device", "cpu") == "cpu",
+        "bf16": spec.get("bf16", False),
         "dataloader_num_workers": 0,
     }
 
@@ -130,7 +131,15 @@ def child_trl(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     meter = make_meter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    quantized = {}
+    if spec.get("load_in_4bit"):  # QLoRA as TRL's docs write it (benchmarks/gpu; needs CUDA and bitsandbytes)
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": {"": 0}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)}
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")),
+                                                 **quantized)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     peft_config = LoraConfig(
@@ -171,7 +180,7 @@ def trl_band_trainer(spec: dict, meter, teacher_dir: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
     model.requires_grad_(False)
     for index in spec["layers"]:
         model.model.layers[index].requires_grad_(True)
@@ -181,7 +190,8 @@ def trl_band_trainer(spec: dict, meter, teacher_dir: str | None):
     if teacher_dir is None:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[meter])
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, spec.get("dtype", "float32")))
+    teacher = teacher.to(spec.get("device", "cpu")).eval().requires_grad_(False)  # the Trainer moves only the student
     seconds = [0.0]
 
     class KDTrainer(SFTTrainer):
@@ -209,7 +219,8 @@ def child_trl_band(spec: dict, teacher: bool) -> dict:
     meter = make_meter()
     trainer = trl_band_trainer(spec, meter, spec["teacher"] if teacher else None)
     trainer.train()
-    trainer.save_model(spec["out"])  # dus saves its result too: peak memory includes writing it
+    if spec.get("save", True):  # benchmarks/gpu leaves it out: 20 GB of device time, not dus's path
+        trainer.save_model(spec["out"])  # dus saves its result too: peak memory includes writing it
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"tokens_per_second": meter.tokens_per_second(), "peak_rss_mb": peak_rss_mb(),
               "final_loss": losses[-1] if losses else None}
