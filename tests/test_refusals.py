@@ -66,3 +66,25 @@ def test_force_through_dot_dot_replaces_the_output_in_place(space, tmp_path, run
     assert result.code == 0, result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]  # no hidden leftovers beside it
     assert len({k.split(".")[2] for k in load_file(out / "model.safetensors") if ".layers." in k}) == 4
+
+
+def alias_bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (alias_bomb(8), "expands to more than 100,000 values"),
+    ("[" * 300 + "]" * 300 + "\n", "nested more than 50 levels"),
+    ("[" * 20000 + "\n", "nested too deeply"),
+    ("? [1, 2]\n: x\n", "is not a name"),
+    ("solar: {model: m, 3: x}\n", "key 3 is not a name"),
+])
+def test_hostile_recipes_are_refused_quickly_in_one_line(text, message, tmp_path, run_cli):
+    recipe = tmp_path / "hostile.yaml"
+    recipe.write_text(text)
+    result = run_cli("build", recipe, "-o", tmp_path / "out")
+    assert result.code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result
+    assert not (tmp_path / "out").exists()
