@@ -127,6 +127,9 @@ def test_a_resumed_in_memory_band_heal_ends_where_an_uninterrupted_one_does(spac
     run(space, tmp_path / "resumed", **settings, **{"sft.max_steps": 2})
     checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_dir()
+    killed = checkpoint.with_name("checkpoint-3")  # a save cut short: no trainer_state.json
+    shutil.copytree(checkpoint, killed)
+    (killed / "trainer_state.json").unlink()
     config = load_config(None, {**FAST, **settings, "data.path": str(space / "prose.txt"), "sft.max_steps": 4})
     resumed = heal(space / "built", tmp_path / "resumed", config, resume=True)
     assert resumed.record["in_memory"] is True and resumed.record["resumed_from"].endswith("checkpoint-2")

@@ -34,11 +34,10 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
     marker = out / RUN_MARKER
     previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
     if resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
         checkpoints = out / CHECKPOINTS
-        if not checkpoints.is_dir() or get_last_checkpoint(str(checkpoints)) is None:
-            raise DusError(f"--resume: no checkpoint in {checkpoints}; run without --resume to start afresh")
+        if last_complete_checkpoint(checkpoints) is None:
+            raise DusError(f"--resume: no checkpoint in {checkpoints} that was saved to the end; run without --resume "
+                           "to start afresh")
         return previous
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -53,6 +52,19 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
             if read == resolved or resolved in read.parents:
                 raise DusError(f"--force: {out} holds {path}, which this run reads; move it out of {out} "
                                "or choose another -o")
+    return None
+
+
+def last_complete_checkpoint(checkpoints: Path, say=None) -> Path | None:
+    """The newest `checkpoint-N` that was saved to the end (its trainer_state.json is
+    written last); newer ones cut short by a kill are skipped, saying so."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in checkpoints.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit()) if checkpoints.is_dir() else []
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+        if say is not None:
+            say(f"  skipping {path.name}: incomplete (no trainer_state.json; its save was interrupted)")
     return None
 
 

@@ -32,7 +32,7 @@ from dus.heal.distributed import (
     sharded_launch,
 )
 from dus.heal.merge import weights_digest
-from dus.heal.output import CHECKPOINTS, open_output, prepare_output, write_marker
+from dus.heal.output import CHECKPOINTS, last_complete_checkpoint, open_output, prepare_output, write_marker
 from dus.heal.record import calibration_record, heal_record
 from dus.heal.student import Student, load_student, quantization_config
 from dus.heal.targets import HealTargets
@@ -358,8 +358,6 @@ def paths_read(model_dir: ModelDir, cfg: HealConfig, teacher_dir: Path | None) -
 
 def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     """Train, gather the weights, write the healed model (or the adapter); returns the record."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     cfg, out, inputs = run.cfg, run.out, run.inputs
     trainer = make_trainer(cfg, student, run.args, inputs, callbacks)
     sharded = sharded_launch()
@@ -367,7 +365,7 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in trainer.model.parameters())
     say(f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    resumed_from = get_last_checkpoint(str(out / CHECKPOINTS)) if run.resume else None
+    resumed_from = str(last_complete_checkpoint(out / CHECKPOINTS, say)) if run.resume else None
     if resumed_from:
         say(f"  resuming from {resumed_from}")
     counter = StepCounter()
