@@ -7,7 +7,6 @@ something at the output path that looks like a valid checkpoint.
 
 from __future__ import annotations
 
-import importlib
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,7 +77,6 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         # While the kernel copies: the config is rewritten (importing transformers and torch
         # for it takes seconds, most of a small build), and the sources are hashed.
         config_future = helpers.submit(output_config, plan, sources)
-        helpers.submit(importlib.import_module, "huggingface_hub")  # for the model card, off the critical path
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
             with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show_progress, leave=False) as bar:

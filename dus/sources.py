@@ -7,7 +7,6 @@ unpickled.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -249,10 +248,9 @@ def check_compatible(models: list[SourceModel]) -> None:
 
 def read_license(path: Path) -> str:
     """The license a model directory declares: model-card front matter, else a LICENSE file."""
-    from dus.cards import read_card
+    from dus.cards import front_matter
 
-    card = read_card(path / "README.md")
-    license_id = getattr(card.data, "license", None) if card is not None else None
+    license_id = front_matter(path / "README.md").get("license")
     if license_id:
         return str(license_id)
     for candidate in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
