@@ -113,7 +113,8 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
     else:
         planned, warnings, notes, saved_imatrix = _write_quantized(
             model, source, family, config, vocab, type_name, output, progress,
-            text_path if imatrix_text is not None else None, str(imatrix_text), imatrix_tokens)
+            text_path if imatrix_text is not None else None,
+            DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
     modelfile = None
     if ollama:
         from dus.export.ollama import write_modelfile
