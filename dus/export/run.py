@@ -179,22 +179,21 @@ def _write_quantized(model, source, family, config, vocab, type_name: str, outpu
             notes.append("the experts' weights have no importance matrix (transformers fuses them): llama.cpp "
                          "quantizes them without one")
     base = temporary_beside(output)
-    staged = [base]
+    quantized = temporary_beside(output)
+    saved = imatrix_path(output) if matrix is not None else None
+    staged_imatrix = temporary_beside(saved) if saved is not None else None
     try:
         planned, warnings = _write_gguf(model, source, family, config, vocab, base_type, base, progress, extra)
-        saved = None
-        if matrix is not None:
-            saved = imatrix_path(output)
-            staged.append(temporary_beside(saved))
-            importance.write(matrix, staged[-1])
-        staged.append(temporary_beside(output))
-        quantize(base, staged[-1], type_name, matrix.means() if matrix is not None else None)
         if saved is not None:
-            os.replace(staged[1], saved)
-        os.replace(staged[-1], output)
+            importance.write(matrix, staged_imatrix)
+        quantize(base, quantized, type_name, matrix.means() if matrix is not None else None)
+        if saved is not None:
+            os.replace(staged_imatrix, saved)
+        os.replace(quantized, output)
     finally:
-        for path in staged:
-            path.unlink(missing_ok=True)
+        for path in (base, quantized, staged_imatrix):
+            if path is not None:
+                path.unlink(missing_ok=True)
     return planned, warnings, notes, saved
 
 
