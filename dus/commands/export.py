@@ -9,7 +9,7 @@ import typer
 from dus.export.quantize import LLAMA_TYPES
 
 TYPE_HELP = ("Tensor type. Written by dus: f32 (lossless), f16, bf16, q8_0. Through llama.cpp's quantizer "
-             f"(needs `pip install 'dus[llama]'`): {', '.join(LLAMA_TYPES)}.")
+             f"(needs `pip install 'dus\\[llama]'`): {', '.join(LLAMA_TYPES)}.")
 
 
 def export_command(
