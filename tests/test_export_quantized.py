@@ -266,9 +266,59 @@ def test_sentencepiece_vocabulary_tokenizes_and_computes_like_transformers(tmp_p
         assert np.abs(got - expected).max() < 2e-3 * np.abs(expected).max()
 
 
-def test_sentencepiece_space_only_at_the_start_is_refused(tmp_path, run_cli):
+@needs_llama_cpp
+def test_sentencepiece_space_only_at_the_start_is_written_with_a_warning(tmp_path, run_cli):
+    """transformers 5's Llama tokenizer: "▁" at the start of the text only. llama.cpp also puts
+    one after each special token; everywhere else the two agree."""
     model = make_sentencepiece_model(tmp_path / "model", "llama", "first")
-    result = run_cli("export", model, "-o", tmp_path / "m.gguf")
-    assert result.code == 2 and "only at the start" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "m.gguf").exists()
+    result = export(model, tmp_path / "m.gguf", "f32")
+    assert any("after every special token" in w for w in result.warnings)
+    tokenizer_ids = _hf_tokens(model, SAMPLE.replace("|>", "|> "))  # the "▁" llama.cpp adds, spelled out
+    with llamacpp.open_gguf(result.path, n_ctx=256, threads=1) as llm:
+        assert llm.tokenize(SAMPLE.encode(), add_bos=True, special=True) == tokenizer_ids
+        plain = "Über 40 Tiere sind übrig — naïve café, 12 dogs."
+        assert llm.tokenize(plain.encode(), add_bos=True, special=True) == _hf_tokens(model, plain)
+
+
+@needs_llama_cpp
+def test_a_real_sentencepiece_model_converted_by_transformers(tmp_path):
+    """A SentencePiece BPE model trained here (byte fallback, split digits, as Llama 2's), converted
+    to tokenizer.json by transformers' own LlamaTokenizer: llama.cpp, transformers and
+    SentencePiece itself split text the same way."""
+    spm = pytest.importorskip("sentencepiece")
+    import json
+
+    from transformers import AutoTokenizer
+
+    from dus.tiny import CHAT_TEMPLATE
+
+    source = tmp_path / "spm"
+    source.mkdir()
+    (tmp_path / "corpus.txt").write_text(SCORED.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(source / "tokenizer"),
+                                   vocab_size=600, model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = make_tiny_model(tmp_path / "model", "llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
+    for stale in ("tokenizer.json", "tokenizer_config.json"):
+        (model / stale).unlink(missing_ok=True)
+    tokenizer.save_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    result = export(model, tmp_path / "m.gguf", "f16")
+    out = result.path
+    assert any("after every special token" in w for w in result.warnings)
+    processor = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    plain = "Alice was 7 years, 12 days old: “Curiouser!” — naïve café, 漢字 and\ttabs\n\nnew lines."
+    assert tokenizer(plain, add_special_tokens=False)["input_ids"] == processor.encode(plain)
+    with llamacpp.open_gguf(out, n_ctx=256, threads=1) as llm:
+        ids = tokenizer(plain)["input_ids"]
+        assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
+        assert llm.tokenize(plain.encode(), add_bos=True, special=True) == ids
+        # transformers 5 loads it with a "▁" at the start only (see the warning test above)
+        expected = tokenizer(SAMPLE.replace("|>", "|> "))["input_ids"]
+        assert llm.tokenize(SAMPLE.encode(), add_bos=True, special=True) == expected

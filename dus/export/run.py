@@ -121,7 +121,7 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
 
         modelfile = write_modelfile(output, vocab, force=force)
     return ExportResult(output, type_name, family.arch_name, len(planned), output.stat().st_size,
-                        time.perf_counter() - started, warnings, modelfile, saved_imatrix, notes)
+                        time.perf_counter() - started, [*warnings, *vocab.warnings], modelfile, saved_imatrix, notes)
 
 
 def _imatrix_text(value: str | Path) -> Path:

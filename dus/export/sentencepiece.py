@@ -5,7 +5,10 @@ the adjacent pair whose concatenation is the vocabulary entry with the highest *
 and spells what is left unknown as <0xNN> byte tokens. A tokenizer.json (converted from
 SentencePiece by transformers) keeps merges, not scores, so the score of a token is its
 merge priority: -(rank of the first merge that makes it). Whether a "▁" goes before the
-text, and after each special token as llama.cpp does, is asked of the tokenizer itself.
+text is asked of the tokenizer itself. llama.cpp also puts one after every special token;
+transformers 5 loads Llama-2-style tokenizers with a "▁" at the start only, so for those
+the export warns that text following a special token inside a prompt tokenizes differently
+(llama.cpp's own converter writes the same vocabulary, with the same difference).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ SPACE = "\u2581"
 
 
 def byte_fallback_vocabulary(tokenizer, definition: dict, tokens: list[str], types: list[int], merges: list[str],
-                             where: str) -> tuple[list[int], list[float], bool]:
-    """Token types (bytes and the unknown token marked), scores and add_space_prefix."""
+                             where: str) -> tuple[list[int], list[float], bool, str | None]:
+    """Token types (bytes and the unknown token marked), scores, add_space_prefix and a
+    warning where llama.cpp will tokenize some text differently."""
     types = list(types)
     present = set()
     for token_id, token in enumerate(tokens):
@@ -49,12 +53,13 @@ def byte_fallback_vocabulary(tokenizer, definition: dict, tokens: list[str], typ
             scores.append(-float(rank[token]))
         else:
             scores.append(0.0 if len(token) == 1 or types[token_id] == gguf.TokenType.BYTE else unreachable)
-    return types, scores, _space_prefix(tokenizer, tokens, types, where)
+    return (types, scores, *_space_prefix(tokenizer, tokens, types))
 
 
-def _space_prefix(tokenizer, tokens: list[str], types: list[int], where: str) -> bool:
-    """Whether transformers puts "▁" before text; refused where it does so at the start
-    but not after a special token (llama.cpp does both or neither)."""
+def _space_prefix(tokenizer, tokens: list[str], types: list[int]) -> tuple[bool, str | None]:
+    """Whether transformers puts "▁" before text, and a warning where it does so at the start
+    but not after a special token: llama.cpp does both or neither (its own converter writes
+    such tokenizers the same way, with the same difference)."""
     backend = tokenizer.backend_tokenizer
 
     def first_piece(text: str, skip: int = 0) -> str:
@@ -63,10 +68,9 @@ def _space_prefix(tokenizer, tokens: list[str], types: list[int], where: str) ->
 
     at_start = first_piece("a").startswith(SPACE)
     specials = [t for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
-    if specials:
-        after_special = first_piece(specials[0] + "a", skip=1).startswith(SPACE)
-        if after_special != at_start:
-            raise DusError(f"{where}: this tokenizer puts a '{SPACE}' before text {'only at the start' if at_start else 'only after special tokens'}, "
-                           "but llama.cpp's SentencePiece tokenizer does it at the start and after every special token "
-                           "or not at all: the GGUF would tokenize chat turns differently, so dus export refuses it")
-    return at_start
+    if specials and first_piece(specials[0] + "a", skip=1).startswith(SPACE) != at_start:
+        where = "only at the start of the text" if at_start else "only after special tokens"
+        return at_start, (f"transformers puts a '{SPACE}' before text {where}, llama.cpp at the start and after every "
+                          "special token: text that follows a special token inside a prompt (e.g. '<|im_start|>user') "
+                          f"tokenizes with an extra '{SPACE}' in llama.cpp")
+    return at_start, None

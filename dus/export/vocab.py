@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -59,6 +59,7 @@ class Vocabulary:
     chat_template: str | None
     scores: list[float] | None = None  # "llama" only: merge priority, higher first
     add_space_prefix: bool | None = None  # "llama" only: a "▁" before text (and after special tokens)
+    warnings: list[str] = field(default_factory=list)  # where llama.cpp will tokenize differently
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -133,11 +134,12 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
             types.append(gguf.TokenType.UNUSED)
     if len(set(tokens)) != len(tokens):
         raise DusError(f"{path}: two token ids share one string; the tokenizer is damaged")
-    scores = space_prefix = None
+    scores = space_prefix = warning = None
     if sentencepiece:
         from dus.export.sentencepiece import byte_fallback_vocabulary
 
-        types, scores, space_prefix = byte_fallback_vocabulary(tokenizer, definition, tokens, types, merges, str(path))
+        types, scores, space_prefix, warning = byte_fallback_vocabulary(tokenizer, definition, tokens, types, merges,
+                                                                        str(path))
 
     special_ids = {}
     for kind in ("bos", "eos", "unk", "pad"):
@@ -152,4 +154,4 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     if template:
         template = GENERATION_TAGS.sub("", template)
     return Vocabulary("llama" if sentencepiece else "gpt2", pre, tokens, types, merges, special_ids, add_bos, add_eos,
-                      template, scores, space_prefix)
+                      template, scores, space_prefix, [warning] if warning else [])
