@@ -162,7 +162,13 @@ def quantization(model_dir: Path, tokens: int, window: int, threads: int, workdi
                                 type_name.upper(), str(threads)], check=True, capture_output=True)
                 files.append((type_name, label, out))
     for type_name, label, path in files:
-        row = {"type": type_name, "imatrix": label, "bytes": path.stat().st_size, "perplexity": {}}
+        from collections import Counter
+
+        from gguf import GGUFReader
+
+        kinds = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) > 1)
+        row = {"type": type_name, "imatrix": label, "bytes": path.stat().st_size, "perplexity": {},
+               "matrix_types": dict(sorted(kinds.items()))}  # llama.cpp falls back where rows are not 256-multiples
         rates = []
         for name, ids in scored.items():
             ppl, rate = llamacpp.perplexity(path, ids, window, threads=threads)

@@ -9,10 +9,10 @@
 # project's own range (torch>=2.4) is then already satisfied and pip pulls no CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/python-env.sh
-PIP="python -m pip --disable-pip-version-check"
 mode=${1:-runtime}
 case "$mode" in runtime|test) ;; *) echo "usage: bash scripts/install.sh [test]" >&2; exit 2 ;; esac
+. scripts/python-env.sh
+PIP="python -m pip --disable-pip-version-check"
 if ! python -c "import torch" >/dev/null 2>&1; then
     $PIP install --quiet "torch==2.13.0"
 fi
