@@ -93,7 +93,9 @@ def test_every_type_round_trips_through_llama_cpp(wide, tmp_path, type_name):
 
     model, ids, reference = wide
     layer_type, max_error, max_ppl = EXPECTED[type_name]
-    out = export(model, tmp_path / f"m.{type_name}.gguf", type_name).path
+    result = export(model, tmp_path / f"m.{type_name}.gguf", type_name)
+    out = result.path
+    assert result.notes == []  # every row a multiple of 256: no fallback types
     kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     assert kinds["blk.0.attn_q.weight"] == layer_type and kinds["blk.1.ffn_up.weight"] == layer_type
     assert kinds["blk.0.attn_norm.weight"] == "F32"
@@ -225,6 +227,19 @@ def test_a_failing_quantizer_leaves_nothing(wide, tmp_path, monkeypatch):
     with pytest.raises(DusError):
         export(wide[0], tmp_path / "m.gguf", "q4_k_m", imatrix_text=CALIBRATION, imatrix_tokens=512)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_llama_cpp
+def test_quantizer_errors_and_fallbacks_are_reported_in_one_line(tmp_path):
+    from dus.export.quantize import quantize
+
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(DusError, match="llama.cpp's quantizer failed on broken.gguf -> q4_k_m: ") as error:
+        quantize(tmp_path / "broken.gguf", tmp_path / "out.gguf", "q4_k_m", threads=1)
+    assert "\n" not in str(error.value)
+    narrow = make_tiny_model(tmp_path / "narrow", "llama", num_layers=2)  # hidden 32: no K-quant block fits
+    result = export(narrow, tmp_path / "narrow.gguf", "q4_k_m")
+    assert result.notes and "of 21 tensors with another type" in result.notes[0]
 
 
 @needs_llama_cpp

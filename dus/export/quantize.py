@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +69,8 @@ def check_available(type_name: str) -> None:
 
 
 def quantize(source: Path, output: Path, type_name: str, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int | None = None) -> None:
-    """Quantize the GGUF `source` into `output` (which the caller makes atomic).
+             threads: int | None = None) -> list[str]:
+    """Quantize the GGUF `source` into `output` (which the caller makes atomic); return notes.
 
     `imatrix` maps GGUF tensor names to per-input-column mean squared activations (for
     stacked experts, one block of columns per expert), as llama-quantize passes them."""
@@ -90,10 +92,49 @@ def quantize(source: Path, output: Path, type_name: str, imatrix: dict[str, np.n
         entries[len(imatrix)].name = None  # the terminator llama.cpp stops at
         keep.append(entries)
         params.imatrix = entries
-    from llama_cpp._logger import set_verbose
-
-    set_verbose(os.environ.get("DUS_LLAMA_LOG") == "1")  # else only llama.cpp's errors, not a line per tensor
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+    with _captured_log(llama_cpp) as log:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
     if status != 0:
-        raise DusError(f"llama.cpp's quantizer failed on {source.name} -> {type_name} (status {status}); "
-                       "run with DUS_LLAMA_LOG=1 to see llama.cpp's log")
+        errors = [line for level, line in log if level == ERROR] or ["no error logged"]
+        raise DusError(f"llama.cpp's quantizer failed on {source.name} -> {type_name}: {errors[-1]}; "
+                       "DUS_LLAMA_LOG=1 shows its whole log")
+    for _, line in log:
+        fallback = FALLBACK.search(line)
+        if fallback:
+            return [f"llama.cpp quantized {fallback.group(1)} of {fallback.group(2)} tensors with another type, their rows "
+                    "not being a multiple of the type's block (256 values for K-quants); DUS_LLAMA_LOG=1 lists them"]
+    return []
+
+
+FALLBACK = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+class _captured_log:
+    """llama.cpp's log (hundreds of lines for one model) kept as (level, line) pairs instead of
+    printed, unless DUS_LLAMA_LOG=1; the binding's own logger is put back afterwards."""
+
+    def __init__(self, llama_cpp):
+        self.llama_cpp = llama_cpp
+        self.lines: list[tuple[int, str]] = []
+        self.echo = os.environ.get("DUS_LLAMA_LOG") == "1"
+
+    def __enter__(self):
+        def collect(level, text, _user_data):
+            line = text.decode("utf-8", "replace")
+            if self.echo:
+                print(line, end="", file=sys.stderr, flush=True)
+            if level == 5 and self.lines:  # a continuation of the previous line
+                self.lines[-1] = (self.lines[-1][0], self.lines[-1][1] + line.rstrip("\n"))
+            else:
+                self.lines.append((level, line.rstrip("\n")))
+
+        self.callback = self.llama_cpp.llama_log_callback(collect)  # referenced until __exit__
+        self.llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
+        return self.lines
+
+    def __exit__(self, *exc):
+        from llama_cpp import _logger
+
+        self.llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        return False

@@ -186,7 +186,7 @@ def _write_quantized(model, source, family, config, vocab, type_name: str, outpu
         planned, warnings = _write_gguf(model, source, family, config, vocab, base_type, base, progress, extra)
         if saved is not None:
             importance.write(matrix, staged_imatrix)
-        quantize(base, quantized, type_name, matrix.means() if matrix is not None else None)
+        notes += quantize(base, quantized, type_name, matrix.means() if matrix is not None else None)
         if saved is not None:
             os.replace(staged_imatrix, saved)
         os.replace(quantized, output)
