@@ -13,8 +13,17 @@ q8_0 and f32 and scores the same held-out tokens with llama.cpp (llama-cpp-pytho
 with transformers (float32), in non-overlapping windows, one thread each: perplexity and
 tokens per second of each.
 
+Part 3, quantization (`--model DIR --quant`): f16, q8_0, q6_k, q5_k_m, q4_k_m and q3_k_m, the
+llama.cpp types each without and with dus's importance matrix (computed once on the bundled
+data/text/train.jsonl, as `dus export --imatrix default` does), scored by llama.cpp on every
+bundled held-out text (data/heldout/*.txt): perplexity, file size, tokens/s. With
+`--llama-cpp-bin DIR` holding llama.cpp's own `llama-imatrix` and `llama-quantize`, also
+their importance matrix on the same calibration windows, and llama-quantize reading dus's
+imatrix file, beside dus's.
+
     python benchmarks/bench_export.py --sizes 350m,1.5b
     python benchmarks/bench_export.py --model runs/demo/solar-healed --sizes ""
+    python benchmarks/bench_export.py --model runs/demo/solar-healed --sizes "" --quant --no-fidelity
 Results: benchmarks/results/export.json
 """
 
@@ -99,6 +108,86 @@ def fidelity(model_dir: Path, text_path: Path, tokens: int, window: int, workdir
     return result
 
 
+QUANT_TYPES = ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m")
+
+
+def quantization(model_dir: Path, tokens: int, window: int, threads: int, workdir: Path, llama_bin: Path | None) -> dict:
+    """Perplexity on every held-out text of each type, without and with an importance matrix."""
+    import subprocess
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dus.export import imatrix, llamacpp
+    from dus.export.families import family_for
+    from dus.export.quantize import quantize
+    from dus.export.run import export_gguf
+    from dus.measure.text import read_text
+
+    texts = sorted((REPO / "data" / "heldout").glob("*.txt"))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    scored = {t.stem: tokenizer(read_text(t))["input_ids"][:tokens] for t in texts}
+    config = AutoConfig.from_pretrained(str(model_dir))
+    family = family_for(config.model_type, str(model_dir))
+    calibration = REPO / imatrix.DEFAULT_TEXT
+    began = time.perf_counter()
+    matrix = imatrix.compute(model_dir, calibration, imatrix.DEFAULT_TEXT, config, family)
+    result = {"model": str(model_dir), "tokens_per_text": tokens, "window": window, "threads": threads,
+              "imatrix_s": time.perf_counter() - began, "imatrix_tokens": matrix.chunk_count * matrix.chunk_size,
+              "rows": []}
+    dus_imatrix = workdir / "dus.imatrix.gguf"
+    imatrix.write(matrix, dus_imatrix)
+    f16 = export_gguf(model_dir, workdir / "q-f16.gguf", "f16", force=True, progress=False).path
+    files = [("f16", "-", f16), ("q8_0", "-", export_gguf(model_dir, workdir / "q-q8_0.gguf", "q8_0", force=True,
+                                                            progress=False).path)]
+    means = matrix.means()
+    for type_name in QUANT_TYPES:
+        for label, values in (("none", None), ("dus", means)):
+            out = workdir / f"q-{type_name}-{label}.gguf"
+            quantize(f16, out, type_name, values)
+            files.append((type_name, label, out))
+    if llama_bin is not None:
+        # llama.cpp's own tools on the same calibration windows (as text), and dus's file read by llama-quantize
+        windows = imatrix.calibration_windows(tokenizer, read_text(calibration), 8192, 512)
+        text = workdir / "calibration.txt"
+        text.write_text("".join(tokenizer.decode(w, skip_special_tokens=True) for w in windows))
+        theirs = workdir / "llama.imatrix.gguf"
+        began = time.perf_counter()
+        subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(theirs), "-c", "512",
+                        "--chunks", str(len(windows)), "-t", str(threads), "--no-ppl"], check=True, capture_output=True)
+        result["llama_imatrix_s"] = time.perf_counter() - began
+        for type_name in QUANT_TYPES:
+            for label, source in (("llama-imatrix", theirs), ("dus file via llama-quantize", dus_imatrix)):
+                out = workdir / f"q-{type_name}-{label.split()[0]}.gguf"
+                subprocess.run([str(llama_bin / "llama-quantize"), "--imatrix", str(source), str(f16), str(out),
+                                type_name.upper(), str(threads)], check=True, capture_output=True)
+                files.append((type_name, label, out))
+    for type_name, label, path in files:
+        from collections import Counter
+
+        from gguf import GGUFReader
+
+        kinds = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) > 1)
+        row = {"type": type_name, "imatrix": label, "bytes": path.stat().st_size, "perplexity": {},
+               "matrix_types": dict(sorted(kinds.items()))}  # llama.cpp falls back where rows are not 256-multiples
+        rates = []
+        for name, ids in scored.items():
+            ppl, rate = llamacpp.perplexity(path, ids, window, threads=threads)
+            row["perplexity"][name] = ppl
+            rates.append(rate)
+        row["tokens_per_s"] = sum(rates) / len(rates)
+        result["rows"].append(row)
+        print(f"  {type_name:7} imatrix {label:28} {row['bytes'] / 1e6:7.1f} MB  "
+              + "  ".join(f"{k} {v:.3f}" for k, v in row["perplexity"].items()) + f"  {row['tokens_per_s']:.0f} tok/s",
+              flush=True)
+    base = result["rows"][0]["perplexity"]
+    for row in result["rows"]:
+        gaps = [row["perplexity"][k] / base[k] - 1 for k in base]
+        row["mean_gap_to_f16"] = sum(gaps) / len(gaps)
+    for path in workdir.glob("q-*.gguf"):
+        path.unlink()
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="350m,1.5b", help="comma-separated sizes of bench_build.py ('' to skip)")
@@ -108,6 +197,10 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dus-bench")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--quant", action="store_true", help="with --model: the quantized types, with and without imatrix")
+    parser.add_argument("--no-fidelity", action="store_true", help="with --model: skip the f32/q8_0 vs transformers part")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for --quant")
+    parser.add_argument("--llama-cpp-bin", type=Path, help="a directory with llama.cpp's llama-imatrix and llama-quantize")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
@@ -123,7 +216,10 @@ def main(argv=None) -> None:
                 r = row[type_name]
                 print(f"  export {type_name:5} {r['wall_s']:6.1f} s + {r['sync_s']:.1f} s sync = {r['time_vs_cp']:.2f}x cp, "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['bytes'] / 1e9:.2f} GB")
-    if args.model:
+    if args.model and args.quant:
+        results["quantization"] = quantization(args.model, args.tokens, args.window, args.threads, args.workdir,
+                                               args.llama_cpp_bin)
+    if args.model and not args.no_fidelity:
         results["fidelity"] = fidelity(args.model, args.text, args.tokens, args.window, args.workdir)
         for name, value in results["fidelity"].items():
             if isinstance(value, dict):

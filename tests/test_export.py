@@ -207,7 +207,7 @@ def test_refuses_to_overwrite_without_force(models, tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("case, fragment", [
-    ("type", "writes f32, f16, bf16, q8_0"),
+    ("type", "writes f32, f16, bf16, q8_0 itself and q6_k"),
     ("architecture", "supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3"),
     ("directory", "is a directory"),
     ("missing", "not a directory"),
@@ -215,7 +215,7 @@ def test_refuses_to_overwrite_without_force(models, tmp_path, run_cli):
 def test_errors_are_one_line_and_leave_nothing(models, tmp_path, run_cli, case, fragment):
     model, out, extra = models("llama"), tmp_path / "m.gguf", []
     if case == "type":
-        extra = ["--type", "q4_k"]
+        extra = ["--type", "q4_k"]  # llama-quantize says Q4_K_M; dus asks for the full name
     elif case == "architecture":
         import shutil
 

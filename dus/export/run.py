@@ -3,13 +3,16 @@
 Order of work: validate the directory and everything llama.cpp needs (family, rope,
 tokenizer) before a byte is written; plan every tensor from the safetensors headers;
 write header, metadata and tensor table; then stream the tensors one by one into a
-temporary file beside the output, renamed into place only when complete.
+temporary file beside the output, renamed into place only when complete. K-quants and
+the other types only llama.cpp writes: that file is an f16 (bf16) temporary, quantized by
+llama.cpp's own quantizer (quantize.py) into another temporary, renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,12 @@ from dus.checkpoint import ModelDir
 from dus.errors import DusError
 from dus.export.families import family_for
 from dus.export.hparams import extra_tensors, write_hparams
+from dus.export.imatrix import DEFAULT_TEXT as DEFAULT_IMATRIX_TEXT
+from dus.export.quantize import LLAMA_TYPES
 from dus.export.tensors import FILE_TYPES, QTYPES, plan_tensors
 from dus.export.vocab import Writer, read_vocabulary
 
-TYPES = tuple(QTYPES)
+TYPES = (*QTYPES, *LLAMA_TYPES)
 TEMP_SUFFIX = ".dus-partial"
 
 
@@ -38,6 +43,8 @@ class ExportResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     modelfile: Path | None = None
+    imatrix: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -49,33 +56,98 @@ def check_output(output: Path, force: bool) -> None:
         raise DusError(f"{output.parent}: no such directory; create it first or choose another path")
 
 
+def imatrix_path(output: Path) -> Path:
+    """Where the importance matrix of `output` is saved: OUT.imatrix.gguf beside it."""
+    return output.with_name(f"{output.stem}.imatrix.gguf")
+
+
+def temporary_beside(output: Path) -> Path:
+    """A new, unique hidden file in the output's directory (same file system: the final
+    rename is atomic), which a reader never mistakes for a finished output."""
+    handle, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=TEMP_SUFFIX)
+    os.close(handle)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(name, 0o666 & ~mask)  # mkstemp makes it private; the output is an ordinary file
+    return Path(name)
+
+
 def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: bool = False,
-                ollama: bool = False, progress: bool = True) -> ExportResult:
-    """Write `model_path` as a GGUF file of `type_name` at `output`."""
+                ollama: bool = False, progress: bool = True, imatrix_text: str | Path | None = None,
+                imatrix_tokens: int = 8192) -> ExportResult:
+    """Write `model_path` as a GGUF file of `type_name` at `output`.
+
+    Types the `gguf` package writes (f32, f16, bf16, q8_0) are written directly; the
+    others are written as f16 (bf16 for a bf16 checkpoint) into a temporary file and
+    quantized by llama.cpp's own quantizer, with an importance matrix computed on
+    `imatrix_text` when one is given."""
     from transformers import AutoConfig
 
     from dus.sources import load_source
 
     started = time.perf_counter()
-    if type_name not in QTYPES:
-        raise DusError(f"unknown GGUF type {type_name!r}; dus export writes {', '.join(TYPES)}")
+    if type_name not in TYPES:
+        raise DusError(f"unknown GGUF type {type_name!r}; dus export writes {', '.join(QTYPES)} itself and "
+                       f"{', '.join(LLAMA_TYPES)} through llama.cpp's quantizer")
+    quantized = type_name in LLAMA_TYPES
+    if imatrix_text is not None and not quantized:
+        raise DusError(f"--imatrix applies to the types llama.cpp quantizes ({', '.join(LLAMA_TYPES)}); "
+                       f"{type_name} does not use one: drop --imatrix or choose e.g. --type q4_k_m")
+    if quantized:
+        from dus.export.quantize import check_available
+
+        check_available(type_name)
     output = Path(output)
     check_output(output, force)
+    if imatrix_text is not None:
+        check_output(imatrix_path(output), force)
+        text_path = _imatrix_text(imatrix_text)
     model = ModelDir(model_path)
     source = load_source(model.name, str(model.path))  # validated headers, shards and layers
     family = family_for(source.model_type, str(model.path))
     config = AutoConfig.from_pretrained(str(model.path), trust_remote_code=False)
     vocab = read_vocabulary(model.path, config.vocab_size)
+    if not quantized:
+        planned, warnings = _write_gguf(model, source, family, config, vocab, type_name, output, progress)
+        notes, saved_imatrix = [], None
+    else:
+        planned, warnings, notes, saved_imatrix = _write_quantized(
+            model, source, family, config, vocab, type_name, output, progress,
+            text_path if imatrix_text is not None else None,
+            DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
+    modelfile = None
+    if ollama:
+        from dus.export.ollama import write_modelfile
 
+        modelfile = write_modelfile(output, vocab, force=force)
+    return ExportResult(output, type_name, family.arch_name, len(planned), output.stat().st_size,
+                        time.perf_counter() - started, [*warnings, *vocab.warnings], modelfile, saved_imatrix, notes)
+
+
+def _imatrix_text(value: str | Path) -> Path:
+    from dus.resources import local_or_shipped
+
+    path = local_or_shipped(DEFAULT_IMATRIX_TEXT if str(value) == "default" else value)
+    if not Path(path).is_file():
+        raise DusError(f"{value}: no such calibration text for --imatrix; give a .txt or .jsonl file, or 'default' "
+                       f"for the bundled {DEFAULT_IMATRIX_TEXT}")
+    return Path(path)
+
+
+def _write_gguf(model, source, family, config, vocab, type_name: str, output: Path, progress: bool,
+                extra_keys: dict | None = None):
+    """The GGUF of a type the `gguf` package writes, atomically at `output`."""
     writer = Writer(None, family.arch_name)
     write_provenance(writer, model)
+    for key, value in (extra_keys or {}).items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
     warnings = write_hparams(writer, config, family, FILE_TYPES[type_name])
     vocab.write(writer)
     planned = plan_tensors(source.tensors, config, family, type_name, extra_tensors(config, family))
     for tensor in planned:
         writer.add_tensor_info(tensor.name, tensor.shape, gguf.np.float32, tensor.nbytes, raw_dtype=tensor.qtype)
 
-    temporary = output.with_name(f".{output.name}{TEMP_SUFFIX}")
+    temporary = temporary_beside(output)
     try:
         writer.write_header_to_file(path=temporary)
         writer.write_kv_data_to_file()
@@ -87,13 +159,42 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
         writer.close()
         temporary.unlink(missing_ok=True)
         raise
-    modelfile = None
-    if ollama:
-        from dus.export.ollama import write_modelfile
+    return planned, warnings
 
-        modelfile = write_modelfile(output, vocab, force=force)
-    return ExportResult(output, type_name, family.arch_name, len(planned), output.stat().st_size,
-                        time.perf_counter() - started, warnings, modelfile)
+
+def _write_quantized(model, source, family, config, vocab, type_name: str, output: Path, progress: bool,
+                     text_path: Path | None, label: str, imatrix_tokens: int):
+    """f16/bf16 GGUF into a temporary, quantized by llama.cpp into another, renamed into place;
+    the importance matrix (if any) saved beside the output the same way."""
+    from dus.export import imatrix as importance
+    from dus.export.quantize import quantize
+
+    base_type = "bf16" if model.stored_dtype == "bfloat16" else "f16"
+    notes, matrix, extra = [], None, {}
+    if text_path is not None:
+        matrix = importance.compute(model.path, text_path, label, config, family, max_tokens=imatrix_tokens)
+        extra = {"quantize.imatrix.file": imatrix_path(output).name, "quantize.imatrix.dataset": label,
+                 "quantize.imatrix.entries_count": len(matrix.sums), "quantize.imatrix.chunks_count": matrix.chunk_count}
+        if family.experts:
+            notes.append("the experts' weights have no importance matrix (transformers fuses them): llama.cpp "
+                         "quantizes them without one")
+    base = temporary_beside(output)
+    quantized = temporary_beside(output)
+    saved = imatrix_path(output) if matrix is not None else None
+    staged_imatrix = temporary_beside(saved) if saved is not None else None
+    try:
+        planned, warnings = _write_gguf(model, source, family, config, vocab, base_type, base, progress, extra)
+        if saved is not None:
+            importance.write(matrix, staged_imatrix)
+        notes += quantize(base, quantized, type_name, matrix.means() if matrix is not None else None)
+        if saved is not None:
+            os.replace(staged_imatrix, saved)
+        os.replace(quantized, output)
+    finally:
+        for path in (base, quantized, staged_imatrix):
+            if path is not None:
+                path.unlink(missing_ok=True)
+    return planned, warnings, notes, saved
 
 
 def _write_tensors(writer: gguf.GGUFWriter, planned, progress: bool) -> None:

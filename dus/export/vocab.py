@@ -1,5 +1,10 @@
 """A Hugging Face tokenizer as llama.cpp's GGUF vocabulary.
 
+Two kinds: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM: llama.cpp's `gpt2` model) and
+SentencePiece-style BPE with byte fallback (Llama 2, Mistral v0.1, Gemma: llama.cpp's
+`llama` model, which merges the adjacent pair whose result has the highest score and
+spells unknown characters as <0xNN> byte tokens).
+
 llama.cpp re-implements tokenizers: it needs the vocabulary, the merges, the token kinds,
 the special ids and, for byte-level BPE, the name of the pre-tokenizer (the regex that
 splits text before merging), which it knows by name only. The name is read from the
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -43,7 +48,7 @@ class Writer(gguf.GGUFWriter):
 
 @dataclass
 class Vocabulary:
-    model: str  # "gpt2": byte-level BPE
+    model: str  # "gpt2": byte-level BPE; "llama": SentencePiece-style BPE with byte fallback
     pre: str
     tokens: list[str]
     types: list[int]
@@ -52,14 +57,22 @@ class Vocabulary:
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    scores: list[float] | None = None  # "llama" only: merge priority, higher first
+    add_space_prefix: bool | None = None  # "llama" only: a "▁" before text (and after special tokens)
+    warnings: list[str] = field(default_factory=list)  # where llama.cpp will tokenize differently
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
-        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, self.merges, gguf.GGUFValueType.ARRAY,
-                             sub_type=gguf.GGUFValueType.STRING)
+        if self.model == "gpt2":
+            writer.add_key_value(gguf.Keys.Tokenizer.MERGES, self.merges, gguf.GGUFValueType.ARRAY,
+                                 sub_type=gguf.GGUFValueType.STRING)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         for kind, token_id in self.special_ids.items():
             getattr(writer, f"add_{kind}_token_id")(token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -97,11 +110,12 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
                        "tokenizers: re-save the tokenizer with transformers")
     definition = json.loads(path.read_text(encoding="utf-8"))
     model = definition.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise DusError(f"{path}: a {model.get('type')} tokenizer{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}; "
-                       "dus export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style) only")
+    if model.get("type") != "BPE":
+        raise DusError(f"{path}: a {model.get('type')} tokenizer; dus export writes BPE tokenizers: byte-level (GPT-2, "
+                       "Llama 3, Qwen, SmolLM style) and SentencePiece-style with byte fallback (Llama 2, Mistral, Gemma)")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    pre = pre_tokenizer_name(definition, bool(merges), str(path))
+    sentencepiece = bool(model.get("byte_fallback"))
+    pre = "default" if sentencepiece else pre_tokenizer_name(definition, bool(merges), str(path))
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     by_id = {token_id: token for token, token_id in model["vocab"].items()}
@@ -120,6 +134,12 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
             types.append(gguf.TokenType.UNUSED)
     if len(set(tokens)) != len(tokens):
         raise DusError(f"{path}: two token ids share one string; the tokenizer is damaged")
+    scores = space_prefix = warning = None
+    if sentencepiece:
+        from dus.export.sentencepiece import byte_fallback_vocabulary
+
+        types, scores, space_prefix, warning = byte_fallback_vocabulary(tokenizer, definition, tokens, types, merges,
+                                                                        str(path))
 
     special_ids = {}
     for kind in ("bos", "eos", "unk", "pad"):
@@ -133,4 +153,5 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if template:
         template = GENERATION_TAGS.sub("", template)
-    return Vocabulary("gpt2", pre, tokens, types, merges, special_ids, add_bos, add_eos, template)
+    return Vocabulary("llama" if sentencepiece else "gpt2", pre, tokens, types, merges, special_ids, add_bos, add_eos,
+                      template, scores, space_prefix, [warning] if warning else [])
