@@ -17,9 +17,10 @@ def register(app: typer.Typer) -> None:
 def search(
     models: list[Path] = typer.Argument(None, help="Source model directories (one family and shape)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the ranked recipes, search.json, the journal and the plot; a search started again on it continues."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Text to score on (.txt, or .jsonl with a 'text' field): perplexity is minimised."),
+    data: list[Path] = typer.Option([], "--data", help="Text to score on, one file per domain (repeat --data; .txt, or .jsonl with a 'text' field): perplexity over all is minimised."),
     depth: Optional[str] = typer.Option(None, "--depth", help="Output depth N, or a range MIN:MAX."),
     segments: int = typer.Option(3, "--segments", help="Contiguous source ranges in a path (SOLAR's trim is 2, a duplicated range 3)."),
+    anchored: bool = typer.Option(True, "--anchored/--free", help="Paths start at source layer 0 and end at the top layer (as every DUS recipe does), or anywhere."),
     scale: Optional[str] = typer.Option(None, "--scale", help="Scale on each segment's o_proj/down_proj: a range MIN:MAX to search (MIN >= 0.5) or one factor; default 1."),
     keep: Optional[str] = typer.Option(None, "--keep", help="Source layers every path must contain, e.g. 0,1,28:30."),
     max_params: Optional[str] = typer.Option(None, "--max-params", help="Parameter budget of the output model, e.g. 200M."),
@@ -30,7 +31,7 @@ def search(
     seed: int = typer.Option(0, "--seed", help="Seed of the optimizer: the same seed gives the same search."),
     window: Optional[int] = typer.Option(None, help="Window length in tokens (default: 1024 or the model's context length)."),
     stride: Optional[int] = typer.Option(None, help="Tokens the window advances (default: the window, no overlap)."),
-    max_tokens: int = typer.Option(2048, "--max-tokens", help="Tokens of the text to score."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Tokens to score in all, shared evenly by the --data files (the first tokens of each)."),
     score: Optional[str] = typer.Option(None, "--score", help="MODULE:FUNCTION (or FILE.py:FUNCTION) taking (model, tokenizer) and returning a number to minimise."),
     maximize: bool = typer.Option(False, "--maximize", help="The --score function's number is better when higher."),
     top: int = typer.Option(5, "--top", help="Ranked recipes to write."),
@@ -56,7 +57,7 @@ def search(
         graft_spec = (str(graft), str(donor), size)
     depth_range = parse_depth(depth, 0) if depth is not None else None
     options = SearchOptions(
-        output=output, data=data, depth=depth_range, segments=segments, scale=parse_scale(scale),
+        output=output, data=list(data), depth=depth_range, segments=segments, anchored=anchored, scale=parse_scale(scale),
         keep=parse_keep(keep), max_params=parse_count(max_params), optimizer=optimizer, population=population,
         evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
         maximize=maximize, top=top, dry_run=dry_run, dtype=dtype, device=device, graft=graft_spec,

@@ -23,18 +23,23 @@ class Score:
 
 
 class PerplexityScorer:
-    """Mean NLL per token (log perplexity) on a fixed token stream, windows as in `dus compare`."""
+    """Mean NLL per token (log perplexity) over fixed token streams (one per text file,
+    so no window spans two files), windows as in `dus compare`."""
 
     name = "perplexity"
 
-    def __init__(self, ids, window: int, stride: int):
-        self.ids, self.window, self.stride = ids, window, stride
+    def __init__(self, streams: list, window: int, stride: int):
+        self.streams, self.window, self.stride = streams, window, stride
 
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
-        from dus.measure.perplexity import evaluate_stream
+        from dus.measure.perplexity import PerplexityResult, evaluate_stream
 
-        result = evaluate_stream(model, self.ids, self.window, self.stride)
-        return result.mean_nll, result.to_dict()
+        nll, tokens = 0.0, 0
+        for ids in self.streams:
+            result = evaluate_stream(model, ids, self.window, self.stride)
+            nll, tokens = nll + result.nll_sum, tokens + result.tokens
+        total = PerplexityResult(nll, tokens)
+        return total.mean_nll, total.to_dict()
 
 
 class FunctionScorer:

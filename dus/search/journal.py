@@ -38,8 +38,7 @@ def read_journal(output: Path, settings: dict | None) -> list[dict]:
     if header.get("format") != FORMAT:
         raise DusError(f"{journal}: not a dus search journal; choose a new or empty -o directory")
     if settings is not None and header.get("settings") != settings:
-        changed = sorted(k for k in set(settings) | set(header.get("settings", {}))
-                         if settings.get(k) != header.get("settings", {}).get(k))
+        changed = _differences(header.get("settings", {}), settings)
         raise DusError(f"{output}: holds a search with other settings ({', '.join(changed)} differ); "
                        "rerun it with the same settings to continue it, or choose another -o directory")
     entries = []
@@ -51,6 +50,18 @@ def read_journal(output: Path, settings: dict | None) -> list[dict]:
                 break
             raise DusError(f"{journal}:{number}: damaged journal line; choose a new -o directory") from None
     return entries
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ (`space.depth`, `seed`)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 class Journal:

@@ -23,13 +23,14 @@ def check_optimizer(name: str) -> None:
 LIBRARIES = {"cma": "cma", "tpe": "optuna"}
 
 
-def make_optimizer(name: str, dimension: int, seed: int, population: int | None = None):
+def make_optimizer(name: str, start: list[float], seed: int, population: int | None = None):
+    """`start` is the space's centre: CMA-ES's initial mean, the first point of the others."""
     if name == "cma":
-        return CmaOptimizer(dimension, seed, population)
+        return CmaOptimizer(start, seed, population)
     if name == "tpe":
-        return TpeOptimizer(dimension, seed, population)
+        return TpeOptimizer(start, seed, population)
     if name == "random":
-        return RandomOptimizer(dimension, seed, population)
+        return RandomOptimizer(start, seed, population)
     raise DusError(f"--optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -43,30 +44,33 @@ def _need(module: str):
 class CmaOptimizer:
     """CMA-ES (the `cma` package) in the unit box, starting from its centre."""
 
-    def __init__(self, dimension: int, seed: int, population: int | None):
+    def __init__(self, start: list[float], seed: int, population: int | None):
         cma = _need("cma")
         options = {"bounds": [0, 1], "seed": seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0}
         if population:
             options["popsize"] = population
         # cma treats seed 0 as "seed from the clock": +1 keeps every seed deterministic
-        self.es = cma.CMAEvolutionStrategy([0.5] * dimension, 0.3, options)
+        self.es = cma.CMAEvolutionStrategy(list(start), 0.3, options)
 
     def ask(self) -> list[list[float]]:
-        return [list(map(float, x)) for x in self.es.ask()]
+        self.asked = self.es.ask()
+        return [list(map(float, x)) for x in self.asked]
 
     def tell(self, xs, values) -> None:
-        self.es.tell(xs, values)
+        # the very arrays ask() gave: cma recognises its injected (mean-shift) solutions by them
+        self.es.tell(self.asked, values)
 
 
 class TpeOptimizer:
     """Optuna's TPE sampler, one gene per float parameter, asked in batches."""
 
-    def __init__(self, dimension: int, seed: int, population: int | None):
+    def __init__(self, start: list[float], seed: int, population: int | None):
         optuna = _need("optuna")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
         self.study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
-        self.dimension, self.batch = dimension, population or 1
+        self.dimension, self.batch = len(start), population or 1
+        self.study.enqueue_trial({f"g{i}": v for i, v in enumerate(start)})
         self.pending = []
 
     def ask(self) -> list[list[float]]:
@@ -82,13 +86,16 @@ class TpeOptimizer:
 class RandomOptimizer:
     """Uniform random vectors: the baseline an optimizer has to beat."""
 
-    def __init__(self, dimension: int, seed: int, population: int | None):
+    def __init__(self, start: list[float], seed: int, population: int | None):
         import numpy as np
 
         self.rng = np.random.default_rng(seed)
-        self.dimension, self.batch = dimension, population or 1
+        self.start, self.dimension, self.batch = list(start), len(start), population or 1
 
     def ask(self) -> list[list[float]]:
+        if self.start is not None:
+            first, self.start = self.start, None
+            return [first]
         return [list(map(float, self.rng.random(self.dimension))) for _ in range(self.batch)]
 
     def tell(self, xs, values) -> None:

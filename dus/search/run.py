@@ -20,9 +20,10 @@ DEFAULT_SEARCH_TOKENS = 2048
 @dataclass
 class SearchOptions:
     output: Path
-    data: Path | None = None
+    data: list[Path] = field(default_factory=list)
     depth: tuple[int, int] | None = None
     segments: int = 3
+    anchored: bool = True
     scale: tuple[float, float] = (1.0, 1.0)
     keep: frozenset[int] = frozenset()
     max_params: int | None = None
@@ -92,7 +93,7 @@ def build_space(paths: list[str], options: SearchOptions) -> SearchSpace:
                            f"({per_layer:,} parameters each, {outside:,} outside the layers), below --depth {low}; "
                            "raise the budget or lower the depth")
         high = min(high, allowed)
-    return SearchSpace(tuple(paths), tuple(depths), low, high, options.segments, options.scale[0], options.scale[1], options.keep)
+    return SearchSpace(tuple(paths), tuple(depths), low, high, options.segments, options.scale[0], options.scale[1], options.keep, options.anchored)
 
 
 def graft_candidates(base: str, donor: str, size: int) -> list[Candidate]:
@@ -129,7 +130,7 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         check_optimizer(options.optimizer)
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
-    if options.score is None and options.data is None:
+    if options.score is None and not options.data:
         raise DusError("give the text to score on with --data FILE, or a scoring function with --score MODULE:FUNCTION")
     names = short_names(paths)
     settings = {
@@ -142,7 +143,7 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         "seed": options.seed,
         "score": options.score or "perplexity",
         "maximize": options.maximize,
-        "data": str(options.data) if options.data else None,
+        "data": [str(path) for path in options.data],
         "window": options.window, "stride": options.stride, "max_tokens": options.max_tokens,
         "dtype": options.dtype,
     }
@@ -174,12 +175,14 @@ def load(setup: Setup, options: SearchOptions) -> None:
     else:
         from dus.measure.text import read_text, tokenize_stream
 
-        text = read_text(options.data)
-        window, stride = choose_window([ModelDir(p) for p in setup.models], options.window, options.stride or options.window)
-        ids = tokenize_stream(tokenizer, text, options.max_tokens)
-        scorer = PerplexityScorer(ids, window, stride)
-        setup.settings.update(window=window, stride=stride, tokens=len(ids),
-                              tokens_sha256=hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
+        texts = [read_text(path) for path in options.data]
+        window, _ = choose_window([ModelDir(p) for p in setup.models], options.window, None)
+        window, stride = choose_window([ModelDir(p) for p in setup.models], window, options.stride or window)
+        share = None if options.max_tokens is None else max(2, options.max_tokens // len(texts))
+        streams = [tokenize_stream(tokenizer, text, share) for text in texts]
+        scorer = PerplexityScorer(streams, window, stride)
+        digest = hashlib.sha256(b"".join(ids.numpy().tobytes() for ids in streams)).hexdigest()[:16]
+        setup.settings.update(window=window, stride=stride, tokens=sum(len(ids) for ids in streams), tokens_sha256=digest)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, first, device)
     setup.settings["dtype"] = str(dtype).removeprefix("torch.")
@@ -241,7 +244,7 @@ class Loop:
 def run_optimizer(setup: Setup, options: SearchOptions, loop: Loop) -> None:
     from dus.search.optimizers import make_optimizer
 
-    optimizer = make_optimizer(options.optimizer, setup.space.dimension, options.seed, options.population)
+    optimizer = make_optimizer(options.optimizer, setup.space.centre(), options.seed, options.population)
     while not loop.done:
         xs = optimizer.ask()
         values = []

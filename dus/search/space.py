@@ -10,10 +10,14 @@ Each segment has genes in [0, 1]:
     model         -> which source (only with several models)
     scale         -> o_proj/down_proj factor, snapped to a grid within [min, max]
 
-plus one depth gene when the depth is a range. Segments are then sorted by start (an
-order of segments that restarts lower is still expressible: a later segment may start
-below where an earlier one ends), and contiguous ones merge, so many vectors decode to
-one candidate: the candidate's canonical recipe is the cache key.
+plus one depth gene when the depth is a range. Anchored paths (the default) start at
+source layer 0 and end at the top layer, as every DUS recipe does (a path that skips
+layer 0 or the last layer loses orders of magnitude of perplexity, and the optimizer
+would spend its budget learning that): the first segment has no start gene (it starts
+at 0) and the last none (it ends at the top). The other segments are sorted by start (a
+later segment may still start below where an earlier one ends: that is a repeat), and
+contiguous ones merge, so many vectors decode to one candidate: the candidate's
+canonical recipe is the cache key.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class SearchSpace:
     scale_min: float = 1.0
     scale_max: float = 1.0
     keep: frozenset[int] = field(default_factory=frozenset)
+    anchored: bool = True  # the first segment starts at layer 0, the last ends at the top
 
     def __post_init__(self):
         check_space(self)
@@ -125,12 +130,15 @@ class SearchSpace:
 
     @property
     def dimension(self) -> int:
-        return (self.depth_max > self.depth_min) + self.segments * self.genes_per_segment
+        return len(self.gene_names())
+
+    def _has_start(self, k: int) -> bool:
+        return not (self.anchored and k in (0, self.segments - 1))
 
     def gene_names(self) -> list[str]:
         names = ["depth"] if self.depth_max > self.depth_min else []
         for k in range(self.segments):
-            names += [f"s{k}.length", f"s{k}.start"]
+            names += [f"s{k}.length"] + ([f"s{k}.start"] if self._has_start(k) else [])
             if len(self.models) > 1:
                 names.append(f"s{k}.model")
             if self.searches_scale:
@@ -152,9 +160,13 @@ class SearchSpace:
             depth = self.depth_min + _round(x[0] * (self.depth_max - self.depth_min))
             position = 1
         genes = []
-        for _ in range(self.segments):
-            genes.append(x[position : position + self.genes_per_segment])
-            position += self.genes_per_segment
+        for k in range(self.segments):
+            width = self.genes_per_segment - (not self._has_start(k))
+            gene = x[position : position + width]
+            if not self._has_start(k):  # anchored ends: 0 for the bottom, 1 for the top
+                gene = gene[:1] + [0.0 if k == 0 else 1.0] + gene[1:]
+            genes.append(gene)
+            position += width
         lengths = apportion(depth, [0.05 + 0.95 * g[0] for g in genes], min(self.depths))
         levels = self.scale_levels()
         parts = []
@@ -167,8 +179,24 @@ class SearchSpace:
             scale = levels[min(len(levels) - 1, _round(rest[0] * (len(levels) - 1)))] if self.searches_scale else self.scale_min
             start = _round(gene[1] * (self.depths[model] - length))
             parts.append((start, model, length, scale))
-        parts.sort()
+        if self.anchored and len(parts) > 1:  # the ends stay in place; the middle is sorted
+            parts = parts[:1] + sorted(parts[1:-1]) + parts[-1:]
+        else:
+            parts.sort()
         return canonical([Segment(self.models[m], s, s + n, c) for s, m, n, c in parts])
+
+    def centre(self) -> list[float]:
+        """Where the optimizers start: equal lengths, starts spread from the bottom to the
+        top of the source (for 30 -> 44 layers in 3 segments: [0,15) [8,23) [16,30)),
+        models taken in turn, scales near the top of their range."""
+        x = [0.5] if self.depth_max > self.depth_min else []
+        for k in range(self.segments):
+            x += [0.5] + ([k / (self.segments - 1) if self.segments > 1 else 0.5] if self._has_start(k) else [])
+            if len(self.models) > 1:
+                x.append((k % len(self.models) + 0.5) / len(self.models))
+            if self.searches_scale:
+                x.append(0.8)
+        return x
 
     def missing(self, candidate: Candidate) -> list[int]:
         """Kept source layers the candidate leaves out (any model's layer of that index counts)."""
@@ -180,9 +208,11 @@ class SearchSpace:
         every allowed depth (sorting and merging make the real number smaller)."""
         levels = len(self.scale_levels())
         cap = min(self.depths)
-        per_length = [0] + [sum(d - n + 1 for d in self.depths) * levels for n in range(1, cap + 1)]
+        free = [0] + [sum(d - n + 1 for d in self.depths) * levels for n in range(1, cap + 1)]
+        fixed = [0] + [len(self.depths) * levels] * cap  # an anchored end: one start per model
         counts = [1]  # counts[d]: ways to fill depth d with the segments so far
-        for _ in range(self.segments):
+        for k in range(self.segments):
+            per_length = free if self._has_start(k) else fixed
             nxt = [0] * (len(counts) + cap)
             for d, ways in enumerate(counts):
                 if ways:
@@ -196,7 +226,7 @@ class SearchSpace:
             "models": list(self.models), "source_depths": list(self.depths),
             "depth": [self.depth_min, self.depth_max], "segments": self.segments,
             "scale": [self.scale_min, self.scale_max], "scale_levels": self.scale_levels(),
-            "keep": sorted(self.keep), "genes": self.gene_names(), "size_at_most": self.size(),
+            "keep": sorted(self.keep), "anchored": self.anchored, "genes": self.gene_names(), "size_at_most": self.size(),
         }
 
 
