@@ -10,14 +10,16 @@ and what a search finds against SOLAR's hand-picked trim on text it never scored
 a scaled one) on the same tokens, (a) dus: recipe -> plan -> model assembled over the
 sources loaded once -> score, timed per candidate; (b) the classic loop: the same recipe
 as mergekit YAML, `mergekit-yaml` into a temporary directory, `from_pretrained`, the same
-score, timed per candidate with the bytes it wrote. The two scores are printed side by
+score, timed per candidate with the bytes it wrote. Wall and CPU seconds (this process
+plus its children: a fair measure on a busy machine) are both kept. The two scores are printed side by
 side (they should agree). Writes benchmarks/results/search-cost.json.
 
 `search`: `dus search` on data/text/dev/* (never data/heldout/*), 44 layers, 3 segments,
 scales 0.5..1 on the output projections, a fixed number of evaluations.
 
 `heldout`: unhealed perplexity on every data/heldout/*.txt (first --tokens of each) of
-the source model, SOLAR trim 8 and each search's best path; the seam's cost is
+the source model, SOLAR trim 8, `dus scan --rank`'s pick (duplicate [5, 19)) and each
+search's best path; the seam's cost is
 perplexity / the source's - 1. Writes benchmarks/results/search-heldout.json.
 
 `curves`: best-so-far perplexity against evaluations of several searches, one PNG.
@@ -90,9 +92,10 @@ def cost(args) -> None:
     for name, candidate in cost_candidates(model, model_dir.num_layers).items():
         for round_ in range(args.repeat):
             evaluator.cache.clear()
+            cpu = time.process_time()
             score, _ = evaluator(candidate)
-            row = {"candidate": name, "round": round_, "dus_seconds": score.seconds, "dus_perplexity": score.metrics["perplexity"],
-                   "dus_bytes_written": 0}
+            row = {"candidate": name, "round": round_, "dus_seconds": score.seconds, "dus_cpu_seconds": time.process_time() - cpu,
+                   "dus_perplexity": score.metrics["perplexity"], "dus_bytes_written": 0}
             if mergekit:
                 row.update(classic(candidate, mergekit, scorer, tokenizer))
             rows.append(row)
@@ -108,6 +111,7 @@ def cost(args) -> None:
         summary["median_dus_seconds"] = statistics.median(r["dus_seconds"] for r in rows)
         summary["median_classic_seconds"] = statistics.median(r["classic_seconds"] for r in rows)
         summary["median_ratio_classic_over_dus"] = statistics.median(r["classic_seconds"] / r["dus_seconds"] for r in rows)
+        summary["median_cpu_ratio_classic_over_dus"] = statistics.median(r["classic_cpu_seconds"] / r["dus_cpu_seconds"] for r in rows)
         summary["median_classic_bytes_written"] = statistics.median(r["classic_bytes_written"] for r in rows)
     out = RESULTS / "search-cost.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -124,7 +128,7 @@ def classic(candidate, mergekit: str, scorer, tokenizer) -> dict:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(candidate.recipe(), sort_keys=False))
         out = Path(tmp) / "out"
-        started = time.perf_counter()
+        started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
         subprocess.run([mergekit, str(recipe), str(out), "--copy-tokenizer", "--quiet"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         built_seconds = time.perf_counter() - started
@@ -134,8 +138,16 @@ def classic(candidate, mergekit: str, scorer, tokenizer) -> dict:
         model = ModelDir(out).load_model(torch.float32, quiet=True).eval()
         _, metrics = scorer(model, tokenizer)
         seconds = time.perf_counter() - started
-    return {"classic_seconds": seconds, "classic_build_seconds": built_seconds, "classic_perplexity": metrics["perplexity"],
+        cpu_seconds = time.process_time() - cpu + _children_cpu() - children
+    return {"classic_seconds": seconds, "classic_cpu_seconds": cpu_seconds, "classic_build_seconds": built_seconds, "classic_perplexity": metrics["perplexity"],
             "classic_bytes_written": written}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def search(args) -> None:
@@ -172,7 +184,13 @@ def heldout(args) -> None:
     scorer = PerplexityScorer(streams, args.window, args.window)
     base = model_dir.load_model(torch.float32, quiet=True).eval()
     base_ppl = scorer(base, tokenizer)[1]["perplexity"]
-    contenders = {"solar trim 8": solar(model, model_dir.num_layers, 8)}
+    from dus.search.space import Segment, canonical
+
+    contenders = {
+        "solar trim 8": solar(model, model_dir.num_layers, 8),
+        # `dus scan --rank 3`'s first pick on SmolLM2 (README, "dus compare and dus scan"): duplicate [5, 19)
+        "scan --rank best": canonical([Segment(model, 0, 19), Segment(model, 5, model_dir.num_layers)]),
+    }
     for directory in args.searches:
         data = json.loads((Path(directory) / "search.json").read_text())
         contenders[f"search {data['settings']['optimizer']} best"] = Candidate.from_dict(data["ranked"][0]["candidate"])
