@@ -293,12 +293,18 @@ def test_dry_run_prints_the_space_and_writes_nothing(tiny_models, text, tmp_path
     ("graft-partial", "needs all of --graft"),
     ("not-a-search-dir", "not a dus search directory"),
     ("bad-score", "has no function"),
+    ("binary-text", "not a UTF-8 text file"),
+    ("blocked-output", "is a file, not a directory"),
 ])
 def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, text, tmp_path, run_cli):
     llama = tiny_models("llama", num_layers=N)
     out = tmp_path / "out"
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
     base = ["search", llama, "--data", text, "--depth", "8", "--evals", "3", "-o", out]
     args = {
         "families": ["search", llama, tiny_models("qwen2", num_layers=N), "--data", text, "--depth", "8", "-o", out],
@@ -316,6 +322,8 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, 
         "graft-partial": ["search", "--graft", llama, "--size", "2", "--data", text, "-o", out],
         "not-a-search-dir": base,
         "bad-score": ["search", llama, "--depth", "8", "--score", "dus.errors:nothing", "-o", out],
+        "binary-text": ["search", llama, "--data", binary, "--depth", "8", "-o", out],
+        "blocked-output": [*base[:-1], blocker / "out"],
     }[case]
     if case == "not-a-search-dir":
         out.mkdir()

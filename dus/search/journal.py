@@ -24,6 +24,9 @@ def read_journal(output: Path, settings: dict | None) -> list[dict]:
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise DusError(f"{output}: is a file; give -o a directory for the search")
+    existing = next((p for p in (output, *output.parents) if p.exists()), None)
+    if existing is not None and existing != output and not existing.is_dir():
+        raise DusError(f"{output}: {existing} is a file, not a directory; choose another -o directory")
     journal = output / JOURNAL_NAME
     if not journal.is_file():
         if output.is_dir() and any(output.iterdir()):
