@@ -4,6 +4,7 @@ and what a search finds against SOLAR's hand-picked trim on text it never scored
     python benchmarks/bench_search.py cost                 # SmolLM2 in models/, 44 layers
     python benchmarks/bench_search.py search --optimizer cma --evals 200 -o /tmp/dus-bench-search/cma
     python benchmarks/bench_search.py heldout /tmp/dus-bench-search/cma /tmp/dus-bench-search/tpe
+    python benchmarks/bench_search.py verify /tmp/dus-bench-search/tpe
     python benchmarks/bench_search.py curves /tmp/dus-bench-search/cma /tmp/dus-bench-search/tpe
 
 `cost`: for a few 44-layer paths of SmolLM2-135M (SOLAR's trim 8, a three-segment path,
@@ -17,10 +18,13 @@ side (they should agree). Writes benchmarks/results/search-cost.json.
 `search`: `dus search` on data/text/dev/* (never data/heldout/*), 44 layers, 3 segments,
 scales 0.5..1 on the output projections, a fixed number of evaluations.
 
-`heldout`: unhealed perplexity on every data/heldout/*.txt (first --tokens of each) of
+`heldout`: unhealed perplexity on every data/heldout/*.txt (the first --tokens of each) of
 the source model, SOLAR trim 8, `dus scan --rank`'s pick (duplicate [5, 19)) and each
 search's best path; the seam's cost is
 perplexity / the source's - 1. Writes benchmarks/results/search-heldout.json.
+
+`verify`: `dus build` each search's rank-1.yaml and score it on the search's tokens:
+the value must equal the one the search recorded.
 
 `curves`: best-so-far perplexity against evaluations of several searches, one PNG.
 Run long jobs with OMP_NUM_THREADS=1 on a shared machine.
@@ -166,26 +170,28 @@ def search(args) -> None:
 
 
 def heldout(args) -> None:
+    """Rows already in the results file (same texts and tokens) are kept, not measured again,
+    so the fixed contenders can be measured while the searches still run."""
     import torch
 
     from dus.assemble import assemble, load_sources
     from dus.checkpoint import ModelDir
     from dus.recipe import load_recipe
     from dus.resolve import resolve
-    from dus.search.space import Candidate
+    from dus.search.fitness import PerplexityScorer
+    from dus.search.space import Candidate, Segment, canonical
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model_dir = ModelDir(args.model)
     model = str(model_dir.path.resolve())
     tokenizer = model_dir.tokenizer()
-    files, streams = dev_streams(tokenizer, args.tokens * 5, "data/heldout")
-    from dus.search.fitness import PerplexityScorer
-
+    files = sorted((REPO / "data" / "heldout").glob("*.txt"))
+    _, streams = dev_streams(tokenizer, args.tokens * len(files), "data/heldout")
     scorer = PerplexityScorer(streams, args.window, args.window)
-    base = model_dir.load_model(torch.float32, quiet=True).eval()
-    base_ppl = scorer(base, tokenizer)[1]["perplexity"]
-    from dus.search.space import Segment, canonical
-
+    out = RESULTS / "search-heldout.json"
+    setting = {"text": [str(f.relative_to(REPO)) for f in files], "tokens_per_file": args.tokens, "window": args.window}
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    done = {row["model"]: row for row in previous.get("rows", [])} if all(previous.get(k) == v for k, v in setting.items()) else {}
     contenders = {
         "solar trim 8": solar(model, model_dir.num_layers, 8),
         # `dus scan --rank 3`'s first pick on SmolLM2 (README, "dus compare and dus scan"): duplicate [5, 19)
@@ -193,20 +199,58 @@ def heldout(args) -> None:
     }
     for directory in args.searches:
         data = json.loads((Path(directory) / "search.json").read_text())
-        contenders[f"search {data['settings']['optimizer']} best"] = Candidate.from_dict(data["ranked"][0]["candidate"])
+        contenders[f"search {data['settings']['optimizer']} best ({data['evaluations']} evaluations)"] = Candidate.from_dict(data["ranked"][0]["candidate"])
+    rows = []
+    if "source (30 layers)" in done:
+        rows.append(done["source (30 layers)"])
+    else:
+        base = model_dir.load_model(torch.float32, quiet=True).eval()
+        rows.append({"model": "source (30 layers)", "perplexity": scorer(base, tokenizer)[1]["perplexity"], "seam_cost": 0.0})
+        del base
+    base_ppl = rows[0]["perplexity"]
     plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
     sources = load_sources(plan, torch.float32)
-    rows = [{"model": "source (30 layers)", "perplexity": base_ppl, "seam_cost": 0.0}]
     for name, candidate in contenders.items():
+        path = candidate.describe({model: "S"})
+        if name in done and done[name].get("path") == path:
+            rows.append(done[name])
+            continue
         built = assemble(resolve(load_recipe(candidate.recipe())).plan, sources).eval()
         ppl = scorer(built, tokenizer)[1]["perplexity"]
-        rows.append({"model": name, "path": candidate.describe({model: "S"}), "perplexity": ppl, "seam_cost": ppl / base_ppl - 1})
+        rows.append({"model": name, "path": path, "perplexity": ppl, "seam_cost": ppl / base_ppl - 1})
         print(json.dumps(rows[-1]), flush=True)
-    summary = {"text": [str(f.relative_to(REPO)) for f in files], "tokens_per_file": args.tokens,
-               "window": args.window, "rows": rows}
-    (RESULTS / "search-heldout.json").write_text(json.dumps(summary, indent=1) + "\n")
+    rows += [row for name, row in done.items() if name not in {r["model"] for r in rows}]
+    out.write_text(json.dumps({**setting, "rows": rows}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['model']:28s} {row.get('path', ''):40s} ppl {row['perplexity']:.3f}  seam cost {100 * row['seam_cost']:+.1f}%")
+        print(f"{row['model']:44s} {row.get('path', ''):40s} ppl {row['perplexity']:.3f}  seam cost {100 * row['seam_cost']:+.1f}%")
+
+
+def verify(args) -> None:
+    """`dus build` a search's rank-1.yaml and score it on the search's own tokens: the
+    value must equal the one the search recorded for it."""
+    import torch
+
+    from dus.build import build_model
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.recipe import load_recipe
+    from dus.search.fitness import PerplexityScorer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    for directory in args.searches:
+        data = json.loads((Path(directory) / "search.json").read_text())
+        settings = data["settings"]
+        with tempfile.TemporaryDirectory(prefix="dus-bench-verify-") as tmp:
+            build_model(load_recipe(Path(directory) / "rank-1.yaml"), Path(tmp) / "built")
+            model = ModelDir(Path(tmp) / "built")
+            tokenizer = model.tokenizer()
+            share = settings["max_tokens"] // len(settings["data"])
+            streams = [tokenize_stream(tokenizer, read_text(f), share) for f in settings["data"]]
+            value, metrics = PerplexityScorer(streams, settings["window"], settings["stride"])(
+                model.load_model(torch.float32, quiet=True).eval(), tokenizer)
+        recorded = data["ranked"][0]["value"]
+        print(json.dumps({"search": directory, "built_value": value, "recorded_value": recorded, "equal": value == recorded,
+                          "perplexity": metrics["perplexity"]}))
 
 
 def curves(args) -> None:
@@ -237,7 +281,7 @@ def curves(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    for name in ("cost", "search", "heldout", "curves"):
+    for name in ("cost", "search", "heldout", "verify", "curves"):
         p = sub.add_parser(name)
         p.add_argument("--model", default=str(MODEL))
         p.add_argument("--tokens", type=int, default=1024, help="tokens scored per candidate (shared by the files)")
@@ -249,12 +293,14 @@ def main() -> None:
             p.add_argument("--evals", type=int, default=200)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("-o", "--output", required=True)
-        if name in ("heldout", "curves"):
+        if name == "heldout":
+            p.add_argument("searches", nargs="*")
+        if name in ("verify", "curves"):
             p.add_argument("searches", nargs="+")
         if name == "curves":
             p.add_argument("-o", "--output", default=str(REPO / "docs" / "search-optimizers.png"))
     args = parser.parse_args()
-    {"cost": cost, "search": search, "heldout": heldout, "curves": curves}[args.mode](args)
+    {"cost": cost, "search": search, "heldout": heldout, "verify": verify, "curves": curves}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, t
     assert result.code == 0, result
     assert sorted(p.name for p in out.iterdir()) == ["journal.jsonl", "rank-1.yaml", "rank-2.yaml", "search.json", "search.png"]
     data = json.loads((out / "search.json").read_text())
-    assert data["seed"] == 0 and data["settings"]["optimizer"] == "cma" and len(data["candidates"]) == 12
+    assert data["seed"] == 0 and data["settings"]["optimizer"] == "tpe" and len(data["candidates"]) == 12
     best = data["ranked"][0]
     built = run_cli("build", out / "rank-1.yaml", "-o", tmp_path / "built")
     assert built.code == 0, built

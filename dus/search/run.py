@@ -27,7 +27,7 @@ class SearchOptions:
     scale: tuple[float, float] = (1.0, 1.0)
     keep: frozenset[int] = frozenset()
     max_params: int | None = None
-    optimizer: str = "cma"
+    optimizer: str = "tpe"
     population: int | None = None
     evals: int = 100
     minutes: float | None = None
