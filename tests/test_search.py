@@ -269,6 +269,18 @@ def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, t
     assert other.code == 2 and "other settings (space.depth, " in other.stderr, other
 
 
+def test_wandb_logs_the_search_offline(tiny_models, text, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    result = run_cli("search", tiny_models("llama", num_layers=N), "--data", text, "--depth", "8", "--evals", "4",
+                     "--window", "64", "--max-tokens", "128", "-o", out, "--wandb")
+    assert result.code == 0, result
+    data = json.loads((out / "search.json").read_text())
+    assert data["wandb"].startswith(str(out / "wandb" / "offline-run-"))
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def test_dry_run_prints_the_space_and_writes_nothing(tiny_models, text, tmp_path, run_cli):
     model = tiny_models("llama", num_layers=N)
     result = run_cli("search", model, "--data", text, "--depth", "8", "--scale", "0.5:1", "--dry-run", "-o", tmp_path / "out")

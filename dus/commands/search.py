@@ -38,6 +38,7 @@ def search(
     graft: Optional[Path] = typer.Option(None, "--graft", help="Graft mode: the base model."),
     donor: Optional[Path] = typer.Option(None, "--donor", help="Graft mode: the model whose layers go in."),
     size: Optional[int] = typer.Option(None, "--size", help="Graft mode: donor layers per graft."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log every candidate, the best and the plot to a W&B run (offline unless logged in)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the search space and its size; load and write nothing."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -60,6 +61,6 @@ def search(
         output=output, data=list(data), depth=depth_range, segments=segments, anchored=anchored, scale=parse_scale(scale),
         keep=parse_keep(keep), max_params=parse_count(max_params), optimizer=optimizer, population=population,
         evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
-        maximize=maximize, top=top, dry_run=dry_run, dtype=dtype, device=device, graft=graft_spec,
+        maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
     )
     run_search(list(models or []), options)

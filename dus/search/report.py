@@ -97,6 +97,31 @@ def write(output: Path, setup, result_data: dict, top: int) -> None:
     (output / "search.json").write_text(json.dumps(result_data, indent=1) + "\n")
 
 
+def log_wandb(output: Path, setup, result_data: dict) -> str:
+    """One W&B run per search (the mode policy of dus.wandb_mode): every candidate as a
+    table, the best score in the summary, the plot; returns the run's URL or directory."""
+    from dus.compare.wandb_log import log_run
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for entry in result_data["candidates"]:
+        candidate = Candidate.from_dict(entry["candidate"])
+        rows.append([entry["i"], candidate.describe(setup.names), candidate.depth, entry["value"],
+                     entry["metrics"].get("perplexity"), entry["feasible"], entry["cached"]])
+    summary = {"evaluations": result_data["evaluations"], "model_runs": result_data["model_runs"]}
+    plots = {}
+    if result_data["ranked"]:
+        best = result_data["ranked"][0]
+        summary.update({"best/value": best["value"], "best/path": Candidate.from_dict(best["candidate"]).describe(setup.names)})
+        if "perplexity" in best["metrics"]:
+            summary["best/perplexity"] = best["metrics"]["perplexity"]
+        plot(output / "search.png", setup, result_data)
+        plots["search"] = output / "search.png"
+    columns = ["i", "path", "depth", "value", "perplexity", "feasible", "cached"]
+    return log_run("search", output.name, {"settings": setup.settings}, plots, {"candidates": (columns, rows)}, summary, output)
+
+
 def _metrics_text(metrics: dict) -> str:
     if "perplexity" in metrics:
         return f"perplexity {metrics['perplexity']:.4f} on {metrics['tokens_scored']} tokens"

@@ -43,6 +43,7 @@ class SearchOptions:
     device: str = "auto"
     graft: tuple[str, str, int] | None = None  # (base, donor, size)
     progress: bool = True
+    wandb: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -290,6 +291,8 @@ def search(models: list, options: SearchOptions, console=None) -> dict | None:
         finally:
             journal.close()
     result = report.result(setup, options, loop.history)
+    if options.wandb:
+        result["wandb"] = report.log_wandb(options.output, setup, result)
     report.write(options.output, setup, result, options.top)
     report.print_best(Console(), setup, result, options.top)
     return result
