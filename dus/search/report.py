@@ -194,11 +194,18 @@ def print_space(console, setup) -> None:
 def print_best(console, setup, result_data: dict, top: int) -> None:
     from rich.table import Table
 
+    several = len(setup.models) > 1
+    letters = {model: chr(ord("A") + i) if several else "" for i, model in enumerate(setup.models)}
+    if several:
+        legend = "; ".join(f"{letters[m]} = {setup.names[m]}" for m in setup.models)
+    else:
+        legend = f"of {setup.names[setup.models[0]]}"
+    console.print(f"paths as [start:end) source layers ({legend}); xS: o_proj/down_proj scaled by S", soft_wrap=True)
     table = Table(title=f"dus search: best of {result_data['distinct_candidates']} candidates ({result_data['evaluations']} evaluations)")
     for name, justify in (("rank", "right"), ("path", "left"), ("layers", "right"), ("score", "right"), ("file", "left")):
         table.add_column(name, justify=justify)
     for entry in result_data["ranked"][:top]:
         candidate = Candidate.from_dict(entry["candidate"])
         score = f"ppl {entry['metrics']['perplexity']:.4f}" if "perplexity" in entry["metrics"] else f"{entry['value']:.6g}"
-        table.add_row(str(entry["rank"]), candidate.describe(setup.names), str(candidate.depth), score, entry["file"] or "")
+        table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, entry["file"] or "")
     console.print(table)
