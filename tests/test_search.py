@@ -348,3 +348,18 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, 
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+def test_a_journal_that_does_not_match_the_search_is_refused_in_one_line(tiny_models, text, tmp_path):
+    model = tiny_models("llama", num_layers=N)
+    run([model], options(tmp_path / "out", text, evals=6))
+    journal = tmp_path / "out" / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    entry = json.loads(lines[3])
+    entry["x"] = [0.123] * len(entry["x"])  # not what the optimizer asks at that point
+    journal.write_text("\n".join(lines[:3] + [json.dumps(entry)] + lines[4:]) + "\n")
+    with pytest.raises(DusError, match=r"journal.jsonl:4: the journal does not match this search's candidate 2"):
+        run([model], options(tmp_path / "out", text, evals=8))
+    journal.write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(DusError, match=r"journal.jsonl:3: damaged journal line"):
+        run([model], options(tmp_path / "out", text, evals=8))
