@@ -1,0 +1,66 @@
+"""`dus search MODEL [MODEL ...] --data FILE --depth N -o DIR`: find the layer recipe by
+scoring candidates assembled in memory; `--graft BASE --donor DONOR --size N` scores
+every in-place graft range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
+
+
+def search(
+    models: list[Path] = typer.Argument(None, help="Source model directories (one family and shape)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the ranked recipes, search.json, the journal and the plot; a search started again on it continues."),
+    data: list[Path] = typer.Option([], "--data", help="Text to score on, one file per domain (repeat --data; .txt, or .jsonl with a 'text' field): perplexity over all is minimised."),
+    depth: Optional[str] = typer.Option(None, "--depth", help="Output depth N, or a range MIN:MAX."),
+    segments: int = typer.Option(3, "--segments", help="Contiguous source ranges in a path (SOLAR's trim is 2, a duplicated range 3)."),
+    anchored: bool = typer.Option(True, "--anchored/--free", help="Paths start at source layer 0 and end at the top layer (as every DUS recipe does), or anywhere."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="Scale on each segment's o_proj/down_proj: a range MIN:MAX to search (MIN >= 0.5) or one factor; default 1."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="Source layers every path must contain, e.g. 0,1,28:30."),
+    max_params: Optional[str] = typer.Option(None, "--max-params", help="Parameter budget of the output model, e.g. 200M."),
+    optimizer: str = typer.Option("tpe", "--optimizer", help="tpe (optuna's TPE; ahead of CMA-ES on a 120-evaluation budget, see docs/search.md) | cma (CMA-ES) | random."),
+    population: Optional[int] = typer.Option(None, "--population", help="Candidates per generation (default: the optimizer's)."),
+    evals: int = typer.Option(100, "--evals", help="Evaluations to run (cached repeats count)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Also stop after this many minutes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the optimizer: the same seed gives the same search."),
+    window: Optional[int] = typer.Option(None, help="Window length in tokens (default: 1024 or the model's context length)."),
+    stride: Optional[int] = typer.Option(None, help="Tokens the window advances (default: the window, no overlap)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Tokens to score in all, shared evenly by the --data files (the first tokens of each)."),
+    score: Optional[str] = typer.Option(None, "--score", help="MODULE:FUNCTION (or FILE.py:FUNCTION) taking (model, tokenizer) and returning a number to minimise."),
+    maximize: bool = typer.Option(False, "--maximize", help="The --score function's number is better when higher."),
+    top: int = typer.Option(5, "--top", help="Ranked recipes to write."),
+    graft: Optional[Path] = typer.Option(None, "--graft", help="Graft mode: the base model."),
+    donor: Optional[Path] = typer.Option(None, "--donor", help="Graft mode: the model whose layers go in."),
+    size: Optional[int] = typer.Option(None, "--size", help="Graft mode: donor layers per graft."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log every candidate, the best and the plot to a W&B run (offline unless logged in)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the search space and its size; load and write nothing."),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+) -> None:
+    """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
+    from dus.errors import DusError
+    from dus.search.run import SearchOptions
+    from dus.search.run import search as run_search
+    from dus.search.space import parse_count, parse_depth, parse_keep, parse_scale
+
+    graft_spec = None
+    if graft or donor or size is not None:
+        if not (graft and donor and size is not None):
+            raise DusError("graft mode needs all of --graft BASE --donor DONOR --size N")
+        if models:
+            raise DusError("graft mode takes its models from --graft and --donor; drop the positional models")
+        graft_spec = (str(graft), str(donor), size)
+    depth_range = parse_depth(depth, 0) if depth is not None else None
+    options = SearchOptions(
+        output=output, data=list(data), depth=depth_range, segments=segments, anchored=anchored, scale=parse_scale(scale),
+        keep=parse_keep(keep), max_params=parse_count(max_params), optimizer=optimizer, population=population,
+        evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
+        maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
+    )
+    run_search(list(models or []), options)

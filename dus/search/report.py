@@ -1,0 +1,211 @@
+"""What a search shows and leaves behind: a progress bar, the space (--dry-run), the
+ranked recipes as `dus build` YAML, search.json, and a plot (best score against
+evaluations; the best path as a layer map)."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from dus.search.space import Candidate
+
+
+@contextmanager
+def progress(console, total: int, enabled: bool = True):
+    """A rich bar with the best score so far and an ETA; yields the per-entry callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("search", total=total)
+        best = [math.inf, {}]
+
+        def tick(entry: dict) -> None:
+            if entry["feasible"] and entry["value"] < best[0]:
+                best[:] = [entry["value"], entry["metrics"]]
+            shown = best_text(best[0], best[1])
+            bar.update(task, advance=1, description=f"search (best {shown})")
+
+        yield tick
+
+
+def best_text(value: float, metrics: dict) -> str:
+    if math.isinf(value):
+        return "-"
+    return f"ppl {math.exp(value):.3f}" if "perplexity" in metrics else f"{value:.4g}"
+
+
+def ranking(history: list[dict]) -> list[dict]:
+    """Distinct feasible candidates, best first (ties: the first evaluated)."""
+    seen, ranked = set(), []
+    for entry in sorted((e for e in history if e["feasible"]), key=lambda e: (e["value"], e["i"])):
+        if entry["key"] not in seen:
+            seen.add(entry["key"])
+            ranked.append(entry)
+    return ranked
+
+
+def best_so_far(history: list[dict]) -> list[float | None]:
+    best, curve = math.inf, []
+    for entry in history:
+        if entry["feasible"]:
+            best = min(best, entry["value"])
+        curve.append(None if math.isinf(best) else best)
+    return curve
+
+
+def result(setup, options, history: list[dict]) -> dict:
+    ranked = ranking(history)
+    return {
+        "settings": setup.settings,
+        "seed": options.seed,
+        "evaluations": len(history),
+        "distinct_candidates": len({e["key"] for e in history}),
+        "model_runs": sum(1 for e in history if e["feasible"] and not e["cached"]),
+        "seconds_scoring": round(sum(e["seconds"] for e in history), 2),
+        "best_so_far": best_so_far(history),
+        "ranked": [{"rank": i + 1, "file": f"rank-{i + 1}.yaml" if i < options.top else None, **_public(e)}
+                   for i, e in enumerate(ranked)],
+        "candidates": [_public(e) for e in history],
+    }
+
+
+def _public(entry: dict) -> dict:
+    return {k: entry[k] for k in ("i", "value", "metrics", "candidate", "feasible", "missing", "cached", "seconds", "x")}
+
+
+def write(output: Path, setup, result_data: dict, top: int) -> None:
+    """Ranked recipes first, search.json last (its presence marks a finished write)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for entry in result_data["ranked"][:top]:
+        candidate = Candidate.from_dict(entry["candidate"])
+        header = (f"# dus search rank {entry['rank']}: {candidate.describe(setup.names)}\n"
+                  f"# score {entry['value']:.6g} ({_metrics_text(entry['metrics'])}); candidate {entry['i']} of search.json\n")
+        body = {"name": f"search-rank-{entry['rank']}", "description": f"found by dus search: {candidate.describe(setup.names)}",
+                **candidate.recipe()}
+        (output / entry["file"]).write_text(header + yaml.safe_dump(body, sort_keys=False))
+    if result_data["ranked"]:
+        plot(output / "search.png", setup, result_data)
+    (output / "search.json").write_text(json.dumps(result_data, indent=1) + "\n")
+
+
+def log_wandb(output: Path, setup, result_data: dict) -> str:
+    """One W&B run per search (the mode policy of dus.wandb_mode): every candidate as a
+    table, the best score in the summary, the plot; returns the run's URL or directory."""
+    from dus.compare.wandb_log import log_run
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for entry in result_data["candidates"]:
+        candidate = Candidate.from_dict(entry["candidate"])
+        rows.append([entry["i"], candidate.describe(setup.names), candidate.depth, entry["value"],
+                     entry["metrics"].get("perplexity"), entry["feasible"], entry["cached"]])
+    summary = {"evaluations": result_data["evaluations"], "model_runs": result_data["model_runs"]}
+    plots = {}
+    if result_data["ranked"]:
+        best = result_data["ranked"][0]
+        summary.update({"best/value": best["value"], "best/path": Candidate.from_dict(best["candidate"]).describe(setup.names)})
+        if "perplexity" in best["metrics"]:
+            summary["best/perplexity"] = best["metrics"]["perplexity"]
+        plot(output / "search.png", setup, result_data)
+        plots["search"] = output / "search.png"
+    columns = ["i", "path", "depth", "value", "perplexity", "feasible", "cached"]
+    return log_run("search", output.name, {"settings": setup.settings}, plots, {"candidates": (columns, rows)}, summary, output)
+
+
+def _metrics_text(metrics: dict) -> str:
+    if "perplexity" in metrics:
+        return f"perplexity {metrics['perplexity']:.4f} on {metrics['tokens_scored']} tokens"
+    return ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+
+
+def plot(path: Path, setup, result_data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = result_data["ranked"][0]
+    candidate = Candidate.from_dict(best["candidate"])
+    figure, (curve, layers) = plt.subplots(1, 2, figsize=(11, 4))
+    values = result_data["best_so_far"]
+    shown = [(i + 1, math.exp(v) if "perplexity" in best["metrics"] else v) for i, v in enumerate(values) if v is not None]
+    curve.step([i for i, _ in shown], [v for _, v in shown], where="post")
+    curve.set_xlabel("evaluations")
+    curve.set_ylabel("best perplexity so far" if "perplexity" in best["metrics"] else "best score so far (minimised)")
+    curve.set_title("best so far")
+    curve.grid(alpha=0.3)
+    colours = {model: f"C{i}" for i, model in enumerate(setup.models)}
+    for model in setup.models:
+        points = [(i, layer) for i, (m, layer) in enumerate(candidate.layers()) if m == model]
+        if points:
+            layers.scatter([p[0] for p in points], [p[1] for p in points], s=14, color=colours[model], label=setup.names[model])
+    position = 0
+    for segment in candidate.segments:
+        if segment.scale != 1.0:
+            layers.annotate(f"x{segment.scale:g}", (position, segment.start), fontsize=8, xytext=(0, 6), textcoords="offset points")
+        position += segment.length
+    layers.set_xlabel("output layer")
+    layers.set_ylabel("source layer")
+    layers.set_title(f"best path: {candidate.depth} layers")
+    layers.grid(alpha=0.3)
+    if len(setup.models) > 1:
+        layers.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def print_space(console, setup) -> None:
+    """--dry-run: the space, its size, and what one evaluation does."""
+    from rich.table import Table
+
+    if setup.space is None:
+        console.print(f"graft search: {len(setup.grafts)} candidates (every range of {setup.settings['graft']['size']} donor "
+                      f"layers in place), each scored in memory:")
+        for candidate in setup.grafts:
+            console.print(f"  {candidate.describe(setup.names)}", soft_wrap=True)
+        return
+    space = setup.space
+    table = Table(title="dus search space")
+    table.add_column("setting")
+    table.add_column("value")
+    for i, model in enumerate(space.models):
+        table.add_row(f"model {i}", f"{setup.names[model]} ({space.depths[i]} layers)")
+    table.add_row("output depth", f"{space.depth_min}" if space.depth_min == space.depth_max else f"{space.depth_min}..{space.depth_max}")
+    table.add_row("segments", str(space.segments))
+    table.add_row("scale on o_proj/down_proj", ", ".join(f"{v:g}" for v in space.scale_levels()))
+    table.add_row("kept source layers", ", ".join(map(str, sorted(space.keep))) or "-")
+    table.add_row("genes", f"{space.dimension}: " + ", ".join(space.gene_names()))
+    table.add_row("candidates", f"at most {space.size():,}")
+    table.add_row("optimizer", f"{setup.settings['optimizer']} (seed {setup.settings['seed']})")
+    console.print(table)
+
+
+def print_best(console, setup, result_data: dict, top: int) -> None:
+    from rich.table import Table
+
+    several = len(setup.models) > 1
+    letters = {model: chr(ord("A") + i) if several else "" for i, model in enumerate(setup.models)}
+    if several:
+        legend = "; ".join(f"{letters[m]} = {setup.names[m]}" for m in setup.models)
+    else:
+        legend = f"of {setup.names[setup.models[0]]}"
+    console.print(f"paths as [start:end) source layers ({legend}); xS: o_proj/down_proj scaled by S", soft_wrap=True)
+    table = Table(title=f"dus search: best of {result_data['distinct_candidates']} candidates ({result_data['evaluations']} evaluations)")
+    for name, justify in (("rank", "right"), ("path", "left"), ("layers", "right"), ("score", "right"), ("file", "left")):
+        table.add_column(name, justify=justify)
+    for entry in result_data["ranked"][:top]:
+        candidate = Candidate.from_dict(entry["candidate"])
+        score = f"ppl {entry['metrics']['perplexity']:.4f}" if "perplexity" in entry["metrics"] else f"{entry['value']:.6g}"
+        table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, entry["file"] or "")
+    console.print(table)

@@ -1,0 +1,365 @@
+"""dus search: a candidate scored in memory scores exactly as its built recipe does; a
+seed fixes the search; a killed search resumes to the same end; constraints hold; bad
+input gets one line and writes nothing; the found recipe builds into what was scored."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dus.errors import DusError
+from dus.search.space import Candidate, SearchSpace, Segment, apportion, canonical
+
+TEXT = (
+    "A search over layer paths scores each candidate on ordinary text. The best path keeps "
+    "the early layers, repeats a middle block, and ends with the last layers of the source. "
+) * 8
+N = 6
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def options(output, data, **overrides):
+    from dus.search.run import SearchOptions
+
+    settings = dict(output=Path(output), data=[Path(data)] if data else [], depth=(8, 8), segments=3, scale=(0.5, 1.0), evals=14,
+                    window=64, max_tokens=256, progress=False, population=4)
+    settings.update(overrides)
+    return SearchOptions(**settings)
+
+
+def run(models, opts):
+    from dus.search.run import search
+
+    return search([str(m) for m in models], opts)
+
+
+def trail(result: dict) -> list[tuple[str, float]]:
+    return [(json.dumps(c["candidate"], sort_keys=True), c["value"]) for c in result["candidates"]]
+
+
+# --- the encoding -------------------------------------------------------------------
+
+
+def test_decoding_is_deterministic_and_stays_inside_the_constraints():
+    rng = random.Random(0)
+    space = SearchSpace(("a", "b"), (30, 30), 40, 48, segments=4, scale_min=0.5, scale_max=1.0, anchored=True)
+    for _ in range(300):
+        x = [rng.uniform(-0.2, 1.2) for _ in range(space.dimension)]
+        candidate = space.decode(x)
+        assert candidate == space.decode(list(x))
+        assert 40 <= candidate.depth <= 48
+        assert candidate.segments[0].start == 0 and candidate.segments[-1].end == 30
+        for segment in candidate.segments:
+            assert 0 <= segment.start < segment.end <= 30 and 0.5 <= segment.scale <= 1.0
+            assert segment.scale in space.scale_levels()
+    free = SearchSpace(("a",), (30,), 44, 44, segments=3, anchored=False)
+    starts = {free.decode([rng.random() for _ in range(free.dimension)]).segments[0].start for _ in range(50)}
+    assert starts != {0}  # free paths may start above layer 0
+
+
+def test_solar_is_in_the_space_and_neighbours_merge():
+    space = SearchSpace(("m",), (30,), 44, 44, segments=2)
+    candidates = {space.decode([a / 20, b / 20]) for a in range(21) for b in range(21)}
+    solar = canonical([Segment("m", 0, 22), Segment("m", 8, 30)])
+    assert solar in candidates
+    assert all(c.segments[0].start == 0 and c.segments[-1].end == 30 for c in candidates)
+    assert canonical([Segment("m", 0, 4), Segment("m", 4, 9)]) == Candidate((Segment("m", 0, 9),))
+    assert canonical([Segment("m", 0, 4), Segment("m", 4, 9, 0.7)]).depth == 9
+    assert len(canonical([Segment("m", 0, 4), Segment("m", 4, 9, 0.7)]).segments) == 2
+
+
+def test_apportion_sums_to_the_depth_within_the_cap():
+    rng = random.Random(1)
+    for _ in range(200):
+        k, cap = rng.randint(1, 5), rng.randint(1, 12)
+        total = rng.randint(k, k * cap)
+        lengths = apportion(total, [rng.uniform(0.05, 1) for _ in range(k)], cap)
+        assert sum(lengths) == total and all(1 <= n <= cap for n in lengths)
+
+
+def test_the_recipe_scales_only_output_projections_never_below_half():
+    candidate = canonical([Segment("m", 0, 5), Segment("m", 2, 6, 0.65)])
+    recipe = candidate.recipe()
+    assert "parameters" not in recipe["slices"][0]
+    assert recipe["slices"][1]["parameters"]["scale"] == [{"filter": "o_proj", "value": 0.65}, {"filter": "down_proj", "value": 0.65}]
+    with pytest.raises(DusError, match="0.5"):
+        SearchSpace(("m",), (6,), 8, 8, scale_min=0.4, scale_max=1.0)
+
+
+# --- scores ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_in_memory_score_equals_the_built_recipe_loaded(arch, tiny_models, text, tmp_path):
+    from dus.assemble import load_sources
+    from dus.build import build_model
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator, PerplexityScorer
+
+    model = str(tiny_models(arch, num_layers=N).resolve())
+    tokenizer = ModelDir(model).tokenizer()
+    ids = tokenize_stream(tokenizer, read_text(text), 200)
+    scorer = PerplexityScorer([ids], 64, 64)
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    evaluator = Evaluator(load_sources(plan, torch.float32), tokenizer, scorer)
+    candidate = canonical([Segment(model, 0, 4, 0.85), Segment(model, 1, 5, 0.55), Segment(model, 3, 6)])
+    score, cached = evaluator(candidate)
+    assert not cached and evaluator(candidate) == (score, True)
+
+    build_model(candidate.recipe(), tmp_path / "built")
+    built = ModelDir(tmp_path / "built").load_model(torch.float32, quiet=True).eval()
+    value, metrics = scorer(built, tokenizer)
+    assert built.config.num_hidden_layers == candidate.depth == 11
+    assert value == score.value and metrics == score.metrics  # exactly, float32
+    plain, _ = evaluator(canonical([Segment(model, 0, 4), Segment(model, 1, 5), Segment(model, 3, 6)]))
+    assert plain.value != score.value  # the scales are really applied
+
+
+# --- the search -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "tpe", "random"])
+def test_the_same_seed_gives_the_same_search(optimizer, tiny_models, text, tmp_path):
+    model = tiny_models("llama", num_layers=N)
+    first = run([model], options(tmp_path / "a", text, optimizer=optimizer))
+    again = run([model], options(tmp_path / "b", text, optimizer=optimizer))
+    other = run([model], options(tmp_path / "c", text, optimizer=optimizer, seed=5))
+    assert trail(first) == trail(again)
+    assert trail(first) != trail(other)
+    assert (tmp_path / "a" / "rank-1.yaml").read_text() == (tmp_path / "b" / "rank-1.yaml").read_text()
+    assert first["evaluations"] == 14 and first["model_runs"] <= 14
+
+
+def test_a_killed_search_resumes_and_ends_as_an_uninterrupted_one(tiny_models, text, tmp_path, monkeypatch):
+    from dus.search import fitness
+
+    model = tiny_models("llama", num_layers=N)
+    whole = run([model], options(tmp_path / "whole", text, evals=20))
+
+    calls = {"n": 0}
+    real = fitness.Evaluator.__call__
+
+    def dies_after_seven(self, candidate):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real(self, candidate)
+
+    monkeypatch.setattr(fitness.Evaluator, "__call__", dies_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        run([model], options(tmp_path / "cut", text, evals=20))
+    journal = tmp_path / "cut" / "journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 1 + 7
+    assert not (tmp_path / "cut" / "search.json").exists() and not list((tmp_path / "cut").glob("rank-*.yaml"))
+    with journal.open("a") as handle:
+        handle.write('{"i": 7, "x": [0.1')  # a line torn by the kill
+
+    monkeypatch.setattr(fitness.Evaluator, "__call__", real)
+    runs = {"n": 0}
+
+    def counted(self, candidate):
+        runs["n"] += 1
+        return real(self, candidate)
+
+    monkeypatch.setattr(fitness.Evaluator, "__call__", counted)
+    resumed = run([model], options(tmp_path / "cut", text, evals=20))
+    assert trail(resumed) == trail(whole)
+    assert runs["n"] == 20 - 7  # the journalled evaluations are replayed, not run again
+    assert (tmp_path / "cut" / "rank-1.yaml").read_text() == (tmp_path / "whole" / "rank-1.yaml").read_text()
+    assert len(journal.read_text().splitlines()) == 1 + 20
+
+
+def test_constraints_are_honoured(tiny_models, text, tmp_path):
+    model = tiny_models("llama", num_layers=N)
+    result = run([model], options(tmp_path / "out", text, depth=(5, 9), keep=frozenset({0, 5}), anchored=False, evals=30))
+    feasible = [c for c in result["candidates"] if c["feasible"]]
+    infeasible = [c for c in result["candidates"] if not c["feasible"]]
+    assert feasible and infeasible  # free paths that drop a kept layer happen, and are never run
+    for entry in result["candidates"]:
+        candidate = Candidate.from_dict(entry["candidate"])
+        assert 5 <= candidate.depth <= 9
+        layers = {layer for _, layer in candidate.layers()}
+        assert entry["feasible"] == ({0, 5} <= layers)
+        assert entry["missing"] == sorted({0, 5} - layers)
+    assert all(r["feasible"] for r in result["ranked"])
+    assert [r["value"] for r in result["ranked"]] == sorted(r["value"] for r in result["ranked"])
+
+
+def test_a_parameter_budget_caps_the_depth(tiny_models, text, tmp_path):
+    from dus.search.run import source_facts
+
+    model = tiny_models("llama", num_layers=N)
+    _, per_layer, outside = source_facts([str(Path(model).resolve())])
+    budget = outside + 7 * per_layer + per_layer // 2
+    result = run([model], options(tmp_path / "out", text, depth=(5, 10), max_params=budget, evals=16))
+    assert result["settings"]["space"]["depth"] == [5, 7]
+    assert max(Candidate.from_dict(c["candidate"]).depth for c in result["candidates"]) <= 7
+    with pytest.raises(DusError, match="allows at most 4 layers"):
+        run([model], options(tmp_path / "out2", text, depth=(5, 10), max_params=outside + 4 * per_layer))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_graft_mode_scores_every_range_in_place(tiny_models, text, tmp_path):
+    base, donor = tiny_models("llama", num_layers=N, seed=0), tiny_models("llama", num_layers=N, seed=1)
+    result = run([], options(tmp_path / "out", text, graft=(str(base), str(donor), 2)))
+    base, donor = str(Path(base).resolve()), str(Path(donor).resolve())
+    grafted = []
+    for entry in result["candidates"]:
+        layers = Candidate.from_dict(entry["candidate"]).layers()
+        assert len(layers) == N and [layer for _, layer in layers] == list(range(N))
+        grafted.append([i for i, (model, _) in enumerate(layers) if model == donor])
+    assert grafted == [[s, s + 1] for s in range(N - 1)]
+    assert result["model_runs"] == N - 1 and len(result["ranked"]) == N - 1
+
+
+def test_a_user_scoring_function_is_minimised_or_maximised(tiny_models, text, tmp_path):
+    scorer = tmp_path / "myscore.py"
+    scorer.write_text("def depth(model, tokenizer):\n    return model.config.num_hidden_layers\n")
+    model = tiny_models("llama", num_layers=N)
+    low = run([model], options(tmp_path / "low", None, depth=(4, 9), score=f"{scorer}:depth", evals=16))
+    high = run([model], options(tmp_path / "high", None, depth=(4, 9), score=f"{scorer}:depth", maximize=True, evals=16))
+    assert low["ranked"][0]["metrics"]["score"] == min(c["metrics"]["score"] for c in low["candidates"])
+    assert high["ranked"][0]["metrics"]["score"] == max(c["metrics"]["score"] for c in high["candidates"])
+    assert high["ranked"][0]["metrics"]["score"] > low["ranked"][0]["metrics"]["score"]
+
+
+# --- the CLI: outputs, the found recipe builds, bad input -------------------------------
+
+
+def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, text, tmp_path, run_cli):
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.search.fitness import PerplexityScorer
+
+    model = tiny_models("llama", num_layers=N)
+    out = tmp_path / "search"
+    result = run_cli("search", model, "--data", text, "--depth", "7:9", "--scale", "0.5:1", "--evals", "12",
+                     "--window", "64", "--max-tokens", "256", "--top", "2", "-o", out)
+    assert result.code == 0, result
+    assert sorted(p.name for p in out.iterdir()) == ["journal.jsonl", "rank-1.yaml", "rank-2.yaml", "search.json", "search.png"]
+    data = json.loads((out / "search.json").read_text())
+    assert data["seed"] == 0 and data["settings"]["optimizer"] == "tpe" and len(data["candidates"]) == 12
+    best = data["ranked"][0]
+    built = run_cli("build", out / "rank-1.yaml", "-o", tmp_path / "built")
+    assert built.code == 0, built
+    loaded = ModelDir(tmp_path / "built").load_model(torch.float32, quiet=True).eval()
+    ids = tokenize_stream(ModelDir(model).tokenizer(), read_text(text), 256)
+    value, metrics = PerplexityScorer([ids], 64, 64)(loaded, None)
+    assert value == best["value"] and metrics["perplexity"] == best["metrics"]["perplexity"]
+    assert loaded.config.num_hidden_layers == best["candidate"]["depth"]
+
+    again = run_cli("search", model, "--data", text, "--depth", "7:9", "--scale", "0.5:1", "--evals", "12",
+                    "--window", "64", "--max-tokens", "256", "--top", "2", "-o", out)
+    assert again.code == 0 and json.loads((out / "search.json").read_text())["candidates"] == data["candidates"]
+    other = run_cli("search", model, "--data", text, "--depth", "8", "--evals", "12", "--window", "64", "--max-tokens", "256", "-o", out)
+    assert other.code == 2 and "other settings (space.depth, " in other.stderr, other
+
+
+def test_wandb_logs_the_search_offline(tiny_models, text, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    result = run_cli("search", tiny_models("llama", num_layers=N), "--data", text, "--depth", "8", "--evals", "4",
+                     "--window", "64", "--max-tokens", "128", "-o", out, "--wandb")
+    assert result.code == 0, result
+    data = json.loads((out / "search.json").read_text())
+    assert data["wandb"].startswith(str(out / "wandb" / "offline-run-"))
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_dry_run_prints_the_space_and_writes_nothing(tiny_models, text, tmp_path, run_cli):
+    model = tiny_models("llama", num_layers=N)
+    result = run_cli("search", model, "--data", text, "--depth", "8", "--scale", "0.5:1", "--dry-run", "-o", tmp_path / "out")
+    assert result.code == 0, result
+    assert "at most" in result.stdout and "s1.start" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("families", "different architectures"),
+    ("shapes", "disagree on hidden_size"),
+    ("keep-above-depth", "keep fewer layers"),
+    ("depth-below-segments", "below --segments"),
+    ("depth-too-deep", "--segments 4 or more"),
+    ("keep-outside", "no such source layer"),
+    ("scale-floor", "0.5 <= MIN"),
+    ("no-depth", "--depth N"),
+    ("empty-text", "the text is empty"),
+    ("no-data", "--data FILE"),
+    ("optimizer", "use one of cma, tpe, random"),
+    ("graft-depths", "needs equal depths"),
+    ("graft-partial", "needs all of --graft"),
+    ("not-a-search-dir", "not a dus search directory"),
+    ("bad-score", "has no function"),
+    ("binary-text", "not a UTF-8 text file"),
+    ("blocked-output", "is a file, not a directory"),
+])
+def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, text, tmp_path, run_cli):
+    llama = tiny_models("llama", num_layers=N)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    base = ["search", llama, "--data", text, "--depth", "8", "--evals", "3", "-o", out]
+    args = {
+        "families": ["search", llama, tiny_models("qwen2", num_layers=N), "--data", text, "--depth", "8", "-o", out],
+        "shapes": ["search", llama, tiny_models("llama", num_layers=N, hidden_size=48), "--data", text, "--depth", "8", "-o", out],
+        "keep-above-depth": [*base, "--keep", "0:6", "--depth", "5"],
+        "depth-below-segments": [*base, "--depth", "2"],
+        "depth-too-deep": [*base, "--depth", "19"],
+        "keep-outside": [*base, "--keep", "6"],
+        "scale-floor": [*base, "--scale", "0.3:1"],
+        "no-depth": ["search", llama, "--data", text, "-o", out],
+        "empty-text": ["search", llama, "--data", empty, "--depth", "8", "-o", out],
+        "no-data": ["search", llama, "--depth", "8", "-o", out],
+        "optimizer": [*base, "--optimizer", "bayes"],
+        "graft-depths": ["search", "--graft", llama, "--donor", tiny_models("llama", num_layers=N + 2), "--size", "2", "--data", text, "-o", out],
+        "graft-partial": ["search", "--graft", llama, "--size", "2", "--data", text, "-o", out],
+        "not-a-search-dir": base,
+        "bad-score": ["search", llama, "--depth", "8", "--score", "dus.errors:nothing", "-o", out],
+        "binary-text": ["search", llama, "--data", binary, "--depth", "8", "-o", out],
+        "blocked-output": [*base[:-1], blocker / "out"],
+    }[case]
+    if case == "not-a-search-dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    result = run_cli(*args)
+    assert result.code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dus: error: ") and message in lines[0], result
+    if case == "not-a-search-dir":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_a_journal_that_does_not_match_the_search_is_refused_in_one_line(tiny_models, text, tmp_path):
+    model = tiny_models("llama", num_layers=N)
+    run([model], options(tmp_path / "out", text, evals=6))
+    journal = tmp_path / "out" / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    entry = json.loads(lines[3])
+    entry["x"] = [0.123] * len(entry["x"])  # not what the optimizer asks at that point
+    journal.write_text("\n".join(lines[:3] + [json.dumps(entry)] + lines[4:]) + "\n")
+    with pytest.raises(DusError, match=r"journal.jsonl:4: the journal does not match this search's candidate 2"):
+        run([model], options(tmp_path / "out", text, evals=8))
+    journal.write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(DusError, match=r"journal.jsonl:3: damaged journal line"):
+        run([model], options(tmp_path / "out", text, evals=8))
