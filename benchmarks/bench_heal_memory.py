@@ -1,14 +1,14 @@
-"""The default heal in memory against the same heal of the checkpoint as built.
+"""The default heal in memory against the previous path, the heal of the checkpoint as built.
 
 `dus heal` assembles the build plan over one loaded copy of each source (only the trained
 band is copied; the teacher is the loaded source and starts from the student's hidden
-state below the band; the distillation loss never forms whole logits). `in_memory: false`
-is the previous path: the built checkpoint loaded whole, a second copy of the source as
-teacher, whole-vocabulary logits of both. Both run here in the same script, each in its own
+state below the band; the distillation loss never forms whole logits). The previous path is
+`in_memory: false` with `distill.logits: whole`: the built checkpoint loaded whole, a second
+copy of the source as teacher, whole-vocabulary logits of both. Both run here in the same script, each in its own
 process (so peak memory is its own), alternating, with the same seed and settings:
 
 - peak resident memory (ru_maxrss of the child) and the median time of a training step
-  (the first step, warm-up, excluded), as ratios memory / built;
+  (the first step, warm-up, excluded), as ratios memory / previous;
 - whether they train the same model: the largest relative difference of any tensor of the
   two healed checkpoints, and held-out perplexity of both (and of the unhealed build) on
   a bundled held-out text no healing step or test uses.
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (CPU default float32)")
     parser.add_argument("--calibrate-tokens", type=int, default=2048, help="calibration tokens (the default heal's 2048)")
-    parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, built) pairs")
+    parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, previous) pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored (0: skip)")
     parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-heal-memory")
@@ -91,6 +91,7 @@ def child(spec: dict) -> dict:
         "sft.save_steps": 10**6,
         "sft.model_init_kwargs": {"dtype": spec["dtype"]},
         "in_memory": spec["in_memory"],
+        "distill.logits": "chunked" if spec["in_memory"] else "whole",
         "calibrate.tokens": spec["calibrate_tokens"],
     }
     started = time.perf_counter()
@@ -275,9 +276,9 @@ def main(argv=None) -> None:
     built = args.workdir / f"solar-{source.name}"
     if not (built / "dus-manifest.json").is_file():
         build_model({"solar": {"model": str(source), "trim": args.trim}}, built, force=True)
-    runs = {"memory": [], "built": []}
+    runs = {"memory": [], "previous": []}
     for pair in range(args.pairs):
-        for name in ("memory", "built"):
+        for name in ("memory", "previous"):
             spec = {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
                     "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                     "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens}
@@ -300,7 +301,8 @@ def main(argv=None) -> None:
         summary["heldout_perplexity"] = {
             "text": str(HELDOUT.relative_to(REPO)), "tokens": args.eval_tokens,
             **{name: perplexity(path, args.eval_tokens, args.dtype) for name, path in (
-                ("unhealed", built), ("memory", args.workdir / "healed-memory"), ("built", args.workdir / "healed-built"))},
+                ("unhealed", built), ("memory", args.workdir / "healed-memory"),
+                ("previous", args.workdir / "healed-previous"))},
         }
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "source": str(source), "runs": runs,
               "summary": summary}

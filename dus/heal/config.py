@@ -225,6 +225,8 @@ def _validate(raw: dict, source: str) -> None:
         raise DusError(
             f"{source}: distill.student '{raw['distill']['student']}' is not one of {', '.join(DISTILL_STUDENTS)}"
         )
+    if raw["distill"]["logits"] not in ("chunked", "whole"):
+        raise DusError(f"{source}: distill.logits must be chunked or whole, got {raw['distill']['logits']!r}")
     alpha = raw["distill"]["alpha"]
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise DusError(f"{source}: distill.alpha must be a number in [0, 1] (1 = pure KL), got {alpha!r}")

@@ -188,12 +188,13 @@ class DistillSFTTrainer(SFTTrainer):
     logits for the batch are ever formed: both stop at their last hidden states and
     `chunked_distillation_loss` applies the heads a chunk of tokens at a time; the
     teacher may start from the student's hidden state (`shared`, dus.heal.teacher).
-    Under FSDP or DeepSpeed (weights sharded, forwards owned by the engine) the loss
-    takes whole logits from both models' forwards."""
+    Under FSDP or DeepSpeed (weights sharded, forwards owned by the engine), or with
+    `distill.logits: whole`, the loss takes whole logits from both models' forwards."""
 
     _tag_names = ["trl", "sft", "dus", "distill"]
 
-    def __init__(self, *args, teacher_model, alpha: float = 1.0, temperature: float = 1.0, shared=None, **kwargs):
+    def __init__(self, *args, teacher_model, alpha: float = 1.0, temperature: float = 1.0, shared=None,
+                 chunked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         student_vocab = self.model.config.get_text_config().vocab_size
         teacher_vocab = teacher_model.config.get_text_config().vocab_size
@@ -208,7 +209,7 @@ class DistillSFTTrainer(SFTTrainer):
         self.temperature = float(temperature)
         from dus.heal.distributed import sharded_launch
 
-        self.chunked = not sharded_launch()
+        self.chunked = chunked and not sharded_launch()
         if not self.chunked:
             if self.is_deepspeed_enabled:
                 # An inference engine of its own: under ZeRO-3 the teacher was loaded partitioned

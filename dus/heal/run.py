@@ -215,7 +215,7 @@ def make_trainer(cfg, student: Student, args, inputs: Inputs, callbacks):
     distill = cfg.section("distill")
     return DistillSFTTrainer(
         teacher_model=student.teacher_model, alpha=distill["alpha"], temperature=distill["temperature"],
-        shared=student.shared, **kwargs
+        shared=student.shared, chunked=distill["logits"] == "chunked", **kwargs
     )
 
 
