@@ -291,10 +291,10 @@ def main(argv=None) -> None:
                "step_s": statistics.median(r["step_s"] for r in rs), "final_loss": rs[-1]["final_loss"]}
         for name, rs in runs.items()
     }
-    gap, where = largest_gap(args.workdir / "healed-memory", args.workdir / "healed-built")
+    gap, where = largest_gap(args.workdir / "healed-memory", args.workdir / "healed-previous")
     summary["ratios"] = {
-        "peak_rss": summary["memory"]["peak_rss_mb"] / summary["built"]["peak_rss_mb"],
-        "step_time": summary["memory"]["step_s"] / summary["built"]["step_s"],
+        "peak_rss": summary["memory"]["peak_rss_mb"] / summary["previous"]["peak_rss_mb"],
+        "step_time": summary["memory"]["step_s"] / summary["previous"]["step_s"],
     }
     summary["largest_relative_tensor_gap"] = {"value": gap, "tensor": where}
     if args.eval_tokens:
