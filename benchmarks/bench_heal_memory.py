@@ -50,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (CPU default float32)")
+    parser.add_argument("--student", default="band", help="distill.student: band (the default heal) | lora")
     parser.add_argument("--calibrate-tokens", type=int, default=2048, help="calibration tokens (the default heal's 2048)")
     parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, previous) pairs")
     parser.add_argument("--threads", type=int, default=1)
@@ -92,6 +93,7 @@ def child(spec: dict) -> dict:
         "sft.model_init_kwargs": {"dtype": spec["dtype"]},
         "in_memory": spec["in_memory"],
         "distill.logits": "chunked" if spec["in_memory"] else "whole",
+        "distill.student": spec["student"],
         "calibrate.tokens": spec["calibrate_tokens"],
     }
     started = time.perf_counter()
@@ -281,7 +283,8 @@ def main(argv=None) -> None:
         for name in ("memory", "previous"):
             spec = {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
                     "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens}
+                    "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens,
+                    "student": args.student}
             result = run_child(spec, args.threads)
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "
