@@ -144,7 +144,7 @@ def assemble(plan: LayerPlan, sources: Sources, own: set[int] | frozenset = froz
     config = config if config is not None else output_config(plan, sources)
     config.dtype = getattr(base.config, "dtype", None)
     config._attn_implementation = base.config._attn_implementation  # masks are made for the layers' kernel
-    model = _shell_without_layers(base)
+    model = shell_without_layers(base)
     model.config = config
     inner = decoder(model)
     inner.config = config
@@ -167,9 +167,10 @@ def assemble(plan: LayerPlan, sources: Sources, own: set[int] | frozenset = froz
     return model
 
 
-def _shell_without_layers(model: nn.Module) -> nn.Module:
-    """A shell of the whole model with an empty layer list (the layers come from the plan)."""
-    inner = decoder(model)
+def shell_without_layers(model: nn.Module) -> nn.Module:
+    """A shell of a causal LM (or of its decoder) with an empty layer list: the layers come
+    from elsewhere (the plan; the teacher's view)."""
+    inner = model if isinstance(getattr(model, "layers", None), nn.ModuleList) else decoder(model)
     layers = inner.layers
     inner.layers = nn.ModuleList()
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from dus.assemble import decoder, shell
+from dus.assemble import decoder, shell_without_layers
 from dus.plan import LayerPlan
 
 
@@ -77,17 +77,8 @@ def share_with_student(teacher_model, student_model, start: int) -> SharedTeache
     relay = HiddenRelay(start)
     decoder(student_model).layers[start].register_forward_pre_hook(relay.keep, with_kwargs=True)
     teacher_decoder = decoder(teacher_model)
-    view = _decoder_shell(teacher_decoder)
+    view = shell_without_layers(teacher_decoder)
     first = teacher_decoder.layers[0]
     view.layers = nn.ModuleList([RelayedHidden(relay, getattr(first, "attention_type", None)),
                                  *teacher_decoder.layers[start:]])
     return SharedTeacher(view, relay, start)
-
-
-def _decoder_shell(inner: nn.Module) -> nn.Module:
-    layers = inner.layers
-    inner.layers = nn.ModuleList()
-    try:
-        return shell(inner)
-    finally:
-        inner.layers = layers
