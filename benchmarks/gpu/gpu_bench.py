@@ -315,11 +315,16 @@ def stage_trl_band(run: Run) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     add_mfu(run, result, band["layers"], distill=True)
-    if band.get("tokens_per_second") and result.get("tokens_per_second"):
-        result["dus_over_trl_tokens_per_second"] = band["tokens_per_second"] / result["tokens_per_second"]
-    if band.get("peak_gpu_allocated_gb") and result.get("peak_gpu_allocated_gb"):
-        result["dus_over_trl_peak_gpu"] = band["peak_gpu_allocated_gb"] / result["peak_gpu_allocated_gb"]
-    return result
+    return with_trl_ratios(band, result)
+
+
+def with_trl_ratios(dus: dict, trl: dict) -> dict:
+    """The TRL stage's result with dus/TRL ratios of tokens/s and peak GPU memory, where both have them."""
+    for key, ratio in (("tokens_per_second", "dus_over_trl_tokens_per_second"),
+                       ("peak_gpu_allocated_gb", "dus_over_trl_peak_gpu")):
+        if dus.get(key) and trl.get(key):
+            trl[ratio] = dus[key] / trl[key]
+    return trl
 
 
 def stage_heal_lora_student(run: Run) -> dict:
@@ -373,11 +378,7 @@ def stage_trl_qlora(run: Run) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     add_mfu(run, result, done["layers"], distill=False)
-    if done.get("tokens_per_second") and result.get("tokens_per_second"):
-        result["dus_over_trl_tokens_per_second"] = done["tokens_per_second"] / result["tokens_per_second"]
-    if done.get("peak_gpu_allocated_gb") and result.get("peak_gpu_allocated_gb"):
-        result["dus_over_trl_peak_gpu"] = done["peak_gpu_allocated_gb"] / result["peak_gpu_allocated_gb"]
-    return result
+    return with_trl_ratios(done, result)
 
 
 def stage_compare(run: Run) -> dict:
