@@ -24,6 +24,7 @@ as the writer transforms them.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,17 @@ class ScaledLinear(nn.Linear):
         self.weight_scale = float(weight_scale)
         self.bias_scale = float(bias_scale)
 
+    @property
+    def exact_on_output(self) -> bool:
+        """A power-of-two factor shared by weight and bias (calibration's floor 0.5, say)
+        scales every product and sum exactly, so the output can be scaled instead of the
+        weight: bitwise the same result, with no weight-sized product per pass."""
+        same = self.bias is None or self.bias_scale == self.weight_scale
+        return same and self.weight_scale != 0 and math.frexp(self.weight_scale)[0] == 0.5
+
     def forward(self, x):
+        if self.exact_on_output:
+            return F.linear(x, self.weight, self.bias) * self.weight_scale
         if self.weight.requires_grad:  # trained through: let autograd see the product
             bias = None if self.bias is None else self.bias * self.bias_scale
             return F.linear(x, self.weight * self.weight_scale, bias)

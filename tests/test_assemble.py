@@ -99,10 +99,11 @@ def test_generation_with_a_kv_cache_matches_the_built_model(arch, tiny_models, t
     assert torch.equal(memory.generate(prompt, **settings), built.generate(prompt, **settings))
 
 
-def test_gradients_flow_through_scaled_frozen_layers(tiny_models, tmp_path):
+@pytest.mark.parametrize("scale", [0.7, 0.5])  # a weight product per pass; an exactly scaled output
+def test_gradients_flow_through_scaled_frozen_layers(scale, tiny_models, tmp_path):
     """A frozen scaled layer above a trained one passes the gradient as the built model does."""
     source = tiny_models("llama", num_layers=N)
-    result = build_model({"duplicate": {"model": str(source), "layers": [2, 4], "scale": 0.7}}, tmp_path / "out")
+    result = build_model({"duplicate": {"model": str(source), "layers": [2, 4], "scale": scale}}, tmp_path / "out")
     memory = assemble(result.plan, load_sources(result.plan, torch.float32), own={1})
     built = load(tmp_path / "out")
     ids = sample_ids(built.config.vocab_size)
@@ -114,3 +115,6 @@ def test_gradients_flow_through_scaled_frozen_layers(tiny_models, tmp_path):
         grads.append(decoder(model).layers[1].mlp.up_proj.weight.grad)
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    if scale == 0.5:
+        assert decoder(memory).layers[3].mlp.down_proj.exact_on_output
+        assert torch.equal(grads[0], grads[1])
