@@ -233,6 +233,7 @@ class HealRun:
     args: object  # trl.SFTConfig
     name: str
     use_cpu: bool
+    teacher_dir: Path | None = None  # distill: the teacher, checked to tokenize as the model does
 
     @property
     def manifest(self) -> Manifest | None:
@@ -258,7 +259,7 @@ def heal(
     library users who want to watch or steer the run (the benchmark measures with them).
     With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
     run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force, teacher)
-    student = load_student(run, teacher, say)
+    student = load_student(run, say)
     announce(run, student)
     wandb_run = open_output(run, student.targets, start_tracking)
     if run.args.max_steps == 0:
@@ -318,7 +319,7 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
-    return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu)
+    return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teacher_dir)
 
 
 def check_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None) -> Path | None:

@@ -93,18 +93,19 @@ def _sources_obstacle(manifest: Manifest) -> str | None:
     return None
 
 
-def load_student(run, teacher: str | None, say) -> Student:
-    """The student (calibrated when asked), its trainable set, and the teacher for distill."""
+def load_student(run, say) -> Student:
+    """The student (calibrated when asked), its trainable set, and the teacher for distill
+    (`run.teacher_dir`, resolved and checked before any output existed)."""
     obstacle = in_memory_obstacle(run.model_dir, run.cfg)
     if obstacle is None:
         from dus.assemble import NotInMemory
 
         try:
-            return _in_memory_student(run, teacher, say)
+            return _in_memory_student(run, say)
         except NotInMemory as error:
             obstacle = str(error)
     say(f"  healing the checkpoint as built: {obstacle}")
-    student = _built_student(run, teacher, say)
+    student = _built_student(run, say)
     student.built_because = obstacle
     return student
 
@@ -125,7 +126,7 @@ def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
     return kwargs.pop("dtype", "float32" if use_cpu else "auto"), kwargs
 
 
-def _in_memory_student(run, teacher: str | None, say) -> Student:
+def _in_memory_student(run, say) -> Student:
     from dus.assemble import assemble, load_sources, output_config
     from dus.heal.teacher import share_with_student, shared_prefix
 
@@ -146,10 +147,8 @@ def _in_memory_student(run, teacher: str | None, say) -> Student:
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
     student = Student(model, targets, peft_config, saved_dtype, calibration, plan=plan, sources=sources)
     say(f"  in memory: {len(plan.models)} source(s) loaded once; {len(own)} of {plan.num_layers} layers are copies")
-    if cfg.mode == "distill" and run.args.max_steps != 0:
-        from dus.heal.distill import teacher_path
-
-        student.teacher_dir = teacher_path(run.model_dir.path, run.manifest, teacher or cfg.section("distill")["teacher"])
+    if run.teacher_dir is not None:
+        student.teacher_dir = run.teacher_dir
         name = sources.by_path(student.teacher_dir)
         if name is not None:
             student.teacher_model = sources[name]
@@ -161,7 +160,7 @@ def _in_memory_student(run, teacher: str | None, say) -> Student:
     return student
 
 
-def _built_student(run, teacher: str | None, say) -> Student:
+def _built_student(run, say) -> Student:
     """Today's path: the built checkpoint loaded whole, calibrated in place, a second teacher."""
     from dus.heal.distributed import whole_weights
 
@@ -177,10 +176,8 @@ def _built_student(run, teacher: str | None, say) -> Student:
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     student = Student(model, targets, peft_config, saved_dtype, calibration)
-    if cfg.mode == "distill" and run.args.max_steps != 0:
-        from dus.heal.distill import teacher_path
-
-        student.teacher_dir = teacher_path(run.model_dir.path, run.manifest, teacher or cfg.section("distill")["teacher"])
+    if run.teacher_dir is not None:
+        student.teacher_dir = run.teacher_dir
         student.teacher_model = ModelDir(student.teacher_dir).load_model(model.dtype)
     return student
 
