@@ -37,6 +37,7 @@ from dus.heal.record import calibration_record, heal_record
 from dus.heal.student import Student, load_student, quantization_config
 from dus.heal.targets import HealTargets
 from dus.heal.template import fit_data_to_template
+from dus.host_memory import keep_large_blocks_returnable
 from dus.manifest import Manifest
 from dus.resources import local_or_shipped
 
@@ -258,6 +259,7 @@ def heal(
     `callbacks` (transformers TrainerCallbacks) are handed to the trainer as they are, for
     library users who want to watch or steer the run (the benchmark measures with them).
     With `sft.max_steps: 0` and calibration on, the calibrated model is written untrained."""
+    keep_large_blocks_returnable()
     run = prepare(ModelDir(model_dir), Path(output), cfg, resume, force, teacher)
     student = load_student(run, say)
     announce(run, student)
