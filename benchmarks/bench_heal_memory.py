@@ -50,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (CPU default float32)")
-    parser.add_argument("--student", default="band", help="distill.student: band (the default heal) | lora")
+    parser.add_argument("--student", default="band",
+                        help="distill.student: band (the default heal) | lora | qlora (4-bit sources; calibration off "
+                             "in both paths, since the previous path cannot calibrate 4-bit weights)")
     parser.add_argument("--calibrate-tokens", type=int, default=2048, help="calibration tokens (the default heal's 2048)")
     parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, previous) pairs")
     parser.add_argument("--threads", type=int, default=1)
@@ -96,6 +98,8 @@ def child(spec: dict) -> dict:
         "distill.student": spec["student"],
         "calibrate.tokens": spec["calibrate_tokens"],
     }
+    if spec["student"] == "qlora":
+        overrides.update({"calibrate.enabled": False, "quantization.bnb_4bit_compute_dtype": spec["dtype"]})
     started = time.perf_counter()
     result = heal(spec["model"], spec["out"], load_config(None, overrides), force=True, callbacks=[StepClock()])
     steps = [b - a for a, b in zip(marks, marks[1:])]

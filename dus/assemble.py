@@ -16,7 +16,9 @@ The plan's transforms are applied without copying frozen weights:
 - a new (zero-init) block: its output projections scaled by 0;
 - a blend (seam smoothing), or a scale on a tensor outside any `nn.Linear` (Mixtral's
   stacked experts, norms, embeddings): a private transformed copy of that tensor, since
-  its value exists nowhere else.
+  its value exists nowhere else;
+- on 4-bit (QLoRA) sources, a scale on a quantized Linear scales its output (a forward
+  hook, `output_scale`): the product of a scale and a 4-bit weight exists only as that.
 Layers named in `own` (the ones a heal trains) are private copies, transformed exactly
 as the writer transforms them.
 """
@@ -88,6 +90,21 @@ class ScaledLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_scale={self.weight_scale:g}, bias_scale={self.bias_scale:g}"
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A packed low-bit weight (bitsandbytes' Params4bit / Int8Params), not a value."""
+    return not tensor.is_floating_point()
+
+
+def _scaled_output(module, _args, output):
+    return output * module.output_scale
+
+
+def scale_output(linear: nn.Module, factor: float) -> None:
+    """Multiply a quantized Linear's output by `factor` (its weight cannot take it)."""
+    linear.output_scale = float(factor)
+    linear.register_forward_hook(_scaled_output)
 
 
 def shell(module: nn.Module) -> nn.Module:
@@ -213,6 +230,8 @@ def _transformed(module: nn.Module, path: str, group: NonLayerSource) -> nn.Modu
     for name, param in list(module.named_parameters()):
         factor = scale_for(group.scale, f"{path}.{name}")
         if factor is not None and factor != 1.0:
+            if is_quantized(param):
+                raise NotInMemory(f"{path}.{name} is 4-bit and has a scale rule")
             _replace_parameter(module, name, param.detach() * factor)
     return module
 
@@ -246,11 +265,21 @@ def _shared_layer(source_layer: nn.Module, layer: OutputLayer, index: int) -> nn
     if not layer.scale and not layer.zero_output:
         return built
     handled: set[str] = set()
-    for name, linear in [(n, m) for n, m in built.named_modules() if type(m) is nn.Linear]:
+    linears = [(n, m) for n, m in built.named_modules() if isinstance(m, nn.Linear) and m.weight is not None]
+    for name, linear in linears:
         weight = _factor(layer, index, f"{name}.weight")
         bias = _factor(layer, index, f"{name}.bias") if linear.bias is not None else None
+        quantized = is_quantized(linear.weight)
+        if type(linear) is not nn.Linear and not quantized:
+            continue
         handled.update({f"{name}.weight", f"{name}.bias"})
         if weight in (None, 1.0) and bias in (None, 1.0):
+            continue
+        if quantized:
+            if linear.bias is not None and bias != weight:
+                raise NotInMemory(f"output layer {index}: {name} is 4-bit and its weight and bias have different "
+                                  "scales, which only the built weights can hold")
+            scale_output(linear, 1.0 if weight is None else weight)
             continue
         parent_path, _, attr = name.rpartition(".")
         parent = built.get_submodule(parent_path) if parent_path else built
@@ -258,6 +287,8 @@ def _shared_layer(source_layer: nn.Module, layer: OutputLayer, index: int) -> nn
     for name, param in list(built.named_parameters()):
         factor = None if name in handled else _factor(layer, index, name)
         if factor is not None and factor != 1.0:
+            if is_quantized(param):
+                raise NotInMemory(f"output layer {index}: {name} is 4-bit outside a Linear and has a scale rule")
             _replace_parameter(built, name, param.detach() * factor)  # no Linear to scale: a private copy
     return built
 
@@ -267,6 +298,9 @@ def _private_layer(source_layer: nn.Module, layer: OutputLayer, index: int, sour
     (blend, then scale; zero for a new block's output projections)."""
     from dus.writer import blend_tensors
 
+    if any(is_quantized(param) for param in source_layer.parameters()):
+        raise NotInMemory(f"output layer {index} must be a copy of its own (it trains or is blended), and its "
+                          "source is loaded in 4 bits")
     built = copy.deepcopy(source_layer)
     other = None
     if layer.blend is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dus.checkpoint import INDEX_NAME
@@ -42,6 +42,7 @@ class OutputTensor:
     zero: bool = False
     blend: tuple[TensorInfo, Blend] | None = None
     value: object = None  # a tensor computed in memory (a healed layer), written instead of the source's
+    delta: object = None  # added (in float32) to the transformed source: a LoRA merged into full-precision weights
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +52,7 @@ class OutputTensor:
     def is_byte_copy(self) -> bool:
         return (
             self.value is None
+            and self.delta is None
             and not self.zero
             and self.blend is None
             and self.scale in (None, 1.0)
@@ -211,6 +213,15 @@ def materialize(tensor: OutputTensor):
     out_dtype = getattr(torch, TORCH_NAMES.get(tensor.dtype, ""), None)
     if tensor.value is not None:
         return tensor.value.detach().to("cpu", out_dtype)
+    if tensor.delta is not None:
+        value = _transformed(replace(tensor, delta=None), out_dtype).float()
+        return (value + tensor.delta.detach().to("cpu", torch.float32)).to(out_dtype)
+    return _transformed(tensor, out_dtype)
+
+
+def _transformed(tensor: OutputTensor, out_dtype):
+    import torch
+
     if tensor.zero:
         return torch.zeros(tensor.shape, dtype=out_dtype)
     value = read_tensor(tensor.source)

@@ -291,8 +291,10 @@ BAD_INPUTS = {
         lambda ws, tmp: ["heal", ws / "built", "-o", occupied(tmp), "--force"], "not a dus heal output"),
     "resume without checkpoint": (
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--resume"], "no checkpoint in"),
-    "qlora without CUDA": (
-        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "-c", "qlora"], "needs a CUDA GPU"),
+    "qlora calibrating weights as built": (
+        lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "-c", "qlora", "--set", "calibrate.enabled=true",
+                         "--set", "in_memory=false"],
+        "4-bit (qlora) weights cannot take"),
     "expand without new blocks": (
         lambda ws, tmp: ["heal", ws / "built", "-o", tmp / "o", "--mode", "expand"], "lists no new layers"),
     "distill without teacher": (

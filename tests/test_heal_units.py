@@ -70,7 +70,7 @@ def test_overrides_reach_the_trl_and_peft_objects(tmp_path):
     ({"sft": {"output_dir": "x"}}, "'sft.output_dir' is set by dus"),
     ({"seam": {"radius": 0}}, "seam.radius must be a whole number >= 1"),
     ({"distill": {"alpha": 2}}, "distill.alpha must be a number in [0, 1]"),
-    ({"distill": {"student": "qlora"}}, "distill.student 'qlora' is not one of lora, full, band, expand"),
+    ({"distill": {"student": "dora"}}, "distill.student 'dora' is not one of lora, qlora, full, band, expand"),
 ])
 def test_bad_config_keys_are_named(config, message):
     with pytest.raises(DusError) as error:
@@ -356,3 +356,25 @@ def test_numbers_yaml_reads_as_strings_are_taken_as_numbers():
     assert cfg.section("sft")["learning_rate"] == pytest.approx(3e-4)
     with pytest.raises(DusError, match="sft.learning_rate must be a float, got 'fast'"):
         load_config(None, {"sft.learning_rate": "fast"})
+
+
+@pytest.mark.parametrize("found, message", [
+    (None, "qlora loads the model in 4 bits with bitsandbytes"),
+    ("0.45.5", "needs bitsandbytes 0.48 or later (its CPU kernels), found 0.45.5"),
+])
+def test_qlora_without_usable_bitsandbytes_is_refused_in_one_line(found, message, monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    import torch
+
+    from dus.heal.student import quantization_config
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (None if found is None else object()) if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found)
+    with pytest.raises(DusError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quantization_config(load_config(None, {"mode": "qlora"}))

@@ -23,7 +23,7 @@ import yaml
 from dus.errors import DusError, read_user_text
 
 MODES = ("lora", "qlora", "full", "band", "expand", "distill")
-DISTILL_STUDENTS = ("lora", "full", "band", "expand")
+DISTILL_STUDENTS = ("lora", "qlora", "full", "band", "expand")
 
 DEFAULT_CONFIG = "train/heal.yaml"
 
@@ -84,10 +84,15 @@ class HealConfig:
 
     @property
     def trains(self) -> str:
-        """Which parameters train: lora, full or expand (qlora trains LoRA too)."""
-        if self.mode == "distill":
-            return self.raw["distill"]["student"]
-        return "lora" if self.mode == "qlora" else self.mode
+        """Which parameters train: lora, band, full or expand (qlora trains LoRA too)."""
+        trains = self.raw["distill"]["student"] if self.mode == "distill" else self.mode
+        return "lora" if trains == "qlora" else trains
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen weights load in 4 bits (mode qlora, or a distillation's qlora student),
+        as the `quantization` section says."""
+        return self.mode == "qlora" or (self.mode == "distill" and self.raw["distill"]["student"] == "qlora")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.raw)

@@ -34,7 +34,7 @@ from dus.heal.distributed import (
 from dus.heal.merge import weights_digest
 from dus.heal.output import CHECKPOINTS, last_complete_checkpoint, open_output, prepare_output, write_marker
 from dus.heal.record import calibration_record, heal_record
-from dus.heal.student import Student, load_student, quantization_config
+from dus.heal.student import Student, in_memory_obstacle, load_student, quantization_config
 from dus.heal.targets import HealTargets
 from dus.heal.template import fit_data_to_template
 from dus.host_memory import keep_large_blocks_returnable
@@ -301,11 +301,13 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     accelerator = accelerator_type()
     use_cpu = accelerator is None
     check_supported(cfg.trains, accelerator)
-    if cfg.mode == "qlora":
+    if cfg.quantized:
         quantization_config(cfg)  # fail before the data is read
-        if cfg.section("calibrate")["enabled"]:
-            raise DusError("calibration scales the output projections' weights, which 4-bit (qlora) weights cannot "
-                           "take: --set calibrate.enabled=false, or calibrate first (--steps 0) and QLoRA the result")
+        calibrates = cfg.section("calibrate")["enabled"] and model_dir.manifest and model_dir.manifest.plan
+        if calibrates and in_memory_obstacle(model_dir, cfg) is not None:
+            raise DusError("calibration of a checkpoint as built scales the output projections' weights, which "
+                           "4-bit (qlora) weights cannot take: heal in memory (in_memory: true, from a dus build), "
+                           "or --set calibrate.enabled=false, or calibrate first (--steps 0) and QLoRA the result")
     inputs = read_inputs(model_dir, cfg)
     if resume and previous and previous.get("data_sha256") not in (None, inputs.data_sha256):
         raise DusError(f"--resume: the data ({inputs.train_data.source}) is not what the run in {out} started with; "

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from dus.assemble import ScaledLinear, decoder
+from dus.assemble import ScaledLinear, decoder, is_quantized
+from dus.errors import DusError
 from dus.heal.merge import weights_digest, write_healed_model
 from dus.heal.output import write_marker
 from dus.plan import MANIFEST_NAME, LayerPlan
@@ -96,39 +97,44 @@ def reload_trained(model_dir, trained_dir: Path, is_adapter: bool, calibration=N
         return PeftModel.from_pretrained(base, str(trained_dir))
 
 
-def trained_tensors(model, plan: LayerPlan, own: list[int]) -> dict[str, object]:
-    """Output tensor name -> value, for every tensor that training changed."""
+def trained_tensors(model, plan: LayerPlan, own: list[int]) -> tuple[dict[str, object], dict[str, object]]:
+    """For every tensor that training changed, output tensor name -> its value, or (over
+    4-bit weights) -> the adapter's delta, which the writer adds to the weight as built."""
     values = {}
     layers = decoder(_causal_lm(model)).layers
     for index in own:
         for name, param in layers[index].named_parameters():
             values[f"{LAYER_PREFIX}.{index}.{name}"] = param.detach()
-    values.update(_merged_adapters(model))
-    return values
+    merged, deltas = _merged_adapters(model)
+    values.update(merged)
+    return values, deltas
 
 
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _merged_adapters(model) -> dict[str, object]:
-    """Each LoRA-adapted projection's merged weight: base (as scaled) + delta."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return {}
-    merged = {}
+def _merged_adapters(model) -> tuple[dict[str, object], dict[str, object]]:
+    """Each LoRA-adapted projection's merged weight (base as scaled + delta), or over a
+    4-bit base only the delta: QLoRA's adapter is merged into the full-precision weight the
+    plan describes (the 4-bit rounding is not written), as QLoRA merges are done."""
+    from peft.tuners.lora import LoraLayer
+
+    merged, deltas = {}, {}
     base = _causal_lm(model)
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         layer = module.get_base_layer()
+        delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+        if is_quantized(layer.weight):
+            deltas[f"{name}.weight"] = delta.detach()
+            continue
         weight = layer.weight.detach()
         if isinstance(layer, ScaledLinear):
             weight = weight * layer.weight_scale
-        delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
         merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
-    return merged
+    return merged, deltas
 
 
 def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest, record: dict) -> Path:
@@ -141,13 +147,18 @@ def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest,
 
     plan = student.plan
     own = student.targets.layers if student.peft_config is None else []
-    values = trained_tensors(student.model, plan, own)
+    values, deltas = trained_tensors(student.model, plan, own)
     headers = {name: load_source(name, path) for name, path in plan.models.items()}
     tensors = layout(plan, headers)
     names = {tensor.name for tensor in tensors}
-    if not set(values) <= names:
+    if not set(values) | set(deltas) <= names:
+        if deltas:
+            raise DusError("a 4-bit student's adapted weights have no twin in the build's layout; heal with "
+                           "in_memory: false")
         return write_standalone(student, tokenizer, built_dir, out_dir, manifest, record)
-    tensors = [replace(tensor, value=values[tensor.name]) if tensor.name in values else tensor for tensor in tensors]
+    tensors = [replace(tensor, value=values[tensor.name]) if tensor.name in values
+               else replace(tensor, delta=deltas[tensor.name]) if tensor.name in deltas else tensor
+               for tensor in tensors]
     tmp = _fresh(out_dir / f".tmp-model-{os.getpid()}")
     try:
         write_shards(tensors, tmp, 5 * 10**9)

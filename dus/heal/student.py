@@ -9,7 +9,11 @@ from the student's hidden state below the trained layers (dus.heal.teacher).
 
 Where the plan cannot serve, the checkpoint as built is loaded and trained as it is, and
 one line says why (`in_memory_obstacle`): no plan in the manifest, weights changed since
-the build, sources gone or changed, full fine-tuning, 4-bit loading, sharded launches.
+the build, sources gone or changed, full fine-tuning, sharded launches.
+
+QLoRA (mode qlora, or distill.student qlora) loads each source once in 4 bits: the student's
+layers are shells of those 4-bit layers, and the teacher of a distillation is that same
+4-bit source (it teaches the quantized source's distributions, not the full-precision one's).
 """
 
 from __future__ import annotations
@@ -68,8 +72,6 @@ def in_memory_obstacle(model_dir: ModelDir, cfg: HealConfig) -> str | None:
         return "the model was healed after it was built, so its weights are no longer the plan's"
     if cfg.trains == "full":
         return "full fine-tuning trains every weight, so no layer can be shared with the sources"
-    if cfg.mode == "qlora":
-        return "4-bit (QLoRA) loading of the sources in memory is not supported yet"
     if sharded_launch():
         return "FSDP and DeepSpeed shard each module's weights, and the in-memory model shares weights between layers"
     return _sources_obstacle(manifest)
@@ -132,6 +134,8 @@ def _in_memory_student(run, say) -> Student:
 
     cfg, plan = run.cfg, run.manifest.plan
     dtype, kwargs = _dtype_and_kwargs(cfg, run.use_cpu)
+    if cfg.quantized:
+        kwargs.update(quantized_loading(cfg))
     sources = load_sources(plan, dtype, **kwargs)
     config = output_config(plan, sources)
     calibration = None
@@ -185,23 +189,40 @@ def _built_student(run, say) -> Student:
 def load_model(model_dir: ModelDir, cfg: HealConfig, use_cpu: bool):
     """The built checkpoint as the student, with `sft.model_init_kwargs`."""
     dtype, kwargs = _dtype_and_kwargs(cfg, use_cpu)
-    if cfg.mode == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg)
-        kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
+    if cfg.quantized:
+        kwargs.update(quantized_loading(cfg))
     return model_dir.load_model(dtype, **kwargs)
 
 
+def quantized_loading(cfg: HealConfig) -> dict:
+    """from_pretrained arguments for 4-bit weights: on this process's GPU, else the CPU."""
+    import torch
+
+    config = quantization_config(cfg)
+    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+# bitsandbytes runs 4-bit layers on the CPU from this version on (checked with 0.50.2)
+BITSANDBYTES_CPU = (0, 48)
+
+
 def quantization_config(cfg: HealConfig):
+    import importlib.metadata
     import importlib.util
 
     import torch
     from transformers import BitsAndBytesConfig
 
-    if not torch.cuda.is_available():
-        raise DusError("mode qlora loads the model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
-                       "none is visible here: use mode lora (train/lora-seam.yaml) instead")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise DusError("mode qlora needs bitsandbytes: pip install bitsandbytes (or dus[gpu])")
+        where = "" if torch.cuda.is_available() else " (0.48 or later without a CUDA GPU)"
+        raise DusError(f"qlora loads the model in 4 bits with bitsandbytes{where}: pip install bitsandbytes, "
+                       "or use mode lora (train/lora-seam.yaml)")
+    if not torch.cuda.is_available():
+        version = importlib.metadata.version("bitsandbytes")
+        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < BITSANDBYTES_CPU:
+            raise DusError(f"qlora without a CUDA GPU needs bitsandbytes 0.48 or later (its CPU kernels), found "
+                           f"{version}: pip install -U bitsandbytes, or use mode lora (train/lora-seam.yaml)")
     kwargs = dict(cfg.section("quantization"))
     if isinstance(kwargs.get("bnb_4bit_compute_dtype"), str):
         kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
