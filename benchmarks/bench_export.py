@@ -151,13 +151,23 @@ def quantization(model_dir: Path, tokens: int, window: int, threads: int, workdi
         text = workdir / "calibration.txt"
         text.write_text("".join(tokenizer.decode(w, skip_special_tokens=True) for w in windows))
         theirs = workdir / "llama.imatrix.gguf"
+        version = subprocess.run([str(llama_bin / "llama-imatrix"), "--version"], capture_output=True, text=True)
+        result["llama_cpp_version"] = next((line for line in (version.stdout + version.stderr).splitlines()
+                                            if line.startswith("version")), "unknown")
         began = time.perf_counter()
-        subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(theirs), "-c", "512",
-                        "--chunks", str(len(windows)), "-t", str(threads), "--no-ppl"], check=True, capture_output=True)
+        run = subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(theirs),
+                              "-c", "512", "--chunks", str(len(windows)), "-t", str(threads), "--no-ppl"],
+                             capture_output=True, text=True)
+        (workdir / "llama-imatrix.log").write_text(run.stdout + run.stderr)
+        if run.returncode:
+            raise SystemExit(f"llama-imatrix failed ({run.returncode}); log: {workdir / 'llama-imatrix.log'}")
         result["llama_imatrix_s"] = time.perf_counter() - began
+        result["imatrix_comparison"] = compare_imatrices(dus_imatrix, theirs)
         for type_name in QUANT_TYPES:
-            for label, source in (("llama-imatrix", theirs), ("dus file via llama-quantize", dus_imatrix)):
-                out = workdir / f"q-{type_name}-{label.split()[0]}.gguf"
+            # distinct names: "dus" alone is the file dus's own quantizer call wrote above
+            for label, source, tag in (("llama-imatrix", theirs, "llama"), ("dus file via llama-quantize", dus_imatrix,
+                                                                             "dus-file")):
+                out = workdir / f"q-{type_name}-{tag}.gguf"
                 subprocess.run([str(llama_bin / "llama-quantize"), "--imatrix", str(source), str(f16), str(out),
                                 type_name.upper(), str(threads)], check=True, capture_output=True)
                 files.append((type_name, label, out))
@@ -186,6 +196,32 @@ def quantization(model_dir: Path, tokens: int, window: int, threads: int, workdi
     for path in workdir.glob("q-*.gguf"):
         path.unlink()
     return result
+
+
+def compare_imatrices(ours: Path, theirs: Path) -> dict:
+    """How far dus's per-column means are from llama-imatrix's, over the matrices both hold:
+    per matrix the largest and the mean relative difference, and the token counts."""
+    import numpy as np
+
+    from dus.export import imatrix
+
+    a, b = imatrix.read(ours), imatrix.read(theirs)
+    mine, other = a.means(), b.means()
+    shared = sorted(mine.keys() & other.keys())
+    per = {}
+    for name in shared:
+        x, y = mine[name].astype(np.float64), other[name].astype(np.float64)
+        rel = np.abs(x - y) / np.maximum(np.abs(y), 1e-12)
+        per[name] = {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
+                     "corr": float(np.corrcoef(x, y)[0, 1]) if x.size > 1 else 1.0,
+                     "counts": [float(a.counts[name].sum()), float(b.counts[name].sum())]}
+    return {"matrices": [len(mine), len(other), len(shared)], "only_dus": sorted(mine.keys() - other.keys()),
+            "only_llama": sorted(other.keys() - mine.keys()),
+            "chunks": [a.chunk_count, b.chunk_count], "chunk_size": [a.chunk_size, b.chunk_size],
+            "mean_rel_over_all": float(np.mean([v["mean_rel"] for v in per.values()])) if per else None,
+            "max_rel_over_all": float(np.max([v["max_rel"] for v in per.values()])) if per else None,
+            "min_corr": float(np.min([v["corr"] for v in per.values()])) if per else None,
+            "per_matrix": per}
 
 
 def main(argv=None) -> None:

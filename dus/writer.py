@@ -41,7 +41,7 @@ class OutputTensor:
     scale: float | None = None
     zero: bool = False
     blend: tuple[TensorInfo, Blend] | None = None
-    value: object = None  # a tensor computed in memory (a healed layer), written instead of the source's
+    value: object = None  # a tensor computed in memory (a healed layer), or a function giving it when written
     delta: object = None  # added (in float32) to the transformed source: a LoRA merged into full-precision weights
 
     @property
@@ -212,10 +212,12 @@ def materialize(tensor: OutputTensor):
 
     out_dtype = getattr(torch, TORCH_NAMES.get(tensor.dtype, ""), None)
     if tensor.value is not None:
-        return tensor.value.detach().to("cpu", out_dtype)
+        value = tensor.value() if callable(tensor.value) else tensor.value
+        return value.detach().to("cpu", out_dtype)
     if tensor.delta is not None:
+        delta = tensor.delta() if callable(tensor.delta) else tensor.delta
         value = _transformed(replace(tensor, delta=None), out_dtype).float()
-        return (value + tensor.delta.detach().to("cpu", torch.float32)).to(out_dtype)
+        return (value + delta.detach().to("cpu", torch.float32)).to(out_dtype)
     return _transformed(tensor, out_dtype)
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch.nn as nn
@@ -123,18 +124,26 @@ def _merged_adapters(model) -> tuple[dict[str, object], dict[str, object]]:
     merged, deltas = {}, {}
     base = _causal_lm(model)
     for name, module in base.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        layer = module.get_base_layer()
+        if isinstance(module, LoraLayer):
+            quantized = is_quantized(module.get_base_layer().weight)
+            (deltas if quantized else merged)[f"{name}.weight"] = partial(_merged_weight, module, quantized)
+    return merged, deltas
+
+
+def _merged_weight(module, delta_only: bool):
+    """One adapted projection's merged weight (or delta), computed when the writer reaches
+    it: a 7B SOLAR band's merged weights would otherwise all be in memory at once."""
+    import torch
+
+    with torch.no_grad():
         delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-        if is_quantized(layer.weight):
-            deltas[f"{name}.weight"] = delta.detach()
-            continue
+        if delta_only:
+            return delta
+        layer = module.get_base_layer()
         weight = layer.weight.detach()
         if isinstance(layer, ScaledLinear):
             weight = weight * layer.weight_scale
-        merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
-    return merged, deltas
+        return weight + delta.to(weight.dtype)
 
 
 def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest, record: dict) -> Path:
