@@ -191,9 +191,9 @@ def project(args) -> str:
         source = layers * per_layer + outside
         built = depth * per_layer + outside
         logits_old, logits_new = tokens * vocab * per_logit, chunk_bytes
-        students = [("LoRA", 2.0, 0)] + ([("band", 2.0, band)] if band else []) + [("QLoRA (new: projected)", NF4_BYTES, 0)]
+        students = [("LoRA", 2.0, 0)] + ([("band", 2.0, band)] if band else []) + [("QLoRA (projected)", NF4_BYTES, 0)]
         for student, bytes_per, copies in students:
-            old = built * bytes_per + source * 2.0  # the teacher is loaded in bf16 either way today
+            old = built * bytes_per + source * 2.0  # the previous path: a 4-bit built student beside a bf16 teacher
             new = count * source * bytes_per + copies * per_layer * 2.0
             rows.append(f"| {name} | {student} | {old / 1e9:.1f} | {new / 1e9:.1f} | {logits_old / 1e9:.1f} / "
                         f"{logits_new / 1e9:.2f} | {(old + logits_old) / 1e9:.1f} | {(new + logits_new) / 1e9:.1f} |")
