@@ -3,6 +3,7 @@ nothing loadable left behind (issue: nothing lost, nothing random, nothing hangs
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -87,4 +88,116 @@ def test_hostile_recipes_are_refused_quickly_in_one_line(text, message, tmp_path
     recipe.write_text(text)
     result = run_cli("build", recipe, "-o", tmp_path / "out")
     assert result.code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result
+    assert not (tmp_path / "out").exists()
+
+
+def _text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("A report is written only where dus may write it. " * 40)
+    return path
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Any model measured fails the test: these refusals come before the first one."""
+    import dus.compare.run
+    import dus.scan.measure
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a model was measured before the refusal")
+
+    monkeypatch.setattr(dus.compare.run, "measure_model", measured)
+    monkeypatch.setattr(dus.scan.measure, "measure_model", measured)
+
+
+def _one_line(result, fragment):
+    assert result.code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result
+
+
+def test_compare_writes_only_into_an_empty_directory_or_its_own_report(tiny_models, tmp_path, run_cli, monkeypatch):
+    model, text, out = tiny_models("llama", 4), _text(tmp_path), tmp_path / "R"
+    compare = ["compare", model, "--data", text, "-o", out, "--no-generate", "--window", 32]
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    _one_line(run_cli(*compare), "holds files dus did not write (report.md)")
+    _one_line(run_cli(*compare, "--force"), "holds files dus did not write")
+    assert (out / "report.md").read_text() == "my own notes"
+
+    (out / "report.md").unlink()
+    assert run_cli(*compare).code == 0  # an empty directory is fine
+    assert "report.md" in json.loads((out / "dus-report.json").read_text())["files"]
+    _one_line(run_cli(*compare), "holds a previous dus compare report; add --force")
+    assert run_cli(*compare, "--force").code == 0
+    (out / "mine.txt").write_text("mine")
+    _one_line(run_cli(*compare, "--force"), f"--force: {out} holds mine.txt, which dus did not write")
+    assert (out / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("inside", ["", "reports", "reports/../../x", "link"])
+def test_compare_never_writes_into_a_model_it_reads(inside, tiny_models, tmp_path, run_cli, no_measuring):
+    import shutil
+
+    model = tmp_path / "x"
+    shutil.copytree(tiny_models("llama", 4), model)
+    (tmp_path / "link").symlink_to(model)
+    before = sorted(p.name for p in model.iterdir())
+    out = tmp_path / "link" if inside == "link" else model / inside if inside else model
+    for force in ([], ["--force"]):
+        result = run_cli("compare", model, "--data", _text(tmp_path), "-o", out, "--no-generate", *force)
+        _one_line(result, "which this command reads")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"),
+    (["--max-tokens", "-1", "--no-generate"], "--max-tokens -1: give at least 2"),
+    (["--base", "nobody", "--no-generate"], "--base nobody: no model has that label"),
+    (["--unhealed", "nobody", "--no-generate"], "--unhealed nobody: no model has that label"),
+    (["-o", "a_file/out", "--no-generate"], "a_file is a file, not a directory"),
+])
+def test_compare_refuses_before_measuring(args, fragment, tiny_models, tmp_path, run_cli, no_measuring, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("in the way")
+    model = tiny_models("llama", 4)
+    output = [] if "-o" in args else ["-o", tmp_path / "out"]
+    _one_line(run_cli("compare", model, model, "--label", "a", "--label", "b", "--data", _text(tmp_path), *output,
+                      *args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_scan_never_overwrites_recipes_or_reports_it_did_not_write(tiny_models, tmp_path, run_cli):
+    model, text = tiny_models("llama", 4), _text(tmp_path)
+    recipes, out = tmp_path / "recipes", tmp_path / "scan"
+    scan = ["scan", model, "--data", text, "--window", 32, "--max-tokens", 200, "--write-recipes", recipes, "-o", out]
+    recipes.mkdir()
+    (recipes / "solar-trim1.yaml").write_text("solar: {model: mine, trim: 1}\n")
+    (recipes / "other.yaml").write_text("mine: true\n")
+    _one_line(run_cli(*scan), "already holds recipes a proposal may replace (solar-trim1.yaml); add --force")
+    _one_line(run_cli(*scan, "--force"), "solar-trim1.yaml was not written by dus scan")
+    assert (recipes / "solar-trim1.yaml").read_text() == "solar: {model: mine, trim: 1}\n"
+    assert not out.exists()
+
+    (recipes / "solar-trim1.yaml").unlink()
+    assert run_cli(*scan).code == 0
+    assert (recipes / "solar-trim1.yaml").read_text().startswith("# Proposed by `dus scan`")
+    assert (recipes / "other.yaml").read_text() == "mine: true\n"
+    _one_line(run_cli(*scan), "add --force")
+    assert run_cli(*scan, "--force").code == 0  # its own proposals and its own report
+    (out / "notes.md").write_text("mine")
+    _one_line(run_cli(*scan, "--force"), "holds notes.md, which dus did not write")
+    _one_line(run_cli("scan", model, "--data", text, "--write-recipes", model, "--force"), "which this command reads")
+
+
+@pytest.mark.parametrize("command", [
+    lambda model, text, tmp: ["scan", model, "--data", text, "--max-tokens", "-1"],
+    lambda model, text, tmp: ["search", model, "--data", text, "--max-tokens", "-1", "--depth", 5, "--evals", 1, "-o", tmp / "s"],
+])
+def test_max_tokens_below_two_is_refused(command, tiny_models, tmp_path, run_cli, no_measuring):
+    _one_line(run_cli(*command(tiny_models("llama", 4), _text(tmp_path), tmp_path)), "--max-tokens -1: give at least 2")
+
+
+@pytest.mark.parametrize("size", ["0GB", "infGB", "nanMB", "-1GB", "1e400B"])
+def test_impossible_shard_sizes_are_refused(size, tiny_models, tmp_path, run_cli):
+    result = run_cli("build", "--solar", tiny_models("llama", 4), "--trim", 1, "-o", tmp_path / "out", "--shard-size", size)
+    _one_line(result, f"--shard-size: shard size {size!r}")
     assert not (tmp_path / "out").exists()
