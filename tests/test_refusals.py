@@ -201,3 +201,52 @@ def test_impossible_shard_sizes_are_refused(size, tiny_models, tmp_path, run_cli
     result = run_cli("build", "--solar", tiny_models("llama", 4), "--trim", 1, "-o", tmp_path / "out", "--shard-size", size)
     _one_line(result, f"--shard-size: shard size {size!r}")
     assert not (tmp_path / "out").exists()
+
+
+def _with_config(source, target, **changes):
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("four", 'num_hidden_layers is "four"; it must be a whole number'),
+    (None, "no num_hidden_layers"),
+    (0, "num_hidden_layers is 0; it must be a whole number"),
+    (2.5, "num_hidden_layers is 2.5; it must be a whole number"),
+])
+def test_a_source_config_without_a_layer_count_is_one_line(value, fragment, tiny_models, tmp_path, run_cli):
+    source = _with_config(tiny_models("llama", 4), tmp_path / "source", num_hidden_layers=value)
+    _one_line(run_cli("build", "--solar", source, "--trim", 1, "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+@pytest.mark.parametrize("command", [
+    lambda model, text, tmp: ["compare", model, "--data", text, "-o", tmp / "out", "--no-generate"],
+    lambda model, text, tmp: ["scan", model, "--data", text, "-o", tmp / "out"],
+    lambda model, text, tmp: ["heal", model, "--data", text, "-o", tmp / "out", *FAST],
+])
+def test_a_config_that_disagrees_with_the_weights_is_refused(command, layers, tiny_models, tmp_path, run_cli,
+                                                               no_measuring):
+    model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=layers)
+    result = run_cli(*command(model, _text(tmp_path), tmp_path))
+    _one_line(result, f"config.json says {layers} layers but the weights hold layers 0..3 (4 layers)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_checks_the_weights_too(tiny_models, tmp_path):
+    from dus.checkpoint import ModelDir
+    from dus.errors import DusError
+
+    model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=5)
+    with pytest.raises(DusError, match="says 5 layers"):
+        ModelDir(model).load_model("float32")

@@ -180,6 +180,8 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     if not model_dirs:
         raise DusError("no models given; pass one or more model directories")
     model_dirs = [ModelDir(path) for path in model_dirs]
+    for model in model_dirs:
+        model.check_weights()  # config against weights, before anything is measured
     labels = model_labels([model.path for model in model_dirs], options.labels)
     check_options(options, labels)
     check_report_directory(Path(options.output), options.force, reads=[model.path for model in model_dirs])

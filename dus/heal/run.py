@@ -288,7 +288,10 @@ def heal(
 def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool,
             teacher: str | None = None) -> HealRun:
     """Check OUT and the options, read the data, build the SFTConfig: all before any output."""
+    model_dir.check_weights()  # config against weights: transformers would fill or drop layers and only warn
     teacher_dir = check_teacher(model_dir, cfg, teacher)
+    if teacher_dir is not None:
+        ModelDir(teacher_dir).check_weights()
     previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teacher_dir))
     max_steps = cfg.section("sft").get("max_steps", -1)
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:

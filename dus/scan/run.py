@@ -43,6 +43,7 @@ def scan(model_dir: str | Path, options: ScanOptions, console=None) -> dict:
     console = console or Console(stderr=True)  # progress and notes
     results = Console()  # tables on stdout
     model = ModelDir(model_dir)
+    model.check_weights()  # config against weights, before anything is measured
     model_dir = model.path
     if options.rank < 0 or options.top < 1:
         raise DusError("--rank must be >= 0 and --top >= 1")
