@@ -250,3 +250,41 @@ def test_load_model_checks_the_weights_too(tiny_models, tmp_path):
     model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=5)
     with pytest.raises(DusError, match="says 5 layers"):
         ModelDir(model).load_model("float32")
+
+
+def test_a_sharegpt_turn_that_is_null_is_one_line(space, tmp_path, run_cli):
+    data = tmp_path / "sharegpt.jsonl"
+    row = {"conversations": [{"from": "human", "value": "hi"}, None, {"from": "gpt", "value": "hello"}]}
+    data.write_text(json.dumps(row) + "\n")
+    result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "--data", data)
+    _one_line(result, "data row 0: each sharegpt turn needs `from` and `value`, got None")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chats_all_longer_than_max_length_are_refused_before_the_output_exists(space, tmp_path, run_cli):
+    data = tmp_path / "long.jsonl"
+    row = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "reply " * 20}]}
+    data.write_text((json.dumps(row) + "\n") * 8)
+    result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "-c", "lora-seam", "--data", data)
+    _one_line(result, "no example has a token to learn from within --max-length 32")
+    assert not (tmp_path / "out").exists()
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "reply " * 20}]}
+    data.write_text((json.dumps(row) + "\n") * 8 + json.dumps(short) + "\n")  # one example fits: it trains
+    assert run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "-c", "lora-seam", "--data", data).code == 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda text: text[: len(text) // 2], "tokenizer definition is not valid JSON"),
+    (lambda text: "\udcff", "not UTF-8 text"),
+    (lambda text: "[1, 2]", "not a tokenizer definition"),
+    (lambda text: json.dumps({**json.loads(text), "model": {"type": "BPE"}}), "the tokenizer does not load"),
+])
+def test_export_of_a_corrupt_tokenizer_json_is_one_line(damage, fragment, tiny_models, tmp_path, run_cli):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    path = model / "tokenizer.json"
+    path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape"))
+    _one_line(run_cli("export", model, "-o", tmp_path / "m.gguf"), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
