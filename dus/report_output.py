@@ -2,7 +2,8 @@
 
 A report directory (`compare -o`, `scan -o`) is written into, not replaced: dus writes
 its own files (report.md, metrics.json, plots ...) and a marker, `dus-report.json`,
-listing them. An existing directory is used only when it is empty, or, with --force,
+listing them (a report of an earlier dus, without the marker, is known by its file
+names and metrics file). An existing directory is used only when it is empty, or, with --force,
 when it holds nothing but a previous dus report (the files its marker lists); it is
 never a model the command reads, nor inside one (paths resolved: `..`, symbolic links).
 `scan --write-recipes` never overwrites a YAML file without --force, and never one dus
@@ -48,10 +49,40 @@ def check_creatable(output: Path, flag: str) -> None:
         raise DusError(f"{flag} {output}: {ancestor} is not writable; check the permissions, or choose another {flag}")
 
 
+# What compare and scan wrote before the marker existed: a report of an earlier dus is
+# recognised by these names and the metrics file it always holds.
+KNOWN_REPORTS = {
+    "compare": ({"angular_distance.png", "angular_distance_relative.png", "hidden_norm.png", "perplexity.png",
+                 "metrics.json", "report.md", "wandb"}, "metrics.json", "dus_version"),
+    "scan": ({"scan.json", "scan_distances.png", "scan_layers.png"}, "scan.json", "proposal"),
+}
+
+
 def read_marker(output: Path) -> dict | None:
+    """The report marker of `output`, or one made up for an earlier dus's report (only dus
+    file names, and its metrics file says dus wrote it); None for anything else."""
     path = Path(output) / REPORT_MARKER
     if not path.is_file():
+        return _earlier_report(Path(output))
+    return _read_marker_file(path)
+
+
+def _earlier_report(output: Path) -> dict | None:
+    if not output.is_dir():
         return None
+    entries = set(os.listdir(output))
+    for command, (names, metrics, key) in KNOWN_REPORTS.items():
+        if entries and entries <= names and metrics in entries:
+            try:
+                content = json.loads((output / metrics).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return None
+            if isinstance(content, dict) and key in content:
+                return {"command": command, "files": sorted(entries)}
+    return None
+
+
+def _read_marker_file(path: Path) -> dict | None:
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
