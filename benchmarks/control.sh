@@ -19,4 +19,4 @@ dus heal "$BASE" -c full -o "$RUN/control" --force --data data/text/train.jsonl 
     --set sft.activation_checkpointing=false --set sft.warmup_steps=4 --set calibrate.enabled=false
 echo "control heal: $((SECONDS - start)) s"
 dus compare "$BASE" "$RUN/solar" "$RUN/solar-healed" "$RUN/control" \
-    -l base -l unhealed -l healed -l "base fine-tuned" --max-tokens "$EVAL_TOKENS" --no-generate -o "$RUN/report-control"
+    -l base -l unhealed -l healed -l "base fine-tuned" --max-tokens "$EVAL_TOKENS" --no-generate -o "$RUN/report-control" --force

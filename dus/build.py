@@ -51,6 +51,10 @@ def build_model(
     show_progress: bool = False,
 ) -> BuildResult:
     """Resolve `recipe` and, unless `dry_run`, write the model into `output`."""
+    try:
+        max_shard = parse_size(shard_size)
+    except ValueError as error:
+        raise DusError(f"--shard-size: {error}") from None
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolved = resolve(parsed)
     plan, sources = resolved.plan, resolved.sources
@@ -58,10 +62,6 @@ def build_model(
         return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
     if output is None:
         raise DusError("no output directory given; add -o DIR")
-    try:
-        max_shard = parse_size(shard_size)
-    except ValueError as error:
-        raise DusError(str(error)) from None
     output = Path(output)
     sources_read = [source.path for source in sources.values()]
     with atomic_directory(output, replace_only_dus_outputs(force, sources_read)) as temporary:

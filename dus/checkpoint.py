@@ -87,10 +87,47 @@ class ModelDir:
 
     @property
     def num_layers(self) -> int:
-        try:
-            return int(self.text_config["num_hidden_layers"])
-        except (KeyError, TypeError, ValueError):
-            raise DusError(f"{self.path / CONFIG_NAME}: no num_hidden_layers; is this a decoder-only language model?") from None
+        return layer_count(self.text_config, self.path / CONFIG_NAME)
+
+    def check_weights(self) -> None:
+        """Config against weights, from the safetensors headers only (no weight is read):
+        for a family dus builds, the checks build makes of its sources (every layer the
+        config names present and no other, the same tensors and shapes in every layer,
+        embeddings, norm and head, shards and index agreeing); for any other model, the
+        layer count under `model.layers`. transformers would fill missing layers with
+        random weights, or drop extra ones, and only warn."""
+        if self._weights_checked:
+            return
+        from dus.architectures import ADAPTERS
+
+        if self.config.get("model_type") in ADAPTERS and not self.config.get("quantization_config"):
+            from dus.sources import load_source
+
+            load_source(self.name, str(self.path))
+        else:
+            self._check_layer_count()
+        self._weights_checked = True
+
+    _weights_checked = False
+
+    def _check_layer_count(self) -> None:
+        import re
+
+        from dus.safetensors_io import read_header
+
+        expected = self.num_layers
+        pattern = re.compile(r"^model\.layers\.(\d+)\.")
+        found: set[int] = set()
+        for file in sorted(self.path.glob("*.safetensors")):
+            try:
+                tensors, _ = read_header(file)
+            except (ValueError, OSError) as error:
+                raise DusError(f"{self.path}: cannot read {file.name} ({error}); re-download or re-save the model") from None
+            found.update(int(match.group(1)) for name in tensors if (match := pattern.match(name)))
+        if found and sorted(found) != list(range(expected)):
+            raise DusError(f"{self.path / CONFIG_NAME}: says {expected} layers but the weights hold "
+                           f"{len(found)} (model.layers.{min(found)}..{max(found)}); the checkpoint is incomplete or "
+                           "mislabelled")
 
     @property
     def max_positions(self) -> int | None:
@@ -127,6 +164,7 @@ class ModelDir:
 
         if kwargs.pop("trust_remote_code", False):
             raise DusError("trust_remote_code: dus never runs a model's remote code")
+        self.check_weights()
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         shown = logging.is_progress_bar_enabled()
@@ -142,6 +180,17 @@ class ModelDir:
             if quiet and shown:
                 logging.enable_progress_bar()
         return model.to(device) if device is not None else model
+
+
+def layer_count(config: dict, config_path: Path) -> int:
+    """`num_hidden_layers` of a config: a whole number of at least 1, or one line."""
+    value = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    if value is None:
+        raise DusError(f"{config_path}: no num_hidden_layers; is this a decoder-only language model?")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DusError(f"{config_path}: num_hidden_layers is {json.dumps(value)}; it must be a whole number of at least 1 "
+                       "(the number of decoder layers): fix config.json or re-save the model")
+    return value
 
 
 def free(model) -> None:

@@ -83,10 +83,40 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DUS_DEBUG") == "1"
     argv = [arg for arg in argv if arg != "--debug"]
+    clicks = _click_exceptions()
+    no_args = getattr(clicks, "NoArgsIsHelpError", ())
     try:
-        app(args=argv, prog_name="dus")
+        # not standalone: click's own errors come here instead of being drawn as boxes
+        code = app(args=argv, prog_name="dus", standalone_mode=False)
+    except no_args:  # bare `dus`: the help (printed as the error was made), as before
+        sys.exit(2)
+    except clicks.ClickException as error:
+        print(f"dus: error: {usage_line(error)}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
     except _user_errors() as error:
         if debug:
             raise
         print(f"dus: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(code, int) and code:  # click's Exit(code), returned when not standalone
+        sys.exit(code)
+
+
+def _click_exceptions():
+    """click's exception classes, as this typer raises them (typer 0.2x vendors click)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer built on the click package
+        from click import exceptions
+    return exceptions
+
+
+def usage_line(error) -> str:
+    """A click usage error (unknown option, missing argument, bad value) on one line, with
+    where to find the help: `No such option: --foo (see dus build --help)`."""
+    message = " ".join(error.format_message().split())
+    ctx = getattr(error, "ctx", None)
+    return f"{message} (see {ctx.command_path if ctx is not None else 'dus'} --help)"

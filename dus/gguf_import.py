@@ -69,17 +69,113 @@ def read_gguf_metadata(path: str | Path) -> dict:
 
     try:
         reader = GGUFReader(path)
+        check_tensor_table(path, reader)
         metadata = {}
         for key, field in reader.fields.items():
             if field.types and field.types[0].name == "ARRAY" and len(field.data) > KEEP_ARRAYS_UP_TO:
                 metadata[key] = SkippedArray(len(field.data))
             else:
                 metadata[key] = field.contents()
-    except (ValueError, IndexError, KeyError, EOFError, OSError) as error:
+    except DusError:
+        raise
+    except (ValueError, IndexError, KeyError, EOFError, OSError, OverflowError, TypeError, MemoryError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DusError(f"{path} is a damaged GGUF file, or one this gguf package cannot read ({first}); download it again or "
                        "re-convert it with a current llama.cpp") from None
     return metadata
+
+
+def check_tensor_table(path: Path, reader) -> None:
+    """The tensor table against the file, before a weight is read: every tensor's data
+    aligned, inside the file, overlapping no other and leaving no gap beyond alignment
+    padding, from the start of the data to the end of the file (a tensor count that
+    understates the table, or a type that shrinks a tensor, leaves bytes no tensor owns); every
+    name one the architecture has, with no block missing a tensor its siblings have, and
+    the embeddings and final norm present. transformers fills a tensor it does not find
+    with random weights and only warns."""
+    import re
+
+    import gguf
+
+    damaged = f"{path}: a damaged GGUF file"
+    fix = "download it again or re-convert it with a current llama.cpp"
+    size = path.stat().st_size
+    alignment = getattr(reader, "alignment", 32) or 32
+    names = [tensor.name for tensor in reader.tensors]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DusError(f"{damaged}: tensor {twice[0]} is listed twice; {fix}")
+    ranges = []
+    for tensor in reader.tensors:
+        start, end = int(tensor.data_offset), int(tensor.data_offset) + int(tensor.n_bytes)
+        if start % alignment:
+            raise DusError(f"{damaged}: tensor {tensor.name} starts at byte {start}, not on a {alignment}-byte boundary; {fix}")
+        if end > size:
+            raise DusError(f"{damaged}: tensor {tensor.name} ends at byte {end}, past the end of the file ({size}); {fix}")
+        ranges.append((start, end, tensor.name))
+    ranges.sort()
+    data_start = getattr(reader, "data_offset", None)
+    if ranges and isinstance(data_start, int) and ranges[0][0] - data_start >= alignment:
+        raise DusError(f"{damaged}: {ranges[0][0] - data_start} bytes before the first tensor belong to no tensor; {fix}")
+    for (_, end, name), (start, _, other) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise DusError(f"{damaged}: tensors {name} and {other} overlap (bytes {start}..{end}); {fix}")
+        if start - end >= alignment:  # more than padding: bytes no tensor owns (a tensor whose size was changed)
+            raise DusError(f"{damaged}: {start - end} bytes between tensors {name} and {other} belong to no tensor; {fix}")
+    last = ranges[-1][1] if ranges else size
+    if size - last >= alignment:
+        raise DusError(f"{damaged}: {size - last} bytes after the last tensor belong to no tensor (the header lists "
+                       f"{len(ranges)}: is its tensor count wrong?); {fix}")
+
+    stated = _field(reader, "general.architecture")
+    architecture = next((arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == stated), None)
+    if stated not in SUPPORTED_ARCHITECTURES or architecture not in gguf.MODEL_TENSORS:
+        return  # an architecture dus does not import: check_gguf names it
+    blocks = _field(reader, f"{gguf.MODEL_ARCH_NAMES[architecture]}.block_count")
+    templates = [gguf.TENSOR_NAMES[kind] for kind in gguf.MODEL_TENSORS[architecture]]
+    per_block = {t.format(bid="#") for t in templates if "{bid}" in t}
+    global_names = {t for t in templates if "{bid}" not in t}
+    layout: dict[int, set[str]] = {}
+    shapes: dict[str, dict[tuple, list[int]]] = {}  # tensor in a block -> shape -> blocks
+    for tensor in reader.tensors:
+        name = tensor.name
+        base = re.sub(r"\.(weight|bias)$", "", name)
+        match = re.fullmatch(r"blk\.(\d+)\.(.+)", base)
+        if match and f"blk.#.{match.group(2)}" in per_block:
+            rest = name.split(".", 2)[2]
+            layout.setdefault(int(match.group(1)), set()).add(rest)
+            shapes.setdefault(rest, {}).setdefault(tuple(int(d) for d in tensor.shape), []).append(int(match.group(1)))
+        elif base not in global_names or base == name:
+            raise DusError(f"{damaged}: tensor {name!r} is not one a {gguf.MODEL_ARCH_NAMES[architecture]} model has; {fix}")
+    if isinstance(blocks, int) and sorted(layout) != list(range(blocks)):
+        found = sorted(layout)
+        raise DusError(f"{damaged}: block_count says {blocks} blocks but the tensors are for "
+                       f"{f'blocks {found[0]}..{found[-1]} ({len(found)})' if found else 'none'}; {fix}")
+    if layout:
+        usual = max((frozenset(rest) for rest in layout.values()), key=lambda rest: sum(
+            frozenset(other) == rest for other in layout.values()))
+        for index, rest in sorted(layout.items()):
+            missing, extra = sorted(usual - rest), sorted(rest - usual)
+            if missing or extra:
+                what = f"lacks blk.{index}.{missing[0]}" if missing else f"has an extra blk.{index}.{extra[0]}"
+                raise DusError(f"{damaged}: block {index} {what}, unlike the other blocks; {fix}")
+        for rest, by_shape in sorted(shapes.items()):
+            if len(by_shape) > 1:
+                usual_shape = max(by_shape, key=lambda shape: len(by_shape[shape]))
+                odd = next(shape for shape in by_shape if shape != usual_shape)
+                raise DusError(f"{damaged}: blk.{by_shape[odd][0]}.{rest} has shape {list(odd)} where the other blocks "
+                               f"have {list(usual_shape)}; {fix}")
+    for needed in ("token_embd.weight", "output_norm.weight"):
+        if needed not in names:
+            raise DusError(f"{damaged}: it has no {needed}; {fix}")
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    try:
+        return field.contents() if field is not None else None
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 def check_gguf(path: str | Path) -> dict:
@@ -134,10 +230,16 @@ def _load(gguf_path: Path, dtype: str, metadata: dict):
     try:
         kwargs["config"] = _config(folder, name, metadata)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype), **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
+                                                              output_loading_info=True, **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DusError(f"transformers could not read {gguf_path} ({first}); is it a complete, current GGUF?") from error
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:  # transformers initialised these at random
+        raise DusError(f"{gguf_path}: no tensor in the file gives {missing[0]}"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                       + "; transformers would fill it with random weights: is it a complete, current GGUF?")
     # Without GgufConfig(dequantize=True) (older transformers), the model keeps the GGUF
     # quantizer and its config entry, and save_pretrained refuses. The weights are already
     # ordinary dense tensors then too: check that, and drop the marker.

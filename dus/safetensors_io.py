@@ -10,6 +10,7 @@ with `os.copy_file_range` without passing through Python buffers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -171,15 +172,20 @@ def tensor_bytes(tensor) -> memoryview:
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500*2**20 (Hugging Face's convention for shard sizes)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise ValueError(f"shard size {text}: give at least 1 byte, like 5GB, 500MB or 2GiB")
         return text
-    value = text.strip().upper()
+    value = str(text).strip().upper()
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     for unit, factor in units.items():
         if value.endswith(unit):
             number = value[: -len(unit)].strip()
             try:
-                return int(float(number) * factor)
+                size = float(number) * factor
             except ValueError:
                 break
+            if not math.isfinite(size) or int(size) < 1:
+                raise ValueError(f"shard size {text!r}: give a finite size of at least 1 byte, like 5GB, 500MB or 2GiB")
+            return int(size)
     raise ValueError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB")

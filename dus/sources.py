@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from dus.architectures import Adapter, adapter_for
-from dus.checkpoint import INDEX_NAME, SINGLE_NAME, read_json
+from dus.checkpoint import INDEX_NAME, SINGLE_NAME, layer_count, read_json
 from dus.errors import DusError
 from dus.safetensors_io import TensorInfo, read_header
 
@@ -39,7 +39,7 @@ class SourceModel:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return layer_count(self.config, self.path / "config.json")
 
     @cached_property
     def layers(self) -> dict[int, dict[str, TensorInfo]]:

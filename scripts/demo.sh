@@ -33,7 +33,7 @@ fi
 stage build dus build recipes/solar.yaml -o "$RUN/solar" --force
 stage heal dus heal "$RUN/solar" -o "$RUN/solar-healed" --force --steps "$HEAL_STEPS"
 stage compare dus compare "$BASE" "$RUN/solar" "$RUN/solar-healed" \
-    -l base -l unhealed -l healed --max-tokens "$EVAL_TOKENS" -o "$RUN/report"
+    -l base -l unhealed -l healed --max-tokens "$EVAL_TOKENS" -o "$RUN/report" --force
 if python -c "import llama_cpp" >/dev/null 2>&1; then
     gguf="$RUN/solar-healed.q4_k_m.gguf"
     stage export dus export "$RUN/solar-healed" -o "$gguf" --type q4_k_m --imatrix default --force

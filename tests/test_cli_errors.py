@@ -94,3 +94,22 @@ def test_force_replaces_only_what_dus_wrote(tiny_models, tmp_path, run_cli):
     assert run_cli("build", "--solar", source, "--trim", 1, "-o", out, "-q").code == 0
     assert run_cli("build", "--solar", source, "--trim", 2, "-o", out, "--force", "-q").code == 0
     assert json.loads((out / "dus-manifest.json").read_text())["recipe"]["solar"]["trim"] == 2
+
+
+@pytest.mark.parametrize("args, line", [
+    (["build", "--foo"], "dus: error: No such option: --foo (Possible options: --force) (see dus build --help)"),
+    (["bogus"], "dus: error: No such command 'bogus'. (see dus --help)"),
+    (["compare"], "dus: error: Missing argument 'models'. (see dus compare --help)"),
+    (["scan", "m", "--top", "many"], "dus: error: Invalid value for '--top': "),
+    (["export", "m", "--type"], "dus: error: Option '--type' requires an argument."),
+])
+def test_usage_errors_are_one_line(args, line, run_cli):
+    result = run_cli(*args)
+    assert result.code == 2 and result.stdout == "", result
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result
+
+
+def test_help_is_still_shown(run_cli):
+    bare, helped = run_cli(), run_cli("build", "--help")
+    assert bare.code == 2 and "Usage: dus [OPTIONS] COMMAND" in bare.stdout and bare.stderr == "", bare
+    assert helped.code == 0 and "--shard-size" in helped.stdout, helped

@@ -251,3 +251,30 @@ def test_export_is_deterministic(models, tmp_path):
     a = export(models("qwen2"), tmp_path / "a.gguf", "q8_0").path.read_bytes()
     b = export(models("qwen2"), tmp_path / "b.gguf", "q8_0").path.read_bytes()
     assert a == b
+
+
+def test_two_exports_to_one_path_never_share_a_temporary(models, tmp_path, monkeypatch):
+    """A second export to the same path, run while the first is midway (as another process
+    would), neither corrupts the first nor is corrupted by it; a partial file of another
+    process under the old shared name is left alone."""
+    from dus.export import run
+
+    clean = export(models("llama"), tmp_path / "clean.gguf", "q8_0").path.read_bytes()
+    out = tmp_path / "m.gguf"
+    others = [tmp_path / ".m.gguf.dus-partial", tmp_path / ".m.Modelfile.dus-partial"]
+    for other in others:
+        other.write_text("another process's partial file")
+    original, nested = run._write_tensors, []
+
+    def write_tensors(writer, planned, progress):
+        if not nested:
+            nested.append(True)
+            export(models("llama"), out, "q8_0", force=True, ollama=True)
+        return original(writer, planned, progress)
+
+    monkeypatch.setattr(run, "_write_tensors", write_tensors)
+    export(models("llama"), out, "q8_0", force=True, ollama=True)
+    assert nested and out.read_bytes() == clean
+    assert all(other.read_text() == "another process's partial file" for other in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["clean.gguf", "m.gguf", "m.Modelfile", *(other.name for other in others)])

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from huggingface_hub import ModelCard
 
 from dus.errors import DusError
@@ -350,3 +352,93 @@ def test_import_works_where_transformers_keeps_the_gguf_quantizer(tiny_gguf, tmp
     output = import_gguf(path, tmp_path / "out")
     assert "quantization_config" not in json.loads((output / "config.json").read_text())
     assert torch.equal(_logits(source, IDS), _logits(output, IDS))
+
+
+def _tensor_infos(raw: bytes, path: Path) -> list[dict]:
+    """Where each field of each tensor-table entry sits: name, dims, type, offset."""
+    import struct
+
+    infos = []
+    for tensor in gguf.GGUFReader(path).tensors:
+        start = tensor.field.offset
+        (length,) = struct.unpack_from("<Q", raw, start)
+        dims_at = start + 8 + length
+        (n_dims,) = struct.unpack_from("<I", raw, dims_at)
+        type_at = dims_at + 4 + 8 * n_dims
+        infos.append({"name": (start + 8, length), "dims": [dims_at + 4 + 8 * i for i in range(n_dims)],
+                      "type": type_at, "offset": type_at + 4, "end": type_at + 12})
+    return infos
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_damaged_tensor_tables_are_refused_or_give_the_true_weights(data, tiny_gguf, tmp_path_factory):
+    """Whatever is done to the tensor count or the tensor table of a GGUF, dus import refuses
+    in one line and writes nothing, or writes exactly the weights the file was made from:
+    never a traceback, never a tensor transformers filled with random values."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    from dus.gguf_import import import_gguf
+
+    source, good = tiny_gguf()
+    raw = bytearray(good.read_bytes())
+    infos = _tensor_infos(bytes(raw), good)
+    info = data.draw(st.sampled_from(infos))
+    kind = data.draw(st.sampled_from(["count", "name", "dim", "type", "offset", "byte"]))
+    if kind == "count":
+        (count,) = struct.unpack_from("<Q", raw, 8)
+        struct.pack_into("<Q", raw, 8, max(0, count + data.draw(st.integers(-4, 4))))
+    elif kind == "name":
+        start, length = info["name"]
+        raw[start + data.draw(st.integers(0, length - 1))] = data.draw(st.sampled_from(b"._0123456789abcdekqvx"))
+    elif kind == "dim":
+        struct.pack_into("<Q", raw, data.draw(st.sampled_from(info["dims"])), data.draw(st.integers(0, 300)))
+    elif kind == "type":
+        struct.pack_into("<I", raw, info["type"], data.draw(st.sampled_from([0, 1, 2, 8, 12, 30, 99])))
+    elif kind == "offset":
+        (offset,) = struct.unpack_from("<Q", raw, info["offset"])
+        delta = data.draw(st.one_of(st.integers(-3, 3).map(lambda k: 32 * k), st.integers(-100, 100)))
+        struct.pack_into("<Q", raw, info["offset"], max(0, offset + delta))
+    else:
+        raw[data.draw(st.integers(infos[0]["name"][0] - 8, infos[-1]["end"] - 1))] = data.draw(st.integers(0, 255))
+    work = tmp_path_factory.mktemp("gguf-mutation")
+    damaged, out = work / "damaged.gguf", work / "out"
+    damaged.write_bytes(bytes(raw))
+    try:
+        import_gguf(damaged, out)
+    except DusError as error:
+        assert "\n" not in str(error) and not out.exists()
+        return
+    imported, original = load_file(out / "model.safetensors"), load_file(source / "model.safetensors")
+    assert imported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(imported[name], tensor.float()), name
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("rename", "tensor 'blk.1.attn_x.weight' is not one a llama model has"),
+    ("count", "belong to no tensor (the header lists"),
+    ("overlap", "overlap"),
+])
+def test_the_damaged_ggufs_of_the_issue_are_one_line(damage, fragment, tiny_gguf, tmp_path, run_cli):
+    """A renamed tensor, a tensor count that leaves one out, an offset into another tensor:
+    transformers would fill the gap with random weights."""
+    import struct
+
+    _, good = tiny_gguf()
+    raw = bytearray(good.read_bytes())
+    infos = {gguf.GGUFReader(good).tensors[i].name: info for i, info in enumerate(_tensor_infos(bytes(raw), good))}
+    if damage == "rename":
+        start, length = infos["blk.1.attn_q.weight"]["name"]
+        raw[start + length - len("q.weight")] = ord("x")
+    elif damage == "count":
+        struct.pack_into("<Q", raw, 8, len(infos) - 1)
+    else:
+        at = infos["blk.1.attn_q.weight"]["offset"]
+        struct.pack_into("<Q", raw, at, struct.unpack_from("<Q", raw, at)[0] - 32)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(bytes(raw))
+    _one_line_error(run_cli("import", damaged, "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ nothing loadable left behind (issue: nothing lost, nothing random, nothing hangs
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -88,3 +89,205 @@ def test_hostile_recipes_are_refused_quickly_in_one_line(text, message, tmp_path
     result = run_cli("build", recipe, "-o", tmp_path / "out")
     assert result.code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result
     assert not (tmp_path / "out").exists()
+
+
+def _text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("A report is written only where dus may write it. " * 40)
+    return path
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Any model measured fails the test: these refusals come before the first one."""
+    import dus.compare.run
+    import dus.scan.measure
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a model was measured before the refusal")
+
+    monkeypatch.setattr(dus.compare.run, "measure_model", measured)
+    monkeypatch.setattr(dus.scan.measure, "measure_model", measured)
+
+
+def _one_line(result, fragment):
+    assert result.code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result
+
+
+def test_compare_writes_only_into_an_empty_directory_or_its_own_report(tiny_models, tmp_path, run_cli, monkeypatch):
+    model, text, out = tiny_models("llama", 4), _text(tmp_path), tmp_path / "R"
+    compare = ["compare", model, "--data", text, "-o", out, "--no-generate", "--window", 32]
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    _one_line(run_cli(*compare), "holds files dus did not write (report.md)")
+    _one_line(run_cli(*compare, "--force"), "holds files dus did not write")
+    assert (out / "report.md").read_text() == "my own notes"
+
+    (out / "report.md").unlink()
+    assert run_cli(*compare).code == 0  # an empty directory is fine
+    assert "report.md" in json.loads((out / "dus-report.json").read_text())["files"]
+    _one_line(run_cli(*compare), "holds a previous dus compare report; add --force")
+    assert run_cli(*compare, "--force").code == 0
+    (out / "dus-report.json").unlink()  # a report of a dus from before the marker: known by its files
+    _one_line(run_cli(*compare), "holds a previous dus compare report; add --force")
+    assert run_cli(*compare, "--force").code == 0 and (out / "dus-report.json").is_file()
+    (out / "mine.txt").write_text("mine")
+    _one_line(run_cli(*compare, "--force"), f"--force: {out} holds mine.txt, which dus did not write")
+    assert (out / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("inside", ["", "reports", "reports/../../x", "link"])
+def test_compare_never_writes_into_a_model_it_reads(inside, tiny_models, tmp_path, run_cli, no_measuring):
+    import shutil
+
+    model = tmp_path / "x"
+    shutil.copytree(tiny_models("llama", 4), model)
+    (tmp_path / "link").symlink_to(model)
+    before = sorted(p.name for p in model.iterdir())
+    out = tmp_path / "link" if inside == "link" else model / inside if inside else model
+    for force in ([], ["--force"]):
+        result = run_cli("compare", model, "--data", _text(tmp_path), "-o", out, "--no-generate", *force)
+        _one_line(result, "which this command reads")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"),
+    (["--max-tokens", "-1", "--no-generate"], "--max-tokens -1: give at least 2"),
+    (["--base", "nobody", "--no-generate"], "--base nobody: no model has that label"),
+    (["--unhealed", "nobody", "--no-generate"], "--unhealed nobody: no model has that label"),
+    (["-o", "a_file/out", "--no-generate"], "a_file is a file, not a directory"),
+])
+def test_compare_refuses_before_measuring(args, fragment, tiny_models, tmp_path, run_cli, no_measuring, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("in the way")
+    model = tiny_models("llama", 4)
+    output = [] if "-o" in args else ["-o", tmp_path / "out"]
+    _one_line(run_cli("compare", model, model, "--label", "a", "--label", "b", "--data", _text(tmp_path), *output,
+                      *args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_scan_never_overwrites_recipes_or_reports_it_did_not_write(tiny_models, tmp_path, run_cli):
+    model, text = tiny_models("llama", 4), _text(tmp_path)
+    recipes, out = tmp_path / "recipes", tmp_path / "scan"
+    scan = ["scan", model, "--data", text, "--window", 32, "--max-tokens", 200, "--write-recipes", recipes, "-o", out]
+    recipes.mkdir()
+    (recipes / "solar-trim1.yaml").write_text("solar: {model: mine, trim: 1}\n")
+    (recipes / "other.yaml").write_text("mine: true\n")
+    _one_line(run_cli(*scan), "already holds recipes a proposal may replace (solar-trim1.yaml); add --force")
+    _one_line(run_cli(*scan, "--force"), "solar-trim1.yaml was not written by dus scan")
+    assert (recipes / "solar-trim1.yaml").read_text() == "solar: {model: mine, trim: 1}\n"
+    assert not out.exists()
+
+    (recipes / "solar-trim1.yaml").unlink()
+    assert run_cli(*scan).code == 0
+    assert (recipes / "solar-trim1.yaml").read_text().startswith("# Proposed by `dus scan`")
+    assert (recipes / "other.yaml").read_text() == "mine: true\n"
+    _one_line(run_cli(*scan), "add --force")
+    assert run_cli(*scan, "--force").code == 0  # its own proposals and its own report
+    (out / "notes.md").write_text("mine")
+    _one_line(run_cli(*scan, "--force"), "holds notes.md, which dus did not write")
+    _one_line(run_cli("scan", model, "--data", text, "--write-recipes", model, "--force"), "which this command reads")
+
+
+@pytest.mark.parametrize("command", [
+    lambda model, text, tmp: ["scan", model, "--data", text, "--max-tokens", "-1"],
+    lambda model, text, tmp: ["search", model, "--data", text, "--max-tokens", "-1", "--depth", 5, "--evals", 1, "-o", tmp / "s"],
+])
+def test_max_tokens_below_two_is_refused(command, tiny_models, tmp_path, run_cli, no_measuring):
+    _one_line(run_cli(*command(tiny_models("llama", 4), _text(tmp_path), tmp_path)), "--max-tokens -1: give at least 2")
+
+
+@pytest.mark.parametrize("size", ["0GB", "infGB", "nanMB", "-1GB", "1e400B"])
+def test_impossible_shard_sizes_are_refused(size, tiny_models, tmp_path, run_cli):
+    result = run_cli("build", "--solar", tiny_models("llama", 4), "--trim", 1, "-o", tmp_path / "out", "--shard-size", size)
+    _one_line(result, f"--shard-size: shard size {size!r}")
+    assert not (tmp_path / "out").exists()
+
+
+def _with_config(source, target, **changes):
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("four", 'num_hidden_layers is "four"; it must be a whole number'),
+    (None, "no num_hidden_layers"),
+    (0, "num_hidden_layers is 0; it must be a whole number"),
+    (2.5, "num_hidden_layers is 2.5; it must be a whole number"),
+])
+def test_a_source_config_without_a_layer_count_is_one_line(value, fragment, tiny_models, tmp_path, run_cli):
+    source = _with_config(tiny_models("llama", 4), tmp_path / "source", num_hidden_layers=value)
+    _one_line(run_cli("build", "--solar", source, "--trim", 1, "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+@pytest.mark.parametrize("command", [
+    lambda model, text, tmp: ["compare", model, "--data", text, "-o", tmp / "out", "--no-generate"],
+    lambda model, text, tmp: ["scan", model, "--data", text, "-o", tmp / "out"],
+    lambda model, text, tmp: ["heal", model, "--data", text, "-o", tmp / "out", *FAST],
+])
+def test_a_config_that_disagrees_with_the_weights_is_refused(command, layers, tiny_models, tmp_path, run_cli,
+                                                               no_measuring):
+    model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=layers)
+    result = run_cli(*command(model, _text(tmp_path), tmp_path))
+    _one_line(result, f"config.json says {layers} layers but the weights hold layers 0..3 (4 layers)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_checks_the_weights_too(tiny_models, tmp_path):
+    from dus.checkpoint import ModelDir
+    from dus.errors import DusError
+
+    model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=5)
+    with pytest.raises(DusError, match="says 5 layers"):
+        ModelDir(model).load_model("float32")
+
+
+def test_a_sharegpt_turn_that_is_null_is_one_line(space, tmp_path, run_cli):
+    data = tmp_path / "sharegpt.jsonl"
+    row = {"conversations": [{"from": "human", "value": "hi"}, None, {"from": "gpt", "value": "hello"}]}
+    data.write_text(json.dumps(row) + "\n")
+    result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "--data", data)
+    _one_line(result, "data row 0: each sharegpt turn needs `from` and `value`, got None")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chats_all_longer_than_max_length_are_refused_before_the_output_exists(space, tmp_path, run_cli):
+    data = tmp_path / "long.jsonl"
+    row = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "reply " * 20}]}
+    data.write_text((json.dumps(row) + "\n") * 8)
+    result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "-c", "lora-seam", "--data", data)
+    _one_line(result, "no example has a token to learn from within --max-length 32")
+    assert not (tmp_path / "out").exists()
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "reply " * 20}]}
+    data.write_text((json.dumps(row) + "\n") * 8 + json.dumps(short) + "\n")  # one example fits: it trains
+    assert run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "-c", "lora-seam", "--data", data).code == 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda text: text[: len(text) // 2], "tokenizer definition is not valid JSON"),
+    (lambda text: "\udcff", "not UTF-8 text"),
+    (lambda text: "[1, 2]", "not a tokenizer definition"),
+    (lambda text: json.dumps({**json.loads(text), "model": {"type": "BPE"}}), "the tokenizer does not load"),
+])
+def test_export_of_a_corrupt_tokenizer_json_is_one_line(damage, fragment, tiny_models, tmp_path, run_cli):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    path = model / "tokenizer.json"
+    path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape"))
+    _one_line(run_cli("export", model, "-o", tmp_path / "m.gguf"), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

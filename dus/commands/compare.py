@@ -31,6 +31,7 @@ def compare(
     wandb: bool = typer.Option(False, "--wandb", help="Also log metrics, tables and plots to a W&B run (offline unless logged in)."),
     base: Optional[str] = typer.Option(None, "--base", help="Label of the model healing should return to, for recovery (default: the first)."),
     unhealed: Optional[str] = typer.Option(None, "--unhealed", help="Label of the model before healing, for recovery (default: the second)."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous dus report in --output (never files dus did not write)."),
 ) -> None:
     """Perplexity, per-layer angular distance and norm (seams marked), and greedy generations, side by side."""
     from dus.compare.lm_eval_hook import parse_tasks
@@ -54,5 +55,6 @@ def compare(
         wandb=wandb,
         base=base,
         unhealed=unhealed,
+        force=force,
     )
     compare_models(models, options)

@@ -26,6 +26,7 @@ def scan(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write scan.json and plots into this directory."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous dus scan report in --output and earlier dus scan proposals in --write-recipes (never files dus did not write)."),
 ) -> None:
     """Angular distance between layer inputs (Gromov et al. 2024) and block influence (ShortGPT); proposes the cut that should hurt least."""
     from dus.compare.run import default_data_file
@@ -35,6 +36,6 @@ def scan(
     options = ScanOptions(
         data=data or default_data_file("heldout.txt"), trim=trim, duplicate=duplicate, prune=prune,
         window=window, max_tokens=max_tokens, top=top, write_recipes=write_recipes, rank=rank,
-        output=output, dtype=dtype, device=device,
+        output=output, dtype=dtype, device=device, force=force,
     )
     run_scan(model, options)

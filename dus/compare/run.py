@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dus.errors import DusError
 from dus.hashing import sha256_file
+from dus.report_output import check_report_directory, start_report
 
 DEFAULT_WINDOW = 1024
 
@@ -34,6 +35,7 @@ class CompareOptions:
     wandb: bool = False
     base: str | None = None  # label of the model healing should return to (default: the first)
     unhealed: str | None = None  # label of the model before healing (default: the second)
+    force: bool = False  # replace a previous dus report at `output`
 
 
 def default_heldout_files() -> list[Path]:
@@ -141,6 +143,28 @@ def seam_layer_stats(distances: list[float], seams: list[int]) -> list[dict]:
     return spikes
 
 
+def check_options(options: CompareOptions, labels: list[str]) -> None:
+    """Every setting that cannot be honoured, refused before anything is measured."""
+    from dus.measure.text import check_max_tokens
+
+    if options.max_new_tokens < 1 and options.generate:
+        raise DusError(f"--max-new-tokens {options.max_new_tokens}: must be at least 1 (or pass --no-generate)")
+    check_max_tokens(options.max_tokens)
+    for label, flag in ((options.base, "--base"), (options.unhealed, "--unhealed")):
+        if label is not None and label not in labels:
+            raise DusError(f"{flag} {label}: no model has that label; labels: {', '.join(labels)}")
+
+
+def report_files(options: CompareOptions) -> list[str]:
+    """What compare writes into its output directory."""
+    files = ["angular_distance.png", "angular_distance_relative.png", "hidden_norm.png", "metrics.json", "report.md"]
+    if options.perplexity:
+        files.append("perplexity.png")
+    if options.wandb:
+        files.append("wandb")
+    return files
+
+
 def compare_models(model_dirs: list[str | Path], options: CompareOptions, console=None) -> dict:
     """Measure every model and write the report; returns the metrics dict (also in metrics.json)."""
     from rich.console import Console
@@ -156,7 +180,11 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     if not model_dirs:
         raise DusError("no models given; pass one or more model directories")
     model_dirs = [ModelDir(path) for path in model_dirs]
+    for model in model_dirs:
+        model.check_weights()  # config against weights, before anything is measured
     labels = model_labels([model.path for model in model_dirs], options.labels)
+    check_options(options, labels)
+    check_report_directory(Path(options.output), options.force, reads=[model.path for model in model_dirs])
     data_paths = [Path(p) for p in (options.data if isinstance(options.data, list) else [options.data])]
     texts = dict(zip(domain_names(data_paths), (read_text(path) for path in data_paths)))
     window, stride = choose_window(model_dirs, options.window, options.stride)
@@ -304,7 +332,7 @@ def write_outputs(metrics: dict, output: Path, options: CompareOptions, console)
     from dus.compare import plots
     from dus.compare.report import render_report, terminal_table, write_json
 
-    output.mkdir(parents=True, exist_ok=True)
+    start_report(output, "compare", report_files(options))
     models = metrics["models"]
     made = {}
     curves = [plots.Curve(m["label"], m["layers"]["angular_distance"], m["seams"]) for m in models]

@@ -24,12 +24,18 @@ def stop_tokens(vocab: Vocabulary) -> list[str]:
 
 
 def write_modelfile(gguf_path: Path, vocab: Vocabulary, force: bool = False) -> Path:
+    from dus.export.run import temporary_beside
+
     path = gguf_path.with_suffix(".Modelfile")
     if path.exists() and not force:
         raise DusError(f"{path}: already exists; pass --force to replace it")
     lines = [f"FROM ./{gguf_path.name}"]
     lines += [f'PARAMETER stop "{token}"' for token in stop_tokens(vocab)]
-    temporary = path.with_name(f".{path.name}.dus-partial")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(path)
+    temporary = temporary_beside(path)  # unique: two exports to one path never share it
+    try:
+        temporary.write_text("\n".join(lines) + "\n")
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path

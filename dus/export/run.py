@@ -63,8 +63,10 @@ def imatrix_path(output: Path) -> Path:
 
 def temporary_beside(output: Path) -> Path:
     """A new, unique hidden file in the output's directory (same file system: the final
-    rename is atomic), which a reader never mistakes for a finished output."""
-    handle, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=TEMP_SUFFIX)
+    rename is atomic), which a reader never mistakes for a finished output: named
+    `.NAME.PID-RANDOM.dus-partial`, so two exports to one path never share one."""
+    handle, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.{os.getpid()}-",
+                                    suffix=TEMP_SUFFIX)
     os.close(handle)
     mask = os.umask(0)
     os.umask(mask)

@@ -14,12 +14,13 @@ has no name for is refused, since a GGUF that tokenizes differently computes ano
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+
+from dus.checkpoint import read_json
 
 from dus.errors import DusError
 
@@ -108,7 +109,10 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     if not path.is_file():
         raise DusError(f"{model_dir}: no tokenizer.json; dus export writes fast (tokenizer.json) byte-level BPE "
                        "tokenizers: re-save the tokenizer with transformers")
-    definition = json.loads(path.read_text(encoding="utf-8"))
+    definition = read_json(path, "the tokenizer definition", "re-save the tokenizer with transformers")
+    if not isinstance(definition, dict) or not isinstance(definition.get("model") or {}, dict):
+        raise DusError(f"{path}: not a tokenizer definition (a JSON object with a `model`); re-save the tokenizer "
+                       "with transformers")
     model = definition.get("model") or {}
     if model.get("type") != "BPE":
         raise DusError(f"{path}: a {model.get('type')} tokenizer; dus export writes BPE tokenizers: byte-level (GPT-2, "
@@ -117,9 +121,16 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     sentencepiece = bool(model.get("byte_fallback"))
     pre = "default" if sentencepiece else pre_tokenizer_name(definition, bool(merges), str(path))
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    by_id = {token_id: token for token, token_id in model["vocab"].items()}
-    added = {entry["id"]: entry for entry in definition.get("added_tokens") or []}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - the tokenizers library refuses a damaged file in many ways
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DusError(f"{path}: the tokenizer does not load ({first}); re-save the tokenizer with transformers") from None
+    try:
+        by_id = {int(token_id): str(token) for token, token_id in model["vocab"].items()}
+        added = {int(entry["id"]): entry for entry in definition.get("added_tokens") or []}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DusError(f"{path}: its vocab or added_tokens are damaged; re-save the tokenizer with transformers") from None
     tokens, types = [], []
     for token_id in range(vocab_size):
         if token_id in added:

@@ -163,7 +163,13 @@ def _convert(row: dict, fmt: str, index: int) -> dict:
         return {"messages": _check_messages(row[key], where)}
     if fmt == "sharegpt":
         messages = []
-        for turn in row["conversations"]:
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DusError(f"data {where}: `conversations` must be a non-empty list of {{from, value}} turns, "
+                           f"got {str(turns)[:80]}")
+        for turn in turns:
+            if not isinstance(turn, dict):
+                raise DusError(f"data {where}: each sharegpt turn needs `from` and `value`, got {str(turn)[:80]}")
             speaker = str(turn.get("from", "")).lower()
             if speaker not in SHAREGPT_ROLES:
                 raise DusError(

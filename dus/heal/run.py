@@ -36,7 +36,7 @@ from dus.heal.output import CHECKPOINTS, last_complete_checkpoint, open_output, 
 from dus.heal.record import calibration_record, heal_record
 from dus.heal.student import Student, in_memory_obstacle, load_student, quantization_config
 from dus.heal.targets import HealTargets
-from dus.heal.template import fit_data_to_template
+from dus.heal.template import check_some_example_fits, fit_data_to_template
 from dus.host_memory import keep_large_blocks_returnable
 from dus.manifest import Manifest
 from dus.resources import local_or_shipped
@@ -288,7 +288,10 @@ def heal(
 def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool,
             teacher: str | None = None) -> HealRun:
     """Check OUT and the options, read the data, build the SFTConfig: all before any output."""
+    model_dir.check_weights()  # config against weights: transformers would fill or drop layers and only warn
     teacher_dir = check_teacher(model_dir, cfg, teacher)
+    if teacher_dir is not None:
+        ModelDir(teacher_dir).check_weights()
     previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teacher_dir))
     max_steps = cfg.section("sft").get("max_steps", -1)
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
@@ -321,6 +324,8 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
         enable_fsdp_on_cpu()
         extra.update(use_cpu=False, ddp_backend="gloo")
     args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
+    check_some_example_fits(inputs.train_set, inputs.tokenizer, inputs.assistant_only_loss, args.max_length,
+                            args.packing, args.truncation_mode, f"data {inputs.train_data.source}")
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teacher_dir)

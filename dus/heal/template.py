@@ -91,3 +91,49 @@ def label_assistant_turns(dataset, tokenizer):
         return {"input_ids": encoded["input_ids"], "labels": labels}
 
     return dataset.map(encode, remove_columns=dataset.column_names)
+
+
+def first_loss_token(row: dict, tokenizer, assistant_only: bool) -> int | None:
+    """Where the first token that carries loss sits in one training example as TRL
+    tokenizes it (None: no token does): the first assistant token of a chat under
+    assistant-only loss, the first completion token of prompt-completion data, else 0."""
+    if "labels" in row:  # labelled here (label_assistant_turns)
+        return next((i for i, label in enumerate(row["labels"]) if label != -100), None)
+    if "messages" in row:
+        if not assistant_only:
+            return 0
+        messages = row["messages"]
+        index = next((i for i, message in enumerate(messages) if message["role"] == "assistant"), None)
+        if index is None:
+            return None
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(before, add_special_tokens=False)["input_ids"])
+    if "prompt" in row and "completion" in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return len(tokenizer(prompt)["input_ids"])
+    return 0
+
+
+def check_some_example_fits(dataset, tokenizer, assistant_only: bool, max_length: int | None, packing: bool,
+                            truncation_mode: str = "keep_start", what: str = "data") -> None:
+    """TRL cuts every example to max_length tokens (keeping the start) and drops those
+    left without a token to learn from; when that is every example, refuse now, before
+    any output exists, instead of failing inside the trainer with an empty data set."""
+    if max_length is None or packing or truncation_mode != "keep_start":
+        return
+    shortest = None
+    for row in dataset:
+        start = first_loss_token(row, tokenizer, assistant_only)
+        if start is None:
+            continue
+        if start < max_length:
+            return
+        shortest = start if shortest is None else min(shortest, start)
+    if shortest is None:
+        return  # nothing carries loss at all: refused elsewhere, or TRL's own message
+    raise DusError(f"{what}: no example has a token to learn from within --max-length {max_length} (the loss "
+                   f"starts at token {shortest} at the earliest; TRL cuts the rest and drops them all); raise "
+                   f"--max-length above {shortest} or give shorter prompts")

@@ -46,6 +46,12 @@ def jsonl_strings(path: Path, field: str) -> list[str]:
     return values
 
 
+def check_max_tokens(max_tokens: int | None) -> None:
+    """`--max-tokens` of compare, scan and search: None (all) or at least 2 tokens."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
+        raise DusError(f"--max-tokens {max_tokens}: give at least 2 (a token and the next one to predict)")
+
+
 def tokenize_stream(tokenizer, text: str, max_tokens: int | None = None):
     """Token ids of the whole stream (1-D LongTensor), cut to `max_tokens` if given.
 
@@ -53,6 +59,7 @@ def tokenize_stream(tokenizer, text: str, max_tokens: int | None = None):
     every model sharing the tokenizer sees exactly the same ids."""
     import torch
 
+    check_max_tokens(max_tokens)
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -134,9 +134,13 @@ def rank_pool(proposal: Proposal, count: int) -> list[Candidate]:
     return [solar if same_as_solar(c) else c for c in pool]
 
 
-def write_recipes(proposal: Proposal, model: str | Path, directory: str | Path, data_name: str) -> list[Path]:
+def write_recipes(proposal: Proposal, model: str | Path, directory: str | Path, data_name: str,
+                  force: bool = False) -> list[Path]:
     """SOLAR with the chosen trim, the best duplication range and the best pruning block,
-    each a YAML file `dus build` takes as it is."""
+    each a YAML file `dus build` takes as it is. An existing file is replaced only with
+    `force`, and only when dus scan wrote it (see dus.report_output)."""
+    from dus.report_output import PROPOSAL_HEADER, is_proposal
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = str(Path(model).resolve())
@@ -148,7 +152,10 @@ def write_recipes(proposal: Proposal, model: str | Path, directory: str | Path, 
     written = []
     for candidate in chosen:
         path = directory / f"{candidate.name}.yaml"
-        header = f"# Proposed by `dus scan` on {data_name}: {candidate.description}.\n"
+        if (path.exists() or path.is_symlink()) and not (force and is_proposal(path)):
+            raise DusError(f"{path}: already exists; add --force to replace an earlier dus scan proposal, or choose "
+                           "another --write-recipes directory")
+        header = f"{PROPOSAL_HEADER} on {data_name}: {candidate.description}.\n"
         body = {"name": candidate.name, "description": candidate.description, **candidate.recipe(model, proposal.num_layers)}
         path.write_text(header + yaml.safe_dump(body, sort_keys=False))
         written.append(path)

@@ -24,6 +24,7 @@ class ScanOptions:
     output: Path | None = None
     dtype: str = "auto"
     device: str = "auto"
+    force: bool = False  # replace a previous dus report at `output`, and earlier proposals in `write_recipes`
 
 
 def scan(model_dir: str | Path, options: ScanOptions, console=None) -> dict:
@@ -34,16 +35,24 @@ def scan(model_dir: str | Path, options: ScanOptions, console=None) -> dict:
     from dus.compare.run import choose_window
     from dus.measure.text import read_text, tokenize_stream
     from dus.errors import DusError
+    from dus.measure.text import check_max_tokens
+    from dus.report_output import check_recipe_directory, check_report_directory
     from dus.scan.measure import measure_model
     from dus.scan.propose import block_sizes, propose, rank_pool, write_recipes
 
     console = console or Console(stderr=True)  # progress and notes
     results = Console()  # tables on stdout
     model = ModelDir(model_dir)
+    model.check_weights()  # config against weights, before anything is measured
     model_dir = model.path
     if options.rank < 0 or options.top < 1:
         raise DusError("--rank must be >= 0 and --top >= 1")
     block_sizes(model.num_layers, options.trim, options.duplicate, options.prune, str(model_dir))
+    check_max_tokens(options.max_tokens)
+    if options.output:
+        check_report_directory(Path(options.output), options.force, reads=[model_dir])
+    if options.write_recipes:
+        check_recipe_directory(Path(options.write_recipes), options.force, reads=[model_dir])
     text = read_text(options.data)
     window, _ = choose_window([model], options.window, None)
     device = resolve_device(options.device)
@@ -62,7 +71,8 @@ def scan(model_dir: str | Path, options: ScanOptions, console=None) -> dict:
     }
     print_scan(results, measurement, proposal, options.top)
     if options.write_recipes:
-        written = write_recipes(proposal, model_dir, options.write_recipes, Path(options.data).name)
+        written = write_recipes(proposal, model_dir, options.write_recipes, Path(options.data).name,
+                                force=options.force)
         result["recipes"] = [str(path) for path in written]
         results.print("recipes written: " + ", ".join(str(path) for path in written), soft_wrap=True)
     if options.rank:
@@ -138,8 +148,9 @@ def print_ranking(console, ranked: list[dict], base: dict) -> None:
 
 def save_scan(result: dict, measurement, proposal, output: Path) -> None:
     from dus.compare import plots
+    from dus.report_output import start_report
 
-    output.mkdir(parents=True, exist_ok=True)
+    start_report(output, "scan", ["scan.json", "scan_distances.png", "scan_layers.png"])
     name = Path(measurement.model).name
     plots.plot_distance_heatmap(measurement.distances, measurement.num_layers, output / "scan_distances.png", f"{name}: " + r"$d(h_l, h_{l+n})$" + ", darker = more redundant block")
     plots.plot_scan_layers(

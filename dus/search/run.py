@@ -131,6 +131,9 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         check_optimizer(options.optimizer)
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
+    from dus.measure.text import check_max_tokens
+
+    check_max_tokens(options.max_tokens)
     if options.score is None and not options.data:
         raise DusError("give the text to score on with --data FILE, or a scoring function with --score MODULE:FUNCTION")
     names = short_names(paths)
