@@ -19,7 +19,8 @@ data/text/train.jsonl, as `dus export --imatrix default` does), scored by llama.
 bundled held-out text (data/heldout/*.txt): perplexity, file size, tokens/s. With
 `--llama-cpp-bin DIR` holding llama.cpp's own `llama-imatrix` and `llama-quantize`, also
 their importance matrix on the same calibration windows, and llama-quantize reading dus's
-imatrix file, beside dus's.
+imatrix file, beside dus's, and how far the two matrices' per-column means differ
+(`imatrix_comparison`); llama-imatrix's log is left in the workdir.
 
     python benchmarks/bench_export.py --sizes 350m,1.5b
     python benchmarks/bench_export.py --model runs/demo/solar-healed --sizes ""
