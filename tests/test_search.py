@@ -129,6 +129,94 @@ def test_in_memory_score_equals_the_built_recipe_loaded(arch, tiny_models, text,
     assert plain.value != score.value  # the scales are really applied
 
 
+def _evaluators(model: str, text, **budgets):
+    """A plain evaluator (no prefix cache, per-call scale products) and one with the given budgets."""
+    from dus.assemble import load_sources
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator, PerplexityScorer
+
+    tokenizer = ModelDir(model).tokenizer()
+    ids = tokenize_stream(tokenizer, read_text(text), 200)
+    scorer = PerplexityScorer([ids[:90], ids[90:]], 64, 48)  # two streams, overlapping windows: several calls
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    sources = load_sources(plan, torch.float32)
+    plain = Evaluator(sources, tokenizer, scorer, prefix_budget=0, scaled_budget=0)
+    return plain, Evaluator(sources, tokenizer, scorer, **budgets), scorer, tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral"])
+def test_the_prefix_cache_scores_exactly_as_without_it_and_as_built(arch, tiny_models, text, tmp_path):
+    from dus.build import build_model
+    from dus.checkpoint import ModelDir
+
+    model = str(tiny_models(arch, num_layers=N).resolve())
+    plain, cached, scorer, tokenizer = _evaluators(model, text)
+    assert plain.prefix is None and cached.prefix is not None
+    S = lambda start, end, scale=1.0: Segment(model, start, end, scale)
+    base = canonical([S(0, N)])
+    # (candidate, layers the cache lets it skip): prefixes shared at a segment boundary (4, 8),
+    # at an even length inside a segment (4 of [0, 5)), the whole base (6), none (other scales)
+    trail_ = [
+        (base, 0),
+        (canonical([S(0, 4), S(1, 5), S(3, 6)]), 4),
+        (canonical([S(0, 4), S(1, 6)]), 8),
+        (canonical([S(0, 4), S(2, 6)]), 4),
+        (canonical([S(0, 4), S(1, 5), S(2, 6)]), 8),
+        (canonical([S(0, 5), S(2, 6, 0.7)]), 4),
+        (canonical([S(0, N), S(3, N)]), N),
+        (canonical([S(0, 3, 0.5), S(2, N, 0.75)]), 0),
+        (canonical([S(0, 3, 0.5), S(2, 4, 0.75), S(1, 5)]), 4),
+    ]
+    for candidate, skip in trail_:
+        before = cached.prefix.layers_skipped
+        got, _ = cached(candidate)
+        assert cached.prefix.layers_skipped - before == skip, candidate.describe()
+        want, _ = plain(candidate)
+        assert got.value == want.value and got.metrics == want.metrics, candidate.describe()  # bitwise, float32
+    cached.cache.clear()  # the base again: every layer a stand-in, only the norm and head run
+    before = cached.prefix.layers_skipped
+    again, _ = cached(base)
+    assert cached.prefix.layers_skipped - before == N and again.value == plain(base)[0].value
+
+    candidate = trail_[3][0]
+    build_model(candidate.recipe(), tmp_path / "built")
+    built = ModelDir(tmp_path / "built").load_model(torch.float32, quiet=True).eval()
+    value, metrics = scorer(built, tokenizer)
+    assert value == cached(candidate)[0].value and metrics == cached(candidate)[0].metrics
+
+
+def test_the_prefix_cache_keeps_to_its_budget_and_drops_the_least_recently_used():
+    from dus.search.prefix import PrefixCache
+
+    state = torch.zeros(10, dtype=torch.float32)  # 40 bytes
+    cache = PrefixCache(budget=100)
+    keys = [(("m", i, 1.0),) for i in range(3)]
+    cache.put(keys[0], [state])
+    cache.put(keys[1], [state])
+    assert cache.longest(keys[:1]) == (1, [state])  # key 0 is now the most recent
+    cache.put(keys[2], [state])
+    assert list(cache.entries) == [keys[0], keys[2]] and cache.bytes == 80
+    cache.put((("big", 0, 1.0),), [torch.zeros(30)])  # larger than the budget: not kept
+    assert cache.bytes == 80
+
+
+def test_a_user_function_is_scored_without_the_prefix_cache(tiny_models, text):
+    from dus.assemble import load_sources
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator
+
+    model = str(tiny_models("llama", num_layers=N).resolve())
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    calls = []
+    evaluator = Evaluator(load_sources(plan, torch.float32), None, lambda m, t: (calls.append(m) or 1.0, {}))
+    evaluator(canonical([Segment(model, 0, N)]))
+    assert evaluator.prefix is None and len(calls) == 1 and len(calls[0].model.layers) == N
+
+
 # --- the search -----------------------------------------------------------------------
 
 
