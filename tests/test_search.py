@@ -312,6 +312,10 @@ def test_graft_mode_scores_every_range_in_place(tiny_models, text, tmp_path):
         grafted.append([i for i, (model, _) in enumerate(layers) if model == donor])
     assert grafted == [[s, s + 1] for s in range(N - 1)]
     assert result["model_runs"] == N - 1 and len(result["ranked"]) == N - 1
+    # the base's path is run first, so the graft at s runs only from layer s on; the same scores
+    assert result["prefix_cache"]["layers_skipped"] == sum(range(N - 1))
+    plain = run([], options(tmp_path / "plain", text, graft=(base, donor, 2), prefix_cache_mb=0))
+    assert plain["prefix_cache"] is None and trail(plain) == trail(result)
 
 
 def test_a_user_scoring_function_is_minimised_or_maximised(tiny_models, text, tmp_path):

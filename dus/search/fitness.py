@@ -128,8 +128,9 @@ class Evaluator:
         config_class = type(self.sources[plan.config_from].config)
         return assemble(plan, self.sources, config=config_class.from_dict(config)).eval()
 
-    def __call__(self, candidate: Candidate) -> tuple[Score, bool]:
-        """(score, whether it came from the cache)."""
+    def __call__(self, candidate: Candidate, stride: int | None = None) -> tuple[Score, bool]:
+        """(score, whether it came from the cache); `stride`: keep the hidden state after
+        every `stride`-th layer (and at segment boundaries) for later candidates."""
         key = candidate.key()
         if key in self.cache:
             return self.cache[key], True
@@ -141,21 +142,27 @@ class Evaluator:
         if self.prefix is None:
             value, metrics = self.scorer(model, self.tokenizer)
         else:
-            value, metrics = self._score_from_prefix(candidate, model, config, plan)
+            value, metrics = self._score_from_prefix(candidate, model, config, plan, stride)
         del model
         score = Score(value, metrics, time.perf_counter() - started)
         self.cache[key] = score
         return score, False
 
-    def _score_from_prefix(self, candidate: Candidate, model, config: dict, plan):
+    def warm(self, candidate: Candidate) -> None:
+        """Score `candidate` keeping the state after each of its layers: before the grafts
+        of one base, its whole path makes every graft run only from the graft on."""
+        if self.prefix is not None:
+            self(candidate, stride=1)
+
+    def _score_from_prefix(self, candidate: Candidate, model, config: dict, plan, stride: int | None):
         """Run only the layers after the longest kept prefix; keep this path's states."""
         from dus.assemble import decoder
-        from dus.search.prefix import NotCacheable, prefix_keys, run_from, store_points
+        from dus.search.prefix import STRIDE, NotCacheable, prefix_keys, run_from, store_points
 
         path = [(s.model, layer, s.scale) for s in candidate.segments for layer in range(s.start, s.end)]
         keys = prefix_keys(path, config, self.headers[plan.config_from].adapter)
         skip, states = self.prefix.longest(keys)
-        capture = store_points(path, skip)
+        capture = store_points(path, skip, stride or STRIDE)
         layers = decoder(model).layers
         try:
             with run_from(layers, skip, states, capture) as captured:
