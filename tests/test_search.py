@@ -154,7 +154,7 @@ def test_the_prefix_cache_scores_exactly_as_without_it_and_as_built(arch, tiny_m
 
     model = str(tiny_models(arch, num_layers=N).resolve())
     plain, cached, scorer, tokenizer = _evaluators(model, text)
-    assert plain.prefix is None and cached.prefix is not None
+    assert plain.prefix is None and plain.scaled is None and cached.prefix is not None and cached.scaled is not None
     S = lambda start, end, scale=1.0: Segment(model, start, end, scale)
     base = canonical([S(0, N)])
     # (candidate, layers the cache lets it skip): prefixes shared at a segment boundary (4, 8),
@@ -176,6 +176,7 @@ def test_the_prefix_cache_scores_exactly_as_without_it_and_as_built(arch, tiny_m
         assert cached.prefix.layers_skipped - before == skip, candidate.describe()
         want, _ = plain(candidate)
         assert got.value == want.value and got.metrics == want.metrics, candidate.describe()  # bitwise, float32
+    assert cached.scaled.entries  # x0.7 and x0.75 (not powers of two) were read from kept products
     cached.cache.clear()  # the base again: every layer a stand-in, only the norm and head run
     before = cached.prefix.layers_skipped
     again, _ = cached(base)

@@ -106,7 +106,8 @@ class Evaluator:
         prefix_budget = PREFIX_BUDGET if prefix_budget is None else prefix_budget
         cacheable = getattr(scorer, "replays_windows", False) and prefix_budget > 0
         self.prefix = PrefixCache(prefix_budget) if cacheable else None
-        self.scaled = ScaledWeights(SCALED_BUDGET if scaled_budget is None else scaled_budget)
+        scaled_budget = SCALED_BUDGET if scaled_budget is None else scaled_budget
+        self.scaled = ScaledWeights(scaled_budget) if scaled_budget > 0 else None  # 0: the product on every call
 
     def plan(self, candidate: Candidate):
         from dus.recipe import load_recipe
@@ -138,7 +139,8 @@ class Evaluator:
         plan = self.plan(candidate)
         config = self.config(plan)
         model = self.model(candidate, plan, config)
-        self.scaled.apply(model)
+        if self.scaled is not None:
+            self.scaled.apply(model)
         if self.prefix is None:
             value, metrics = self.scorer(model, self.tokenizer)
         else:
