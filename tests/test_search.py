@@ -204,6 +204,20 @@ def test_the_prefix_cache_keeps_to_its_budget_and_drops_the_least_recently_used(
     assert cache.bytes == 80
 
 
+def test_the_kept_states_and_scale_products_stay_within_their_budgets(tiny_models, text):
+    from dus.assemble import ScaledLinear
+
+    model = str(tiny_models("llama", num_layers=N).resolve())
+    _, small, scorer, _ = _evaluators(model, text, scaled_budget=1)
+    point = scorer.tokens_fed() * 32 * 4  # one kept state: every token fed x hidden size 32 x float32
+    small.prefix.budget = 2 * point  # what a candidate keeps is held to half the budget: one state
+    candidate = canonical([Segment(model, 0, 4, 0.7), Segment(model, 1, 6, 0.8)])
+    assembled = small.model(candidate)
+    assert small.scaled.apply(assembled) == 0 and any(isinstance(m, ScaledLinear) for m in assembled.modules())
+    small(candidate)
+    assert len(small.prefix.entries) == 1 and small.prefix.bytes == point
+
+
 def test_a_user_function_is_scored_without_the_prefix_cache(tiny_models, text):
     from dus.assemble import load_sources
     from dus.recipe import load_recipe

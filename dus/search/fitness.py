@@ -32,6 +32,12 @@ class PerplexityScorer:
     def __init__(self, streams: list, window: int, stride: int):
         self.streams, self.window, self.stride = streams, window, stride
 
+    def tokens_fed(self) -> int:
+        """Tokens of all forward calls together (what one kept hidden state spans)."""
+        from dus.measure.perplexity import sliding_windows
+
+        return sum(w.end - w.begin for ids in self.streams for w in sliding_windows(len(ids), self.window, self.stride))
+
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
         from dus.measure.perplexity import PerplexityResult, evaluate_stream
 
@@ -165,6 +171,8 @@ class Evaluator:
         keys = prefix_keys(path, config, self.headers[plan.config_from].adapter)
         skip, states = self.prefix.longest(keys)
         capture = store_points(path, skip, stride or STRIDE)
+        point = self.scorer.tokens_fed() * model.config.hidden_size * next(model.parameters()).element_size()
+        capture = capture[max(0, len(capture) - self.prefix.budget // 2 // max(point, 1)):]  # the shallowest that fit
         layers = decoder(model).layers
         try:
             with run_from(layers, skip, states, capture) as captured:

@@ -52,13 +52,19 @@ class ScaledWeights:
 
     def apply(self, model: nn.Module) -> int:
         """Swap each frozen ScaledLinear that forms a weight product per call for a Linear
-        over the kept product; returns how many were swapped."""
+        over the kept product, while this model's products fit in the budget (the model
+        holds them until it is dropped; the rest keep forming theirs per call); returns
+        how many were swapped."""
         from dus.assemble import ScaledLinear
 
-        swapped = 0
+        swapped = held = 0
         for name, module in list(model.named_modules()):
             if type(module) is not ScaledLinear or module.exact_on_output or module.weight.requires_grad:
                 continue
+            size = sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+            if held + size > self.budget:
+                continue
+            held += size
             bias = None if module.bias is None else self.product(module.bias, module.bias_scale)
             parent_path, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
