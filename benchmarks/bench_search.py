@@ -15,6 +15,12 @@ score, timed per candidate with the bytes it wrote. Wall and CPU seconds (this p
 plus its children: a fair measure on a busy machine) are both kept. The two scores are printed side by
 side (they should agree). Writes benchmarks/results/search-cost.json.
 
+Then (--in-search N) the cost per candidate inside a real search: `dus search`'s default
+optimizer on the same text and tokens for N evaluations, once with the prefix cache (a
+candidate runs only its layers after the longest prefix it shares with one scored before)
+and once without; CPU seconds of the whole loop per model run, and the two value lists
+(they must be equal).
+
 `search`: `dus search` on data/text/dev/* (never data/heldout/*), 44 layers, 3 segments,
 scales 0.5..1 on the output projections, a fixed number of evaluations.
 
@@ -72,6 +78,8 @@ def dev_streams(tokenizer, tokens: int, directory: str):
 
 
 def cost(args) -> None:
+    import statistics
+
     import torch
 
     from dus.assemble import load_sources
@@ -90,12 +98,11 @@ def cost(args) -> None:
     plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
     sources = load_sources(plan, torch.float32)
     load_seconds = time.perf_counter() - started
-    evaluator = Evaluator(sources, tokenizer, scorer)
     mergekit = shutil.which("mergekit-yaml")
     rows = []
     for name, candidate in cost_candidates(model, model_dir.num_layers).items():
         for round_ in range(args.repeat):
-            evaluator.cache.clear()
+            evaluator = Evaluator(sources, tokenizer, scorer)  # cold: nothing kept from another candidate
             cpu = time.process_time()
             score, _ = evaluator(candidate)
             row = {"candidate": name, "round": round_, "dus_seconds": score.seconds, "dus_cpu_seconds": time.process_time() - cpu,
@@ -104,22 +111,76 @@ def cost(args) -> None:
                 row.update(classic(candidate, mergekit, scorer, tokenizer))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    evaluator = Evaluator(sources, tokenizer, scorer)  # the floor: a path scored again with its every layer kept
+    candidate = cost_candidates(model, model_dir.num_layers)["solar trim 8"]
+    evaluator(candidate)
+    evaluator.cache.clear()
+    cpu = time.process_time()
+    evaluator(candidate)
+    whole_path_cached_cpu = time.process_time() - cpu
     summary = {
-        "model": model, "depth": 44, "tokens_scored_per_candidate": rows[0]["dus_perplexity"] and sum(len(s) - 1 for s in streams),
+        "model": model, "depth": 44, "tokens_scored_per_candidate": sum(len(s) - 1 for s in streams),
+        "dus_cpu_seconds_whole_path_cached": whole_path_cached_cpu,
         "text": [str(f.relative_to(REPO)) for f in files], "window": args.window, "threads": torch.get_num_threads(),
         "dus_source_load_seconds_once": load_seconds, "rows": rows,
     }
     if mergekit:
-        import statistics
-
         summary["median_dus_seconds"] = statistics.median(r["dus_seconds"] for r in rows)
+        summary["median_dus_cpu_seconds"] = statistics.median(r["dus_cpu_seconds"] for r in rows)
         summary["median_classic_seconds"] = statistics.median(r["classic_seconds"] for r in rows)
+        summary["median_classic_cpu_seconds"] = statistics.median(r["classic_cpu_seconds"] for r in rows)
         summary["median_ratio_classic_over_dus"] = statistics.median(r["classic_seconds"] / r["dus_seconds"] for r in rows)
         summary["median_cpu_ratio_classic_over_dus"] = statistics.median(r["classic_cpu_seconds"] / r["dus_cpu_seconds"] for r in rows)
         summary["median_classic_bytes_written"] = statistics.median(r["classic_bytes_written"] for r in rows)
+    if args.in_search:
+        summary["in_search"] = in_search(args, sources, tokenizer, files, summary.get("median_classic_cpu_seconds"))
     out = RESULTS / "search-cost.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
+
+
+def _search_over(model: str, sources, options) -> dict:
+    """`dus search` over sources loaded already (the load is not a per-candidate cost)."""
+    import dus.assemble
+    from dus.search.run import search as run_search
+
+    original = dus.assemble.load_sources
+    dus.assemble.load_sources = lambda *args, **kwargs: sources
+    try:
+        return run_search([model], options)
+    finally:
+        dus.assemble.load_sources = original
+
+
+def in_search(args, sources, tokenizer, files, classic_cpu: float | None) -> dict:
+    """Cost per candidate inside a real search (`dus search`'s default optimizer, the
+    bench's settings, --in-search evaluations), with the prefix cache and without: CPU
+    seconds of the whole loop (optimizer included) per model run."""
+    from dus.search import run as search_run
+
+    runs = {}
+    for label, megabytes in (("prefix cache 512 MB", 512), ("no prefix cache", 0)):
+        with tempfile.TemporaryDirectory(prefix="dus-bench-in-search-") as tmp:
+            options = search_run.SearchOptions(
+                output=Path(tmp), data=files, depth=(44, 44), segments=3, scale=(0.5, 1.0), evals=args.in_search,
+                window=args.window, max_tokens=args.tokens, top=1, progress=False, prefix_cache_mb=megabytes,
+            )
+            cpu, wall = time.process_time(), time.perf_counter()
+            result = _search_over(args.model, sources, options)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        runs[label] = {
+            "optimizer": result["settings"]["optimizer"], "evaluations": result["evaluations"], "model_runs": result["model_runs"],
+            "cpu_seconds_per_model_run": cpu / result["model_runs"], "wall_seconds_per_model_run": wall / result["model_runs"],
+            "prefix_cache": result["prefix_cache"], "best_value": result["ranked"][0]["value"],
+            "values": [c["value"] for c in result["candidates"]],
+        }
+        print(label, json.dumps({k: v for k, v in runs[label].items() if k != "values"}), flush=True)
+    cached, plain = runs["prefix cache 512 MB"], runs["no prefix cache"]
+    summary = {"runs": runs, "same_values": cached["values"] == plain["values"],
+               "speedup_of_prefix_cache": plain["cpu_seconds_per_model_run"] / cached["cpu_seconds_per_model_run"]}
+    if classic_cpu:
+        summary["cpu_ratio_classic_over_dus"] = classic_cpu / cached["cpu_seconds_per_model_run"]
+    return summary
 
 
 def classic(candidate, mergekit: str, scorer, tokenizer) -> dict:
@@ -288,6 +349,7 @@ def main() -> None:
         p.add_argument("--window", type=int, default=1024)
         if name == "cost":
             p.add_argument("--repeat", type=int, default=2)
+            p.add_argument("--in-search", type=int, default=40, help="evaluations of a real search timed per model run (0: skip)")
         if name == "search":
             p.add_argument("--optimizer", default="cma")
             p.add_argument("--evals", type=int, default=200)

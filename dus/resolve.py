@@ -25,10 +25,18 @@ class Resolved:
     warnings: list[str]
 
 
-def resolve(recipe: Recipe) -> Resolved:
+def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Resolved:
+    """`opened`: sources already opened and checked together (name -> SourceModel), for a
+    caller that resolves many recipes over the same models (`dus search`): their headers
+    are not read again and their tokenizers not compared again (no warnings then)."""
     base_dir = recipe.source_file.parent if recipe.source_file else None
-    sources = {name: load_source(name, name, base_dir) for name in recipe.model_names()}
-    check_compatible(list(sources.values()))
+    names = recipe.model_names()
+    if opened is not None and all(name in opened for name in names):
+        sources = {name: opened[name] for name in names}
+    else:
+        opened = None
+        sources = {name: load_source(name, name, base_dir) for name in names}
+        check_compatible(list(sources.values()))
 
     if recipe.kind == "slices":
         slices = recipe.slices
@@ -77,7 +85,7 @@ def resolve(recipe: Recipe) -> Resolved:
         recipe_kind=recipe.kind,
         notes=notes,
     )
-    warnings = _tokenizer_warnings(sources, tokenizer_from)
+    warnings = _tokenizer_warnings(sources, tokenizer_from) if opened is None else []
     return Resolved(plan, sources, warnings)
 
 

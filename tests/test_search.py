@@ -129,6 +129,109 @@ def test_in_memory_score_equals_the_built_recipe_loaded(arch, tiny_models, text,
     assert plain.value != score.value  # the scales are really applied
 
 
+def _evaluators(model: str, text, **budgets):
+    """A plain evaluator (no prefix cache, per-call scale products) and one with the given budgets."""
+    from dus.assemble import load_sources
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator, PerplexityScorer
+
+    tokenizer = ModelDir(model).tokenizer()
+    ids = tokenize_stream(tokenizer, read_text(text), 200)
+    scorer = PerplexityScorer([ids[:90], ids[90:]], 64, 48)  # two streams, overlapping windows: several calls
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    sources = load_sources(plan, torch.float32)
+    plain = Evaluator(sources, tokenizer, scorer, prefix_budget=0, scaled_budget=0)
+    return plain, Evaluator(sources, tokenizer, scorer, **budgets), scorer, tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral"])
+def test_the_prefix_cache_scores_exactly_as_without_it_and_as_built(arch, tiny_models, text, tmp_path):
+    from dus.build import build_model
+    from dus.checkpoint import ModelDir
+
+    model = str(tiny_models(arch, num_layers=N).resolve())
+    plain, cached, scorer, tokenizer = _evaluators(model, text)
+    assert plain.prefix is None and plain.scaled is None and cached.prefix is not None and cached.scaled is not None
+    S = lambda start, end, scale=1.0: Segment(model, start, end, scale)
+    base = canonical([S(0, N)])
+    # (candidate, layers the cache lets it skip): prefixes shared at a segment boundary (4, 8),
+    # at an even length inside a segment (4 of [0, 5)), the whole base (6), none (other scales)
+    trail_ = [
+        (base, 0),
+        (canonical([S(0, 4), S(1, 5), S(3, 6)]), 4),
+        (canonical([S(0, 4), S(1, 6)]), 8),
+        (canonical([S(0, 4), S(2, 6)]), 4),
+        (canonical([S(0, 4), S(1, 5), S(2, 6)]), 8),
+        (canonical([S(0, 5), S(2, 6, 0.7)]), 4),
+        (canonical([S(0, N), S(3, N)]), N),
+        (canonical([S(0, 3, 0.5), S(2, N, 0.75)]), 0),
+        (canonical([S(0, 3, 0.5), S(2, 4, 0.75), S(1, 5)]), 4),
+    ]
+    for candidate, skip in trail_:
+        before = cached.prefix.layers_skipped
+        got, _ = cached(candidate)
+        assert cached.prefix.layers_skipped - before == skip, candidate.describe()
+        want, _ = plain(candidate)
+        assert got.value == want.value and got.metrics == want.metrics, candidate.describe()  # bitwise, float32
+    assert cached.scaled.entries  # x0.7 and x0.75 (not powers of two) were read from kept products
+    cached.cache.clear()  # the base again: every layer a stand-in, only the norm and head run
+    before = cached.prefix.layers_skipped
+    again, _ = cached(base)
+    assert cached.prefix.layers_skipped - before == N and again.value == plain(base)[0].value
+
+    candidate = trail_[3][0]
+    build_model(candidate.recipe(), tmp_path / "built")
+    built = ModelDir(tmp_path / "built").load_model(torch.float32, quiet=True).eval()
+    value, metrics = scorer(built, tokenizer)
+    assert value == cached(candidate)[0].value and metrics == cached(candidate)[0].metrics
+
+
+def test_the_prefix_cache_keeps_to_its_budget_and_drops_the_least_recently_used():
+    from dus.search.prefix import PrefixCache
+
+    state = torch.zeros(10, dtype=torch.float32)  # 40 bytes
+    cache = PrefixCache(budget=100)
+    keys = [(("m", i, 1.0),) for i in range(3)]
+    cache.put(keys[0], [state])
+    cache.put(keys[1], [state])
+    assert cache.longest(keys[:1]) == (1, [state])  # key 0 is now the most recent
+    cache.put(keys[2], [state])
+    assert list(cache.entries) == [keys[0], keys[2]] and cache.bytes == 80
+    cache.put((("big", 0, 1.0),), [torch.zeros(30)])  # larger than the budget: not kept
+    assert cache.bytes == 80
+
+
+def test_the_kept_states_and_scale_products_stay_within_their_budgets(tiny_models, text):
+    from dus.assemble import ScaledLinear
+
+    model = str(tiny_models("llama", num_layers=N).resolve())
+    _, small, scorer, _ = _evaluators(model, text, scaled_budget=1)
+    point = scorer.tokens_fed() * 32 * 4  # one kept state: every token fed x hidden size 32 x float32
+    small.prefix.budget = 2 * point  # what a candidate keeps is held to half the budget: one state
+    candidate = canonical([Segment(model, 0, 4, 0.7), Segment(model, 1, 6, 0.8)])
+    assembled = small.model(candidate)
+    assert small.scaled.apply(assembled) == 0 and any(isinstance(m, ScaledLinear) for m in assembled.modules())
+    small(candidate)
+    assert len(small.prefix.entries) == 1 and small.prefix.bytes == point
+
+
+def test_a_user_function_is_scored_without_the_prefix_cache(tiny_models, text):
+    from dus.assemble import load_sources
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator
+
+    model = str(tiny_models("llama", num_layers=N).resolve())
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    calls = []
+    evaluator = Evaluator(load_sources(plan, torch.float32), None, lambda m, t: (calls.append(m) or 1.0, {}))
+    evaluator(canonical([Segment(model, 0, N)]))
+    assert evaluator.prefix is None and len(calls) == 1 and len(calls[0].model.layers) == N
+
+
 # --- the search -----------------------------------------------------------------------
 
 
@@ -224,6 +327,10 @@ def test_graft_mode_scores_every_range_in_place(tiny_models, text, tmp_path):
         grafted.append([i for i, (model, _) in enumerate(layers) if model == donor])
     assert grafted == [[s, s + 1] for s in range(N - 1)]
     assert result["model_runs"] == N - 1 and len(result["ranked"]) == N - 1
+    # the base's path is run first, so the graft at s runs only from layer s on; the same scores
+    assert result["prefix_cache"]["layers_skipped"] == sum(range(N - 1))
+    plain = run([], options(tmp_path / "plain", text, graft=(base, donor, 2), prefix_cache_mb=0))
+    assert plain["prefix_cache"] is None and trail(plain) == trail(result)
 
 
 def test_a_user_scoring_function_is_minimised_or_maximised(tiny_models, text, tmp_path):

@@ -40,6 +40,7 @@ def search(
     size: Optional[int] = typer.Option(None, "--size", help="Graft mode: donor layers per graft."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log every candidate, the best and the plot to a W&B run (offline unless logged in)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the search space and its size; load and write nothing."),
+    prefix_cache: int = typer.Option(512, "--prefix-cache", help="MB of hidden states kept after shared path prefixes, so a candidate runs only its layers after them (scores unchanged, bit for bit); 0: off."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ) -> None:
@@ -62,5 +63,6 @@ def search(
         keep=parse_keep(keep), max_params=parse_count(max_params), optimizer=optimizer, population=population,
         evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
         maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
+        prefix_cache_mb=prefix_cache,
     )
     run_search(list(models or []), options)

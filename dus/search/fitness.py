@@ -27,9 +27,16 @@ class PerplexityScorer:
     so no window spans two files), windows as in `dus compare`."""
 
     name = "perplexity"
+    replays_windows = True  # the same forward calls, in the same order, for every candidate
 
     def __init__(self, streams: list, window: int, stride: int):
         self.streams, self.window, self.stride = streams, window, stride
+
+    def tokens_fed(self) -> int:
+        """Tokens of all forward calls together (what one kept hidden state spans)."""
+        from dus.measure.perplexity import sliding_windows
+
+        return sum(w.end - w.begin for ids in self.streams for w in sliding_windows(len(ids), self.window, self.stride))
 
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
         from dus.measure.perplexity import PerplexityResult, evaluate_stream
@@ -84,35 +91,102 @@ def load_function(spec: str):
 
 
 class Evaluator:
-    """Scores candidates over one loaded copy of each source; remembers every score."""
+    """Scores candidates over one loaded copy of each source; remembers every score.
 
-    def __init__(self, sources, tokenizer, scorer):
+    What does not depend on the candidate is done once: the sources' headers are opened
+    (and checked together) here, not per candidate. Perplexity scoring keeps hidden states
+    after shared path prefixes (`prefix.py`) and scaled projections (`scaled.py`); both
+    leave every score bitwise what the plain assembled model gives."""
+
+    def __init__(self, sources, tokenizer, scorer, prefix_budget: int | None = None, scaled_budget: int | None = None):
+        from dus.search.prefix import DEFAULT_BUDGET as PREFIX_BUDGET
+        from dus.search.prefix import PrefixCache
+        from dus.search.scaled import DEFAULT_BUDGET as SCALED_BUDGET
+        from dus.search.scaled import ScaledWeights
+        from dus.sources import check_compatible, load_source
+
         self.sources, self.tokenizer, self.scorer = sources, tokenizer, scorer
         self.cache: dict[str, Score] = {}
+        self.headers = {name: load_source(name, str(path)) for name, path in sources.paths.items()}
+        check_compatible(list(self.headers.values()))
+        prefix_budget = PREFIX_BUDGET if prefix_budget is None else prefix_budget
+        cacheable = getattr(scorer, "replays_windows", False) and prefix_budget > 0
+        self.prefix = PrefixCache(prefix_budget) if cacheable else None
+        scaled_budget = SCALED_BUDGET if scaled_budget is None else scaled_budget
+        self.scaled = ScaledWeights(scaled_budget) if scaled_budget > 0 else None  # 0: the product on every call
 
     def plan(self, candidate: Candidate):
         from dus.recipe import load_recipe
         from dus.resolve import resolve
 
-        return resolve(load_recipe(candidate.recipe())).plan
+        return resolve(load_recipe(candidate.recipe()), self.headers).plan
 
-    def model(self, candidate: Candidate):
+    def config(self, plan) -> dict:
+        """The output config.json of the plan, from the headers opened once."""
+        from dus.config_rewrite import output_config
+
+        return output_config(plan, self.headers)[0]
+
+    def model(self, candidate: Candidate, plan=None, config: dict | None = None):
         from dus.assemble import assemble
 
-        return assemble(self.plan(candidate), self.sources).eval()
+        plan = plan or self.plan(candidate)
+        config = config or self.config(plan)
+        config_class = type(self.sources[plan.config_from].config)
+        return assemble(plan, self.sources, config=config_class.from_dict(config)).eval()
 
-    def __call__(self, candidate: Candidate) -> tuple[Score, bool]:
-        """(score, whether it came from the cache)."""
+    def __call__(self, candidate: Candidate, stride: int | None = None) -> tuple[Score, bool]:
+        """(score, whether it came from the cache); `stride`: keep the hidden state after
+        every `stride`-th layer (and at segment boundaries) for later candidates."""
         key = candidate.key()
         if key in self.cache:
             return self.cache[key], True
         started = time.perf_counter()
-        model = self.model(candidate)
-        value, metrics = self.scorer(model, self.tokenizer)
+        plan = self.plan(candidate)
+        config = self.config(plan)
+        model = self.model(candidate, plan, config)
+        if self.scaled is not None:
+            self.scaled.apply(model)
+        if self.prefix is None:
+            value, metrics = self.scorer(model, self.tokenizer)
+        else:
+            value, metrics = self._score_from_prefix(candidate, model, config, plan, stride)
         del model
         score = Score(value, metrics, time.perf_counter() - started)
         self.cache[key] = score
         return score, False
+
+    def warm(self, candidate: Candidate) -> None:
+        """Score `candidate` keeping the state after each of its layers: before the grafts
+        of one base, its whole path makes every graft run only from the graft on."""
+        if self.prefix is not None:
+            self(candidate, stride=1)
+
+    def _score_from_prefix(self, candidate: Candidate, model, config: dict, plan, stride: int | None):
+        """Run only the layers after the longest kept prefix; keep this path's states."""
+        from dus.assemble import decoder
+        from dus.search.prefix import STRIDE, NotCacheable, prefix_keys, run_from, store_points
+
+        path = [(s.model, layer, s.scale) for s in candidate.segments for layer in range(s.start, s.end)]
+        keys = prefix_keys(path, config, self.headers[plan.config_from].adapter)
+        skip, states = self.prefix.longest(keys)
+        capture = store_points(path, skip, stride or STRIDE)
+        point = self.scorer.tokens_fed() * model.config.hidden_size * next(model.parameters()).element_size()
+        capture = capture[max(0, len(capture) - self.prefix.budget // 2 // max(point, 1)):]  # the shallowest that fit
+        layers = decoder(model).layers
+        try:
+            with run_from(layers, skip, states, capture) as captured:
+                value, metrics = self.scorer(model, self.tokenizer)
+        except NotCacheable:  # a family whose layers do not pass one tensor on: score plainly
+            self.prefix = None
+            return self.scorer(model, self.tokenizer)
+        self.prefix.hits += skip > 0
+        self.prefix.misses += skip == 0
+        self.prefix.layers_skipped += skip
+        self.prefix.layers_run += len(path) - skip
+        for q in capture:  # deepest first: the shallow ones end most recently used
+            self.prefix.put(keys[q - 1], captured[q])
+        return value, metrics
 
 
 def add_user_path() -> None:

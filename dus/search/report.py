@@ -70,6 +70,7 @@ def result(setup, options, history: list[dict]) -> dict:
         "distinct_candidates": len({e["key"] for e in history}),
         "model_runs": sum(1 for e in history if e["feasible"] and not e["cached"]),
         "seconds_scoring": round(sum(e["seconds"] for e in history), 2),
+        "prefix_cache": setup.evaluator.prefix.stats() if getattr(setup.evaluator, "prefix", None) else None,
         "best_so_far": best_so_far(history),
         "ranked": [{"rank": i + 1, "file": f"rank-{i + 1}.yaml" if i < options.top else None, **_public(e)}
                    for i, e in enumerate(ranked)],

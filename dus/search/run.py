@@ -42,6 +42,7 @@ class SearchOptions:
     dtype: str = "auto"
     device: str = "auto"
     graft: tuple[str, str, int] | None = None  # (base, donor, size)
+    prefix_cache_mb: int = 512  # hidden states after shared path prefixes (exact; 0: off)
     progress: bool = True
     wandb: bool = False
     notes: list[str] = field(default_factory=list)
@@ -193,7 +194,7 @@ def load(setup: Setup, options: SearchOptions) -> None:
     whole = {"merge_method": "passthrough", "slices": [{"sources": [{"model": p, "layer_range": [0, 1]}]} for p in setup.models]}
     plan = resolve(load_recipe(whole)).plan
     sources = load_sources(plan, dtype, device)
-    setup.evaluator = Evaluator(sources, tokenizer, scorer)
+    setup.evaluator = Evaluator(sources, tokenizer, scorer, prefix_budget=options.prefix_cache_mb * 2**20)
 
 
 def entry_for(index: int, x, candidate: Candidate, value: float, metrics: dict, seconds: float, cached: bool, missing: list[int]) -> dict:
@@ -260,6 +261,9 @@ def run_optimizer(setup: Setup, options: SearchOptions, loop: Loop) -> None:
 
 
 def run_grafts(setup: Setup, loop: Loop) -> None:
+    if len(loop.replay) < len(setup.grafts):  # the base's own path first: each graft then runs from its start on
+        base = setup.grafts[0].segments[-1]
+        setup.evaluator.warm(canonical([Segment(base.model, 0, base.end)]))
     for candidate in setup.grafts:
         if len(loop.history) >= len(loop.replay) and loop.deadline is not None and time.monotonic() > loop.deadline:
             return
