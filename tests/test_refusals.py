@@ -291,3 +291,46 @@ def test_export_of_a_corrupt_tokenizer_json_is_one_line(damage, fragment, tiny_m
     path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape"))
     _one_line(run_cli("export", model, "-o", tmp_path / "m.gguf"), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("how", ["kernel copy fails", "kernel copy takes nothing", "every write fails"])
+def test_a_full_disk_during_build_names_the_output_not_the_source(how, space, tmp_path, run_cli, monkeypatch):
+    import os
+
+    if how == "kernel copy fails":
+        monkeypatch.setattr(os, "copy_file_range", _disk_full, raising=False)
+    else:  # a full destination may answer a kernel copy with 0 bytes, as the end of the source does
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: 0, raising=False)
+        monkeypatch.setattr(os, "pwrite", _disk_full)
+    out = tmp_path / "models" / "B"
+    out.parent.mkdir()
+    result = run_cli("build", "--solar", space / "source", "--trim", 1, "-o", out)
+    _one_line(result, f"{out}: no space left on its disk")
+    assert str(space / "source") not in result.stderr and "truncated" not in result.stderr
+    assert list(out.parent.iterdir()) == []  # nothing at the output, no temporary beside it
+
+
+@pytest.mark.parametrize("error, fragment", [
+    (OSError(28, "No space left on device"), "no space left on its disk"),
+    (OSError("2048 requested and 1064 written"), "2048 bytes requested, 1064 written: no space left on its disk?"),
+])
+def test_a_full_disk_during_export_names_the_output(error, fragment, tiny_models, tmp_path, run_cli, monkeypatch):
+    import gguf
+
+    def write_tensor_data(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_tensor_data)
+    out = tmp_path / "exports" / "m.gguf"
+    out.parent.mkdir()
+    result = run_cli("export", tiny_models("llama", 4), "-o", out)
+    _one_line(result, f"{out}: ")
+    assert fragment in result.stderr and "requested and" not in result.stderr.replace(fragment, ""), result
+    assert list(out.parent.iterdir()) == []

@@ -21,7 +21,7 @@ import gguf
 
 from dus import __version__
 from dus.checkpoint import ModelDir
-from dus.errors import DusError
+from dus.errors import DusError, output_disk_error
 from dus.export.families import family_for
 from dus.export.hparams import extra_tensors, write_hparams
 from dus.export.imatrix import DEFAULT_TEXT as DEFAULT_IMATRIX_TEXT
@@ -109,14 +109,20 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
     family = family_for(source.model_type, str(model.path))
     config = AutoConfig.from_pretrained(str(model.path), trust_remote_code=False)
     vocab = read_vocabulary(model.path, config.vocab_size)
-    if not quantized:
-        planned, warnings = _write_gguf(model, source, family, config, vocab, type_name, output, progress)
-        notes, saved_imatrix = [], None
-    else:
-        planned, warnings, notes, saved_imatrix = _write_quantized(
-            model, source, family, config, vocab, type_name, output, progress,
-            text_path if imatrix_text is not None else None,
-            DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
+    try:
+        if not quantized:
+            planned, warnings = _write_gguf(model, source, family, config, vocab, type_name, output, progress)
+            notes, saved_imatrix = [], None
+        else:
+            planned, warnings, notes, saved_imatrix = _write_quantized(
+                model, source, family, config, vocab, type_name, output, progress,
+                text_path if imatrix_text is not None else None,
+                DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
+    except OSError as error:  # the temporaries are gone already: name the output's disk, not a source
+        full = output_disk_error(error, output)
+        if full is None:
+            raise
+        raise full from None
     modelfile = None
     if ollama:
         from dus.export.ollama import write_modelfile
