@@ -24,6 +24,7 @@ from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
 from dus.safetensors_io import parse_size
 from dus.sources import SourceModel, read_license
+from dus.tokenizer_check import check_tokenizer_files
 from dus.writer import layout, write_shards
 
 TOKENIZER_FILES = (
@@ -58,6 +59,7 @@ def build_model(
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolved = resolve(parsed)
     plan, sources = resolved.plan, resolved.sources
+    resolved.warnings.extend(check_tokenizer_files(sources[plan.tokenizer_from].path))
     if dry_run:
         return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
     if output is None:

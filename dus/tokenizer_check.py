@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 from dus.checkpoint import read_json
+from dus.errors import DusError
 
 
 def _vocab(path: Path) -> dict[str, int] | None:
@@ -55,3 +56,35 @@ def first_tokenizer_difference(a: Path, b: Path) -> str | None:
         if by_id_a.get(token_id) != by_id_b.get(token_id):
             return f"token id {token_id} is {by_id_a.get(token_id)!r} vs {by_id_b.get(token_id)!r}"
     return None
+
+
+JSON_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "chat_template.json", "generation_config.json",
+)
+
+
+def check_tokenizer_files(directory: Path) -> list[str]:
+    """The tokenizer files a build copies from `directory`, checked before anything is
+    written: each JSON one must parse as a JSON object (else one line naming the file), and
+    a tokenizer_config.json that maps the tokenizer to remote code (`auto_map`) gives a
+    warning: the file is copied as it is, the code is neither run nor copied."""
+    directory = Path(directory)
+    warnings: list[str] = []
+    for name in JSON_TOKENIZER_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        data = read_json(path, f"the tokenizer file {name}", "re-save the tokenizer or re-download the model")
+        if not isinstance(data, dict):
+            raise DusError(f"{path}: the tokenizer file {name} is not a JSON object; re-save the tokenizer or "
+                           "re-download the model")
+        if name == "tokenizer_config.json" and data.get("auto_map"):
+            auto_map = data["auto_map"]
+            targets = sorted({str(v) for value in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+                              for v in (value if isinstance(value, (list, tuple)) else [value]) if v})
+            warnings.append(
+                f"{path}: names remote tokenizer code ({', '.join(targets) or auto_map}); dus copies the file but "
+                "never runs that code, nor copies it: the output's tokenizer loads only if its tokenizer_class is "
+                "one transformers has (check it, or save the tokenizer with a standard class)")
+    return warnings

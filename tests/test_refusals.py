@@ -334,3 +334,38 @@ def test_a_full_disk_during_export_names_the_output(error, fragment, tiny_models
     _one_line(result, f"{out}: ")
     assert fragment in result.stderr and "requested and" not in result.stderr.replace(fragment, ""), result
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, damage, fragment", [
+    ("tokenizer.json", lambda text: text[: len(text) // 2], "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", lambda text: "[1, 2]", "tokenizer.json is not a JSON object"),
+    ("tokenizer_config.json", lambda text: text + "}", "tokenizer_config.json is not valid JSON"),
+])
+def test_build_refuses_a_corrupt_tokenizer_before_writing(name, damage, fragment, tiny_models, tmp_path, run_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    path = model / name
+    path.write_text(damage(path.read_text()))
+    result = run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "out")
+    _one_line(result, f"{path}: the tokenizer file {fragment}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_build_copies_a_remote_code_tokenizer_with_a_one_line_warning(tiny_models, tmp_path, run_cli, monkeypatch):
+    import importlib
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "tokenization_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (
+        pytest.fail("remote code imported") if "evil" in name else real_import(name, *a)))
+    result = run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "out")
+    assert result.code == 0, result
+    warnings = [line for line in result.stdout.splitlines() if "tokenization_evil.EvilTokenizer" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "never runs that code" in warnings[0], result
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["auto_map"] == config["auto_map"]
+    assert not (tmp_path / "out" / "tokenization_evil.py").exists()

@@ -24,6 +24,7 @@ def build(
 ) -> None:
     """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dus.build import build_model
     from dus.recipe import dtype_name, load_recipe
@@ -42,7 +43,7 @@ def build(
     started = time.perf_counter()
     result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, taken literally
     if dry_run:
         print_plan(result.plan, console)
         return
