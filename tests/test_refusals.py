@@ -369,3 +369,24 @@ def test_build_copies_a_remote_code_tokenizer_with_a_one_line_warning(tiny_model
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and "never runs that code" in warnings[0], result
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["auto_map"] == config["auto_map"]
     assert not (tmp_path / "out" / "tokenization_evil.py").exists()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (float("nan"), "model.layers.1.mlp.up_proj.weight (GGUF blk.1.ffn_up.weight) holds 2 NaN or infinite values, "
+                   "and 1 more tensor too, written as they are"),
+    (1e6, "model.layers.1.mlp.up_proj.weight (GGUF blk.1.ffn_up.weight): 2 values beyond float16's range became "
+          "infinite, and 1 more tensor too; export with --type bf16 or f32"),
+])
+def test_export_warns_in_one_line_about_non_finite_weights(value, fragment, tiny_models, tmp_path, run_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    weights = load_file(model / "model.safetensors")
+    assert weights["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32
+    weights["model.layers.1.mlp.up_proj.weight"][0, :2] = value
+    weights["model.layers.3.self_attn.o_proj.weight"][1, 1] = value
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("export", model, "-o", tmp_path / "m.gguf")
+    assert result.code == 0 and (tmp_path / "m.gguf").is_file(), result
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and fragment in warnings[0], result
+    assert "NaN" not in run_cli("export", tiny_models("llama", 4), "-o", tmp_path / "clean.gguf").stderr

@@ -26,7 +26,7 @@ from dus.export.families import family_for
 from dus.export.hparams import extra_tensors, write_hparams
 from dus.export.imatrix import DEFAULT_TEXT as DEFAULT_IMATRIX_TEXT
 from dus.export.quantize import LLAMA_TYPES
-from dus.export.tensors import FILE_TYPES, QTYPES, plan_tensors
+from dus.export.tensors import FILE_TYPES, QTYPES, non_finite_warnings, plan_tensors
 from dus.export.vocab import Writer, read_vocabulary
 
 TYPES = (*QTYPES, *LLAMA_TYPES)
@@ -167,7 +167,7 @@ def _write_gguf(model, source, family, config, vocab, type_name: str, output: Pa
         writer.close()
         temporary.unlink(missing_ok=True)
         raise
-    return planned, warnings
+    return planned, [*warnings, *non_finite_warnings(planned)]
 
 
 def _write_quantized(model, source, family, config, vocab, type_name: str, output: Path, progress: bool,
