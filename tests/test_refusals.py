@@ -390,3 +390,19 @@ def test_export_warns_in_one_line_about_non_finite_weights(value, fragment, tiny
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and fragment in warnings[0], result
     assert "NaN" not in run_cli("export", tiny_models("llama", 4), "-o", tmp_path / "clean.gguf").stderr
+
+
+@pytest.mark.parametrize("kind", ["no manifest", "graft"])
+def test_steps_zero_with_nothing_to_calibrate_is_refused_before_the_output(kind, space, tmp_path, run_cli):
+    from dus.tiny import make_tiny_model
+
+    if kind == "no manifest":
+        model, fragment = space / "source", "has no build plan (dus-manifest.json)"
+    else:
+        donor = make_tiny_model(tmp_path / "donor", "llama", num_layers=4, seed=4)
+        model, fragment = tmp_path / "grafted", "no layer of"
+        build_model({"graft": {"base": str(space / "source"), "donor": str(donor), "layers": [1, 3]}}, model)
+    result = run_cli("heal", model, "-o", tmp_path / "out", "--data", space / "text.txt", *FAST[2:], "--steps", 0,
+                     "--set", "calibrate.enabled=true")
+    _one_line(result, fragment)
+    assert "nothing to do; give --steps N >= 1" in result.stderr and not (tmp_path / "out").exists()
