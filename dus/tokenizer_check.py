@@ -50,6 +50,15 @@ def first_tokenizer_difference(a: Path, b: Path) -> str | None:
             return "only one of them has a tokenizer.json or vocab.json"
         digest_a, digest_b = _file_digest(a), _file_digest(b)
         return None if digest_a == digest_b else "tokenizer files differ"
+    return first_vocab_difference(vocab_a, vocab_b)
+
+
+def first_vocab_difference(vocab_a: dict[str, int], vocab_b: dict[str, int]) -> str | None:
+    """The one id-by-id vocabulary comparison (build's warning across sources, heal's
+    teacher check, compare's perplexity check): None when every token id names the same
+    token in both, else the first id that does not."""
+    if vocab_a == vocab_b:
+        return None
     by_id_a = {i: token for token, i in vocab_a.items()}
     by_id_b = {i: token for token, i in vocab_b.items()}
     for token_id in sorted(set(by_id_a) | set(by_id_b)):
