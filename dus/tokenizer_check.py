@@ -73,27 +73,33 @@ JSON_TOKENIZER_FILES = (
 )
 
 
-def check_tokenizer_files(directory: Path) -> list[str]:
+def check_tokenizer_file(path: Path) -> dict:
+    """One tokenizer file, parsed: a JSON object, else one line naming it."""
+    data = read_json(path, f"the tokenizer file {path.name}", "re-save the tokenizer or re-download the model")
+    if not isinstance(data, dict):
+        raise DusError(f"{path}: the tokenizer file {path.name} is not a JSON object; re-save the tokenizer or "
+                       "re-download the model")
+    return data
+
+
+def check_tokenizer_files(directory: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """The tokenizer files a build copies from `directory`, checked before anything is
     written: each JSON one must parse as a JSON object (else one line naming the file), and
     a tokenizer_config.json that maps the tokenizer to remote code (`auto_map`) gives a
-    warning: the file is copied as it is, the code is neither run nor copied."""
+    warning: the file is copied as it is, the code is neither run nor copied. `skip`: files
+    the caller checks itself (build parses the large tokenizer.json while it copies)."""
     directory = Path(directory)
     warnings: list[str] = []
     for name in JSON_TOKENIZER_FILES:
-        path = directory / name
-        if not path.is_file():
+        if name in skip or not (directory / name).is_file():
             continue
-        data = read_json(path, f"the tokenizer file {name}", "re-save the tokenizer or re-download the model")
-        if not isinstance(data, dict):
-            raise DusError(f"{path}: the tokenizer file {name} is not a JSON object; re-save the tokenizer or "
-                           "re-download the model")
+        data = check_tokenizer_file(directory / name)
         if name == "tokenizer_config.json" and data.get("auto_map"):
             auto_map = data["auto_map"]
             targets = sorted({str(v) for value in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
                               for v in (value if isinstance(value, (list, tuple)) else [value]) if v})
             warnings.append(
-                f"{path}: names remote tokenizer code ({', '.join(targets) or auto_map}); dus copies the file but "
+                f"{directory / name}: names remote tokenizer code ({', '.join(targets) or auto_map}); dus copies the file but "
                 "never runs that code, nor copies it: the output's tokenizer loads only if its tokenizer_class is "
                 "one transformers has (check it, or save the tokenizer with a standard class)")
     return warnings

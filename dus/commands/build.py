@@ -23,13 +23,9 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
-    from rich.console import Console
-    from rich.markup import escape
-
     from dus.build import build_model
     from dus.recipe import dtype_name, load_recipe
 
-    console = Console(stderr=False)
     if (recipe is None) == (solar is None):
         raise DusError("give either a RECIPE file or --solar MODEL --trim M (not both)")
     if solar is not None:
@@ -42,6 +38,12 @@ def build(
         parsed.out_dtype = dtype_name(dtype, "--dtype")
     started = time.perf_counter()
     result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet)
+    if quiet and not result.warnings and not dry_run:
+        return  # nothing to print: rich is not even imported
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=False)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, taken literally
     if dry_run:
