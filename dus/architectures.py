@@ -5,7 +5,9 @@ Nearly every decoder-only Hugging Face model names a layer's tensors
 non-layer set and no family needs a list of tensor names. An adapter states only what
 differs between families: the layer prefix, which tensors are a block's output
 projections (zeroed for a function-preserving new block), and which config fields are
-per-layer and must follow the plan.
+per-layer and must follow the plan; and, for `dus export`, what llama.cpp computes
+differently. This is the one family table: build, export and the tiny-model maker
+(dus/tiny.py) read it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ class Adapter:
     # Per-layer fields transformers derives when config.json lacks them (from
     # max_window_layers, a sliding-window pattern, ...): only then is transformers asked.
     derived_fields: tuple[str, ...] = ()
+    # llama.cpp (dus export, dus/export/families.py): its architecture (a gguf.MODEL_ARCH
+    # member's name, kept as text so that building never imports gguf), and what it
+    # computes differently from transformers: q/k rows reordered (interleaved rotary
+    # pairs), RMSNorm as (1 + weight), a sliding-window pattern read from the file, the
+    # embeddings always used as output head, stacked experts.
+    gguf_arch: str = "LLAMA"
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    swa: bool = False
+    ties_head: bool = False
+    experts: bool = False
 
     def layer_pattern(self) -> re.Pattern:
         return re.compile(rf"^{re.escape(self.layer_prefix)}\.(\d+)\.(.+)$")
@@ -54,24 +67,29 @@ class Adapter:
 ADAPTERS = {
     adapter.model_type: adapter
     for adapter in [
-        Adapter("llama"),
-        Adapter("mistral"),
+        Adapter("llama", permute_qk=True),
+        Adapter("mistral", permute_qk=True),
         # Qwen2/3: layers at or above max_window_layers use sliding-window attention.
-        Adapter("qwen2", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",)),
-        Adapter("qwen3", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",)),
+        Adapter("qwen2", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",),
+                gguf_arch="QWEN2"),
+        Adapter("qwen3", layer_threshold_fields=("max_window_layers",), derived_fields=("layer_types",),
+                gguf_arch="QWEN3"),
         # Gemma 2/3: the sliding/full pattern lives in layer_types and must come from each
         # output layer's own source layer (the post-norms follow the layer automatically).
-        Adapter("gemma2", derived_fields=("layer_types",)),
-        Adapter("gemma3_text", derived_fields=("layer_types",)),
+        Adapter("gemma2", derived_fields=("layer_types",), gguf_arch="GEMMA2", norm_shift=1.0, swa=True,
+                ties_head=True),
+        Adapter("gemma3_text", derived_fields=("layer_types",), gguf_arch="GEMMA3", norm_shift=1.0, swa=True),
         # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; o_proj and
         # down_proj keep their names, so nothing else differs.
-        Adapter("phi3"),
+        Adapter("phi3", gguf_arch="PHI3"),
         # Mixtral: experts follow their layer. On disk they are
         # block_sparse_moe.experts.<e>.w1/w2/w3 (w2 is the down projection); transformers 5
         # in memory fuses them as mlp.experts.gate_up_proj / down_proj, the names mergekit
         # 0.1.5 filters on, so both names count.
         Adapter(
             "mixtral",
+            permute_qk=True,
+            experts=True,
             name_aliases=(
                 (r"^block_sparse_moe\.experts\.\d+\.w2\.weight$", "mlp.experts.down_proj"),
                 (r"^block_sparse_moe\.experts\.\d+\.w[13]\.weight$", "mlp.experts.gate_up_proj"),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
 
 from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
@@ -24,6 +23,7 @@ from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
 from dus.safetensors_io import parse_size
 from dus.sources import SourceModel, read_license
+from dus.tokenizer_check import check_tokenizer_file, check_tokenizer_files
 from dus.writer import layout, write_shards
 
 TOKENIZER_FILES = (
@@ -58,6 +58,9 @@ def build_model(
     parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolved = resolve(parsed)
     plan, sources = resolved.plan, resolved.sources
+    # tokenizer.json (megabytes of JSON) is parsed beside the copy, which it stops if damaged
+    later = () if dry_run else ("tokenizer.json",)
+    resolved.warnings.extend(check_tokenizer_files(sources[plan.tokenizer_from].path, skip=later))
     if dry_run:
         return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
     if output is None:
@@ -77,10 +80,16 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         # While the kernel copies: the config is rewritten (importing transformers and torch
         # for it takes seconds, most of a small build), and the sources are hashed.
         config_future = helpers.submit(output_config, plan, sources)
+        tokenizer_json = sources[plan.tokenizer_from].path / "tokenizer.json"
+        checks = [config_future]
+        if tokenizer_json.is_file():  # a damaged one stops the build before anything is at the output
+            checks.append(helpers.submit(check_tokenizer_file, tokenizer_json))
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show_progress, leave=False) as bar:
-                output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(config_future, bar.update))
+            with _progress_bar(total, show_progress) as advance:
+                output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(checks, advance))
+            for check in checks[1:]:
+                check.result()
             config, config_notes = config_future.result()
         except BaseException:
             for digest in digests.values():
@@ -112,17 +121,30 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     return manifest, total
 
 
-def _stop_on_error(future, advance):
-    """A progress callback that aborts the copy as soon as `future` has failed, so a bad
-    config is reported without waiting for the whole model to be written."""
+def _stop_on_error(futures, advance):
+    """A progress callback that aborts the copy as soon as one of `futures` has failed, so
+    a bad config or tokenizer is reported without waiting for the whole model to be written."""
 
     def callback(nbytes: int) -> None:
-        if future.done() and future.exception() is not None:
-            raise future.exception()
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
         if advance is not None:
             advance(nbytes)
 
     return callback
+
+
+@contextmanager
+def _progress_bar(total: int, show: bool):
+    """tqdm's bar when shown (imported only then), else nothing."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", leave=False) as bar:
+        yield bar.update
 
 
 def _files_read(plan: LayerPlan, sources: dict[str, SourceModel]) -> list[Path]:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
-from dus.errors import DusError
+from dus.errors import DusError, output_disk_error
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -309,8 +309,11 @@ def atomic_directory(output: Path, replaceable):
             shutil.rmtree(retired, ignore_errors=True)
         else:
             temporary.rename(output)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        full = output_disk_error(error, output)
+        if full is not None:  # blame the output's disk, not the source being copied when it filled up
+            raise full from None
         raise
 
 

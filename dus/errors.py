@@ -17,3 +17,24 @@ def read_user_text(path, what: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DusError(f"{path}: not a UTF-8 text file; give {what}") from None
+
+
+def output_disk_error(error: BaseException, output) -> DusError | None:
+    """A full disk (or quota) met while writing `output`, as one line naming the output's
+    path, never the file that was being read when the write failed; None for other errors.
+    numpy's `tofile` (the GGUF writer) reports a short write without an errno:
+    "2048 requested and 1064 written"."""
+    import errno
+    import re
+
+    if not isinstance(error, OSError):
+        return None
+    fix = "free space there or choose another output path"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        return DusError(f"{output}: {what} on its disk, the write stopped part way and nothing was kept; {fix}")
+    short = re.fullmatch(r"(\d+) requested and (\d+) written", str(error).strip())
+    if error.errno is None and short:
+        return DusError(f"{output}: the write stopped part way ({short[1]} bytes requested, {short[2]} written: "
+                        f"no space left on its disk?) and nothing was kept; {fix}")
+    return None

@@ -9,6 +9,7 @@ with `os.copy_file_range` without passing through Python buffers.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -129,10 +130,14 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
     while length > 0 and kernel_copy is not None:
         try:
             moved = kernel_copy(src_fd, dst_fd, min(length, COPY_CHUNK), src_offset, dst_offset)
-        except OSError:
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the output's disk is full: the caller names the output
             break  # not supported by this kernel or filesystem pair: finish through user space
         if moved == 0:
-            raise DusError(f"{what} is shorter than its safetensors header says (truncated?); re-download or re-save it")
+            # The end of the source, or a destination that took nothing (a full disk can
+            # answer so): user space tells them apart, reading first and then writing.
+            break
         src_offset += moved
         dst_offset += moved
         length -= moved
@@ -144,6 +149,8 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
         length -= len(chunk)
         while chunk:
             written = os.pwrite(dst_fd, chunk, dst_offset)
+            if written == 0:  # a write that takes nothing would loop for ever
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             chunk, dst_offset = chunk[written:], dst_offset + written
 
 

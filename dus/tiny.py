@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dus.architectures import ADAPTERS
+
 # ChatML with `{% generation %}` markers, so TRL can mask everything but assistant turns.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,7 +29,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 BYTE_VOCAB = 256
 TINY_VOCAB = BYTE_VOCAB + len(SPECIAL_TOKENS)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
+ARCHITECTURES = tuple(ADAPTERS)  # the one family table (dus/architectures.py): a tiny model of each
 
 
 def tiny_config(

@@ -9,6 +9,7 @@ tensor (two for a blend) plus a constant, whatever the model's size.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, replace
@@ -177,7 +178,10 @@ def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int
                     raise RuntimeError(f"{first.name}: {len(data)} bytes computed, {first.nbytes} planned")
                 written = 0
                 while written < len(data):
-                    written += os.pwrite(fd, data[written:], offset + written)
+                    moved = os.pwrite(fd, data[written:], offset + written)
+                    if moved == 0:  # a write that takes nothing would loop for ever
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += moved
             offset += nbytes
             if progress is not None:
                 progress(nbytes)

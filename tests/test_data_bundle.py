@@ -87,7 +87,11 @@ def test_prepare_script_rebuilds_the_committed_files():
     found = prepare.load_raw(allow_download=False)
     if found is None:
         pytest.skip("chitchat-dataset is neither installed nor in a local cache (this check uses no network)")
-    raw, _ = found
+    raw, origin = found
+    import hashlib
+
+    digest = hashlib.sha256(raw).hexdigest()  # a checksum mismatch fails: the source changed
+    assert digest == prepare.DATASET_SHA256, f"{prepare.MEMBER} from {origin} has sha256 {digest}"
     files, stats = prepare.outputs(raw)
     for path, expected in files.items():
         assert path.read_text(encoding="utf-8") == expected, f"{path} is stale: run python data/prepare_chat.py"

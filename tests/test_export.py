@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tensors
+from dus.errors import DusError
 from dus.export import llamacpp
 from dus.tiny import ARCHITECTURES, make_tiny_model
 
@@ -242,7 +243,7 @@ def test_a_failure_midway_leaves_no_file(models, tmp_path, monkeypatch):
 
     original = planned_tensors.PlannedTensor.data
     monkeypatch.setattr(planned_tensors.PlannedTensor, "data", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(DusError, match=f"{tmp_path / 'm.gguf'}: no space left on its disk"):
         export(models("llama"), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 

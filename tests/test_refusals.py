@@ -291,3 +291,135 @@ def test_export_of_a_corrupt_tokenizer_json_is_one_line(damage, fragment, tiny_m
     path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape"))
     _one_line(run_cli("export", model, "-o", tmp_path / "m.gguf"), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("how", ["kernel copy fails", "kernel copy takes nothing", "every write fails"])
+def test_a_full_disk_during_build_names_the_output_not_the_source(how, space, tmp_path, run_cli, monkeypatch):
+    import os
+
+    if how == "kernel copy fails":
+        monkeypatch.setattr(os, "copy_file_range", _disk_full, raising=False)
+    else:  # a full destination may answer a kernel copy with 0 bytes, as the end of the source does
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: 0, raising=False)
+        monkeypatch.setattr(os, "pwrite", _disk_full)
+    out = tmp_path / "models" / "B"
+    out.parent.mkdir()
+    result = run_cli("build", "--solar", space / "source", "--trim", 1, "-o", out)
+    _one_line(result, f"{out}: no space left on its disk")
+    assert str(space / "source") not in result.stderr and "truncated" not in result.stderr
+    assert list(out.parent.iterdir()) == []  # nothing at the output, no temporary beside it
+
+
+@pytest.mark.parametrize("error, fragment", [
+    (OSError(28, "No space left on device"), "no space left on its disk"),
+    (OSError("2048 requested and 1064 written"), "2048 bytes requested, 1064 written: no space left on its disk?"),
+])
+def test_a_full_disk_during_export_names_the_output(error, fragment, tiny_models, tmp_path, run_cli, monkeypatch):
+    import gguf
+
+    def write_tensor_data(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_tensor_data)
+    out = tmp_path / "exports" / "m.gguf"
+    out.parent.mkdir()
+    result = run_cli("export", tiny_models("llama", 4), "-o", out)
+    _one_line(result, f"{out}: ")
+    assert fragment in result.stderr and "requested and" not in result.stderr.replace(fragment, ""), result
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, damage, fragment", [
+    ("tokenizer.json", lambda text: text[: len(text) // 2], "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", lambda text: "[1, 2]", "tokenizer.json is not a JSON object"),
+    ("tokenizer_config.json", lambda text: text + "}", "tokenizer_config.json is not valid JSON"),
+])
+def test_build_refuses_a_corrupt_tokenizer_before_writing(name, damage, fragment, tiny_models, tmp_path, run_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    path = model / name
+    path.write_text(damage(path.read_text()))
+    result = run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "out")
+    _one_line(result, f"{path}: the tokenizer file {fragment}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_build_copies_a_remote_code_tokenizer_with_a_one_line_warning(tiny_models, tmp_path, run_cli, monkeypatch):
+    import importlib
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "tokenization_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (
+        pytest.fail("remote code imported") if "evil" in name else real_import(name, *a)))
+    result = run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "out")
+    assert result.code == 0, result
+    warnings = [line for line in result.stdout.splitlines() if "tokenization_evil.EvilTokenizer" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "never runs that code" in warnings[0], result
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["auto_map"] == config["auto_map"]
+    assert not (tmp_path / "out" / "tokenization_evil.py").exists()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (float("nan"), "model.layers.1.mlp.up_proj.weight (GGUF blk.1.ffn_up.weight) holds 2 NaN or infinite values, "
+                   "and 1 more tensor too, written as they are"),
+    (1e6, "model.layers.1.mlp.up_proj.weight (GGUF blk.1.ffn_up.weight): 2 values beyond float16's range became "
+          "infinite, and 1 more tensor too; export with --type bf16 or f32"),
+])
+def test_export_warns_in_one_line_about_non_finite_weights(value, fragment, tiny_models, tmp_path, run_cli):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    weights = load_file(model / "model.safetensors")
+    assert weights["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32
+    weights["model.layers.1.mlp.up_proj.weight"][0, :2] = value
+    weights["model.layers.3.self_attn.o_proj.weight"][1, 1] = value
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("export", model, "-o", tmp_path / "m.gguf")
+    assert result.code == 0 and (tmp_path / "m.gguf").is_file(), result
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and fragment in warnings[0], result
+    assert "NaN" not in run_cli("export", tiny_models("llama", 4), "-o", tmp_path / "clean.gguf").stderr
+
+
+@pytest.mark.parametrize("kind", ["no manifest", "graft"])
+def test_steps_zero_with_nothing_to_calibrate_is_refused_before_the_output(kind, space, tmp_path, run_cli):
+    from dus.tiny import make_tiny_model
+
+    if kind == "no manifest":
+        model, fragment = space / "source", "has no build plan (dus-manifest.json)"
+    else:
+        donor = make_tiny_model(tmp_path / "donor", "llama", num_layers=4, seed=4)
+        model, fragment = tmp_path / "grafted", "no layer of"
+        build_model({"graft": {"base": str(space / "source"), "donor": str(donor), "layers": [1, 3]}}, model)
+    result = run_cli("heal", model, "-o", tmp_path / "out", "--data", space / "text.txt", *FAST[2:], "--steps", 0,
+                     "--set", "calibrate.enabled=true")
+    _one_line(result, fragment)
+    assert "nothing to do; give --steps N >= 1" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_compare_build_and_heal_share_one_vocabulary_comparison(tiny_models, tmp_path, run_cli, no_measuring):
+    """Two ids swapped: compare refuses, naming the same first difference build warns about."""
+    model = tiny_models("llama", 4)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(model, swapped)
+    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[70:72]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = run_cli("compare", model, swapped, "--data", _text(tmp_path), "-o", tmp_path / "R", "--no-generate")
+    _one_line(result, f"(token id 70 is {first!r} vs {second!r}); perplexity is only comparable")
+    from dus.tokenizer_check import first_tokenizer_difference
+
+    assert first_tokenizer_difference(model, swapped) == f"token id 70 is {first!r} vs {second!r}"

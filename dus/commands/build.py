@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,15 +21,12 @@ def build(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard, like 5GB or 500MB."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); overrides the recipe."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan and write nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (shown only on a terminal) or summary."),
 ) -> None:
     """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
-    from rich.console import Console
-
     from dus.build import build_model
     from dus.recipe import dtype_name, load_recipe
 
-    console = Console(stderr=False)
     if (recipe is None) == (solar is None):
         raise DusError("give either a RECIPE file or --solar MODEL --trim M (not both)")
     if solar is not None:
@@ -40,9 +38,15 @@ def build(
     if dtype is not None:
         parsed.out_dtype = dtype_name(dtype, "--dtype")
     started = time.perf_counter()
-    result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet)
+    result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet and sys.stderr.isatty())
+    if quiet and not result.warnings and not dry_run:
+        return  # nothing to print: rich is not even imported
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=False)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, taken literally
     if dry_run:
         print_plan(result.plan, console)
         return

@@ -27,6 +27,7 @@ def export_command(
 ) -> None:
     """Write MODEL as one GGUF file that llama.cpp runs like the checkpoint (streamed, atomic)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dus.export.run import export_gguf
 
@@ -34,7 +35,7 @@ def export_command(
     result = export_gguf(model, output, type_name, force=force, ollama=ollama, imatrix_text=imatrix,
                          imatrix_tokens=imatrix_tokens)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, taken literally
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(

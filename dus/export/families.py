@@ -1,8 +1,9 @@
-"""What llama.cpp needs to know about each family dus builds, kept as data.
+"""What llama.cpp needs to know about each family dus builds, read from the one family
+table (dus/architectures.py).
 
 llama.cpp names its architectures and tensors its own way (the `gguf` package holds the
 name maps); what it computes differently from transformers is listed here per family, so
-that the exporter stays one loop and a new family is one entry:
+that the exporter stays one loop and a new family is one entry there:
 
 - `permute_qk`: llama.cpp's `llama` architecture rotates interleaved pairs, transformers
   rotates halves; q/k rows are reordered so both compute the same attention.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import gguf
 
+from dus.architectures import ADAPTERS
 from dus.errors import DusError
 
 
@@ -36,19 +38,13 @@ class Family:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
 
-FAMILIES = {
-    family.model_type: family
-    for family in [
-        Family("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-        Family("mistral", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-        Family("mixtral", gguf.MODEL_ARCH.LLAMA, permute_qk=True, experts=True),
-        Family("qwen2", gguf.MODEL_ARCH.QWEN2),
-        Family("qwen3", gguf.MODEL_ARCH.QWEN3),
-        Family("gemma2", gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, swa=True, ties_head=True),
-        Family("gemma3_text", gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, swa=True),
-        Family("phi3", gguf.MODEL_ARCH.PHI3),
-    ]
-}
+def _family(adapter) -> Family:
+    return Family(adapter.model_type, gguf.MODEL_ARCH[adapter.gguf_arch], permute_qk=adapter.permute_qk,
+                  norm_shift=adapter.norm_shift, swa=adapter.swa, ties_head=adapter.ties_head, experts=adapter.experts)
+
+
+# The llama.cpp side of the one family table (dus/architectures.py).
+FAMILIES = {model_type: _family(adapter) for model_type, adapter in ADAPTERS.items()}
 
 
 def family_for(model_type: str, where: str) -> Family:

@@ -14,10 +14,13 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 
 from dus.errors import DusError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # dus name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* suffix. Types that need an importance matrix
 # for every tensor (IQ1/IQ2/IQ3_XXS, Q2_K_S) are left out: dus would have to refuse them
@@ -81,6 +84,8 @@ def quantize(source: Path, output: Path, type_name: str, imatrix: dict[str, np.n
     params.nthread = int(threads or os.cpu_count() or 1)
     keep = []  # the arrays and names must outlive the call
     if imatrix:
+        import numpy as np  # here, not at the top: `dus --help` and every other command read LLAMA_TYPES
+
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for slot, name in zip(entries, sorted(imatrix)):
             values = np.ascontiguousarray(imatrix[name], dtype=np.float32)

@@ -21,12 +21,12 @@ import gguf
 
 from dus import __version__
 from dus.checkpoint import ModelDir
-from dus.errors import DusError
+from dus.errors import DusError, output_disk_error
 from dus.export.families import family_for
 from dus.export.hparams import extra_tensors, write_hparams
 from dus.export.imatrix import DEFAULT_TEXT as DEFAULT_IMATRIX_TEXT
 from dus.export.quantize import LLAMA_TYPES
-from dus.export.tensors import FILE_TYPES, QTYPES, plan_tensors
+from dus.export.tensors import FILE_TYPES, QTYPES, non_finite_warnings, plan_tensors
 from dus.export.vocab import Writer, read_vocabulary
 
 TYPES = (*QTYPES, *LLAMA_TYPES)
@@ -109,14 +109,20 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
     family = family_for(source.model_type, str(model.path))
     config = AutoConfig.from_pretrained(str(model.path), trust_remote_code=False)
     vocab = read_vocabulary(model.path, config.vocab_size)
-    if not quantized:
-        planned, warnings = _write_gguf(model, source, family, config, vocab, type_name, output, progress)
-        notes, saved_imatrix = [], None
-    else:
-        planned, warnings, notes, saved_imatrix = _write_quantized(
-            model, source, family, config, vocab, type_name, output, progress,
-            text_path if imatrix_text is not None else None,
-            DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
+    try:
+        if not quantized:
+            planned, warnings = _write_gguf(model, source, family, config, vocab, type_name, output, progress)
+            notes, saved_imatrix = [], None
+        else:
+            planned, warnings, notes, saved_imatrix = _write_quantized(
+                model, source, family, config, vocab, type_name, output, progress,
+                text_path if imatrix_text is not None else None,
+                DEFAULT_IMATRIX_TEXT if str(imatrix_text) == "default" else str(imatrix_text), imatrix_tokens)
+    except OSError as error:  # the temporaries are gone already: name the output's disk, not a source
+        full = output_disk_error(error, output)
+        if full is None:
+            raise
+        raise full from None
     modelfile = None
     if ollama:
         from dus.export.ollama import write_modelfile
@@ -161,7 +167,7 @@ def _write_gguf(model, source, family, config, vocab, type_name: str, output: Pa
         writer.close()
         temporary.unlink(missing_ok=True)
         raise
-    return planned, warnings
+    return planned, [*warnings, *non_finite_warnings(planned)]
 
 
 def _write_quantized(model, source, family, config, vocab, type_name: str, output: Path, progress: bool,

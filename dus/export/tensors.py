@@ -43,6 +43,9 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order (outermost first)
     qtype: gguf.GGMLQuantizationType
     load: Callable[[], np.ndarray]  # float32, in llama.cpp's layout
+    source: str = ""  # the checkpoint's name for it (the first expert's, for stacked experts)
+    non_finite: int = 0  # NaN or infinite values read, set by data()
+    overflowed: int = 0  # finite values that became infinite as float16, set by data()
 
     @property
     def nbytes(self) -> int:
@@ -54,11 +57,38 @@ class PlannedTensor:
         if values.shape != self.shape:
             raise DusError(f"tensor {self.name}: expected shape {self.shape}, read {values.shape}; the checkpoint changed "
                            "while exporting")
+        finite = np.isfinite(values)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            self.non_finite = int(finite.size - np.count_nonzero(finite))
         if self.qtype == gguf.GGMLQuantizationType.F32:
             return values
         if self.qtype == gguf.GGMLQuantizationType.F16:
-            return values.astype(np.float16)
+            with np.errstate(over="ignore"):  # counted below, and said once
+                converted = values.astype(np.float16)
+            if all_finite and not np.isfinite(converted).all():
+                self.overflowed = int(np.count_nonzero(~np.isfinite(converted)))
+            return converted
         return gguf.quants.quantize(values, self.qtype)
+
+
+def non_finite_warnings(planned: list[PlannedTensor]) -> list[str]:
+    """One line naming the first tensor written with NaN or infinite values, and one for
+    float16 overflow: llama.cpp computes NaN from either, as transformers does."""
+    warnings = []
+    bad = [t for t in planned if t.non_finite]
+    if bad:
+        more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''} too" if len(bad) > 1 else ""
+        warnings.append(f"{bad[0].source or bad[0].name} (GGUF {bad[0].name}) holds {bad[0].non_finite} NaN or "
+                        f"infinite value{'s' if bad[0].non_finite > 1 else ''}{more}, written as they are: the model "
+                        "computes NaN; check the checkpoint (a diverged training or a damaged file?)")
+    over = [t for t in planned if t.overflowed]
+    if over:
+        more = f", and {len(over) - 1} more tensor{'s' if len(over) > 2 else ''} too" if len(over) > 1 else ""
+        warnings.append(f"{over[0].source or over[0].name} (GGUF {over[0].name}): {over[0].overflowed} value"
+                        f"{'s' if over[0].overflowed > 1 else ''} beyond float16's range became infinite{more}; "
+                        "export with --type bf16 or f32")
+    return warnings
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], requested: str) -> gguf.GGMLQuantizationType:
@@ -113,7 +143,7 @@ def plan_tensors(tensors: dict[str, TensorInfo], config, family: Family, request
         target = gguf.TENSOR_NAMES[EXPERT_TENSORS[kind]].format(bid=layer) + ".weight"
         shape = (len(infos), *infos[0].shape)
         planned.append(PlannedTensor(target, shape, tensor_type(target, shape, requested),
-                                     lambda infos=infos: np.stack([as_float32(i) for i in infos])))
+                                     lambda infos=infos: np.stack([as_float32(i) for i in infos]), infos[0].name))
     for target, values in extra.items():
         planned.append(PlannedTensor(target, values.shape, gguf.GGMLQuantizationType.F32, lambda v=values: v))
     return sorted(planned, key=_gguf_order)
@@ -134,7 +164,7 @@ def _planned(target: str, info: TensorInfo, family: Family, requested: str, head
             values = transform(values)
         return np.ascontiguousarray(values, dtype=np.float32)
 
-    return PlannedTensor(target, tuple(info.shape), tensor_type(target, tuple(info.shape), requested), load)
+    return PlannedTensor(target, tuple(info.shape), tensor_type(target, tuple(info.shape), requested), load, info.name)
 
 
 def _gguf_order(tensor: PlannedTensor) -> tuple:

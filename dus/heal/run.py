@@ -297,6 +297,8 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
         raise DusError("sft.max_steps 0 trains nothing and calibration is off; give --steps N >= 1 "
                        "(or enable calibrate for a calibration-only run)")
+    if max_steps == 0:
+        check_something_to_calibrate(model_dir, cfg)
     if resume and previous and previous.get("finished") and isinstance(max_steps, int) \
             and 0 <= max_steps <= (previous.get("steps") or 0):
         raise DusError(f"--resume: the run in {out} already finished its {previous.get('steps')} steps; "
@@ -329,6 +331,22 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teacher_dir)
+
+
+def check_something_to_calibrate(model_dir: ModelDir, cfg: HealConfig) -> None:
+    """A calibration-only run (`--steps 0`) is refused when calibration would change
+    nothing (an unchanged copy is no heal): a model without a dus build plan, or a plan in
+    which no layer repeats (a graft, an interleave of distinct layers, an expansion)."""
+    from dus.heal.calibrate import repeated_layers
+
+    plan = model_dir.manifest.plan if model_dir.manifest is not None else None
+    if plan is None:
+        raise DusError(f"--steps 0 only calibrates, and {model_dir.path} has no build plan (dus-manifest.json) "
+                       "naming repeated layers: nothing to do; give --steps N >= 1 to train it")
+    copies = cfg.section("calibrate").get("copies", "later")
+    if not repeated_layers(plan, copies):
+        raise DusError(f"--steps 0 only calibrates repeated layers, and no layer of {model_dir.path} repeats "
+                       f"(its plan is a {plan.recipe_kind}): nothing to do; give --steps N >= 1 to train it")
 
 
 def check_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None) -> Path | None:

@@ -4,11 +4,13 @@ tokenize alike before their perplexities are set side by side."""
 from __future__ import annotations
 
 from dus.errors import DusError
+from dus.tokenizer_check import first_vocab_difference
 
 
 def check_same_tokenizer(tokenizers: dict[str, object]) -> None:
     """Perplexities are comparable only over the same token ids: refuse when any
-    tokenizer's vocabulary or special tokens differ from the first one's."""
+    tokenizer's vocabulary (the id-by-id comparison build and heal use) or special tokens
+    differ from the first one's."""
     names = list(tokenizers)
     reference_name = names[0]
     reference = tokenizers[reference_name]
@@ -17,7 +19,7 @@ def check_same_tokenizer(tokenizers: dict[str, object]) -> None:
     for name in names[1:]:
         other = tokenizers[name]
         vocab = other.get_vocab()
-        difference = _first_vocab_difference(ref_vocab, vocab)
+        difference = first_vocab_difference(ref_vocab, vocab)
         if difference is None:
             special = _special_tokens(other)
             if special != ref_special:
@@ -34,14 +36,3 @@ def _special_tokens(tokenizer) -> dict[str, str]:
     names = ("bos_token", "eos_token", "pad_token", "unk_token")
     return {name: str(getattr(tokenizer, name, None)) for name in names}
 
-
-def _first_vocab_difference(reference: dict[str, int], other: dict[str, int]) -> str | None:
-    if reference == other:
-        return None
-    for token in sorted(reference, key=reference.get):
-        if token not in other:
-            return f"token {token!r} (id {reference[token]}) is missing"
-        if other[token] != reference[token]:
-            return f"token {token!r} has id {other[token]} instead of {reference[token]}"
-    extra = min((token for token in other if token not in reference), key=other.get)
-    return f"extra token {extra!r} (id {other[extra]})"
