@@ -28,8 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 RESULTS = REPO / "benchmarks" / "results"
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
-# `dus search` (TPE, 120 evaluations on data/text/dev/*): the rank-1 path of benchmarks/results/search-heldout.json
-TPE_WINNER = "S[0:14)x0.95 S[5:19)x0.5 S[14:30)x0.75"
+# `dus search` (TPE on data/text/dev/*), rank-1 paths of benchmarks/results/search-heldout.json
+TPE_WINNER = "S[0:15)x0.95 S[2:17)x0.5 S[16:30)x0.9"  # the 20-minute search (345 evaluations)
+TPE_120 = "S[0:14)x0.95 S[5:19)x0.5 S[14:30)x0.75"  # the first search (120 evaluations)
 
 
 def parse_path(text: str, model: str):
@@ -60,6 +61,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=SMOLLM2)
     parser.add_argument("--winner", default=TPE_WINNER, help="the searched path, as search-heldout.json writes it")
+    parser.add_argument("--name", default="search tpe best (20 minutes)", help="the winner's row name")
+    parser.add_argument("--skip-solar", action="store_true", help="keep SOLAR's row from the results file")
     parser.add_argument("--steps", type=int, default=None, help="heal steps (default: the default heal's)")
     parser.add_argument("--tokens", type=int, default=512, help="held-out tokens per file (bench_search heldout's)")
     parser.add_argument("--window", type=int, default=1024)
@@ -87,10 +90,14 @@ def main(argv=None) -> None:
         return scorer(loaded, tokenizer)[1]["perplexity"]
 
     base = perplexity(model_dir.path)
-    recipes = {"solar trim 8": solar(model, model_dir.num_layers, 8), "search tpe best": parse_path(args.winner, model)}
-    rows = []
+    recipes = {"solar trim 8": solar(model, model_dir.num_layers, 8), args.name: parse_path(args.winner, model)}
+    out_file = RESULTS / "search-healed.json"
+    kept = json.loads(out_file.read_text())["rows"] if out_file.is_file() else []
+    if args.skip_solar:
+        recipes.pop("solar trim 8")
+    rows = [row for row in kept if row["model"] not in recipes]
     for name, candidate in recipes.items():
-        slug = name.replace(" ", "-")
+        slug = re.sub(r"[^a-z0-9]+", "-", name)
         built, healed = args.workdir / f"{slug}-built", args.workdir / f"{slug}-healed"
         build_model(candidate.recipe(), built, force=True)
         record = heal(built, healed, args.steps, args.threads)
@@ -102,7 +109,7 @@ def main(argv=None) -> None:
     result = {"text": [str(f.relative_to(REPO)) for f in files], "tokens_per_file": args.tokens,
               "window": args.window, "heal": "the default (dus heal MODEL -o OUT)" + (f", --steps {args.steps}" if args.steps else ""),
               "source_perplexity": base, "rows": rows}
-    (RESULTS / "search-healed.json").write_text(json.dumps(result, indent=1) + "\n")
+    out_file.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'':18s} {'path':40s} {'unhealed':>9s} {'healed':>9s}  seam cost before -> after")
     for row in rows:
         print(f"{row['model']:18s} {row['path']:40s} {row['unhealed']:9.3f} {row['healed']:9.3f}  "
