@@ -39,7 +39,7 @@ def _lm_eval_imports() -> bool:
     return True
 
 
-needs_lm_eval = pytest.mark.skipif(not _lm_eval_imports(), reason="lm-eval is not importable here: `pip install 'dus[test]'` (lm-eval>=0.4.10 under transformers 5)")
+needs_lm_eval = pytest.mark.skipif(not _lm_eval_imports(), reason="lm-eval is not importable here: `pip install 'dus[test]'` (lm-eval>=0.4.13 under transformers 5)")
 
 
 @pytest.fixture
