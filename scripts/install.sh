@@ -24,7 +24,7 @@ else
     export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
     if ! $PIP install --quiet -e ".[test]"; then
         echo "warning: llama-cpp-python did not build; installing without it (the llama.cpp export checks will skip)" >&2
-        $PIP install --quiet -e ".[search]" "pytest>=8" "hypothesis>=6.100" "deepspeed>=0.16" "bitsandbytes>=0.48"
+        $PIP install --quiet -e ".[search]" "pytest>=8" "hypothesis>=6.100" "deepspeed>=0.16" "bitsandbytes>=0.48" "lm-eval>=0.4.13"
     fi
     # mergekit is the reference that tests/test_mergekit_compat.py and benchmarks/ compare
     # against; dus never imports it. Its requirements are all satisfied by the line above.

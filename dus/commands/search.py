@@ -34,6 +34,11 @@ def search(
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Tokens to score in all, shared evenly by the --data files (the first tokens of each)."),
     score: Optional[str] = typer.Option(None, "--score", help="MODULE:FUNCTION (or FILE.py:FUNCTION) taking (model, tokenizer) and returning a number to minimise."),
     maximize: bool = typer.Option(False, "--maximize", help="The --score function's number is better when higher."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks (comma-separated) as the score: the mean of --tasks-metric over them, maximised (needs lm-eval)."),
+    tasks_metric: str = typer.Option("acc", "--tasks-metric", help="The lm-eval metric to average over --tasks (acc, acc_norm, exact_match, or METRIC,FILTER)."),
+    tasks_limit: Optional[int] = typer.Option(None, "--tasks-limit", help="Score only the first N documents of each task."),
+    tasks_include: Optional[Path] = typer.Option(None, "--tasks-include", help="A directory of your own lm-eval task YAML files."),
+    tasks_batch_size: int = typer.Option(1, "--tasks-batch-size", help="lm-eval's batch size."),
     top: int = typer.Option(5, "--top", help="Ranked recipes to write."),
     graft: Optional[Path] = typer.Option(None, "--graft", help="Graft mode: the base model."),
     donor: Optional[Path] = typer.Option(None, "--donor", help="Graft mode: the model whose layers go in."),
@@ -45,6 +50,7 @@ def search(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ) -> None:
     """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
+    from dus.compare.lm_eval_hook import parse_tasks
     from dus.errors import DusError
     from dus.search.run import SearchOptions
     from dus.search.run import search as run_search
@@ -63,6 +69,7 @@ def search(
         keep=parse_keep(keep), max_params=parse_count(max_params), optimizer=optimizer, population=population,
         evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
         maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
-        prefix_cache_mb=prefix_cache,
+        prefix_cache_mb=prefix_cache, tasks=parse_tasks(tasks), tasks_metric=tasks_metric, tasks_limit=tasks_limit,
+        tasks_include=tasks_include, tasks_batch_size=tasks_batch_size,
     )
     run_search(list(models or []), options)

@@ -7,7 +7,8 @@ the comparison carries on and the report says why the scores are absent.
 
 from __future__ import annotations
 
-INSTALL_HINT = "lm-evaluation-harness is not installed: `pip install 'dus[eval]'` (or `pip install lm-eval`) to add --tasks scores"
+INSTALL = "lm-evaluation-harness is not installed: `pip install 'dus[eval]'` (or `pip install lm-eval`)"
+INSTALL_HINT = f"{INSTALL} to add --tasks scores"
 NETWORK_WORDS = ("connection", "offline", "resolve", "network", "timed out", "timeout", "couldn't reach", "could not reach", "hub", "404", "max retries", "name or service")
 
 
@@ -17,6 +18,23 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def first_line(error: BaseException, width: int) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return (text.splitlines() or [""])[0][:width]
+
+
+def unreachable_message(error: BaseException) -> str | None:
+    """The one line for task data that could not be downloaded, or None for other errors
+    (lm-eval and datasets word these in many ways; the words below cover those seen)."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, (ConnectionError, TimeoutError)) or any(word in text.lower() for word in NETWORK_WORDS):
+        return (
+            f"lm-eval could not reach its task datasets ({first_line(error, 200)}); they download from the "
+            "Hugging Face hub: run where the hub is reachable, or pre-cache the datasets and set HF_DATASETS_OFFLINE=1"
+        )
+    return None
 
 
 def parse_tasks(tasks: str | None) -> list[str]:
@@ -39,14 +57,10 @@ def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: 
             limit=limit,
         )
     except Exception as error:  # lm-eval raises many kinds; none of them should sink the comparison
-        text = f"{type(error).__name__}: {error}"
-        if isinstance(error, (ConnectionError, TimeoutError)) or any(word in text.lower() for word in NETWORK_WORDS):
-            message = (
-                f"lm-eval could not reach its task datasets ({text.splitlines()[0][:200]}); they download from the "
-                "Hugging Face hub: run where the hub is reachable, or pre-cache the datasets and set HF_DATASETS_OFFLINE=1"
-            )
+        message = unreachable_message(error)
+        if message:
             return {"status": "unreachable", "message": message}
-        return {"status": "failed", "message": f"lm-eval failed on tasks {','.join(tasks)}: {text.splitlines()[0][:300]}"}
+        return {"status": "failed", "message": f"lm-eval failed on tasks {','.join(tasks)}: {first_line(error, 300)}"}
     if not output or "results" not in output:
         return {"status": "failed", "message": "lm-eval returned no results (is this the main process?)"}
     results = {}

@@ -39,7 +39,11 @@ def progress(console, total: int, enabled: bool = True):
 def best_text(value: float, metrics: dict) -> str:
     if math.isinf(value):
         return "-"
-    return f"ppl {math.exp(value):.3f}" if "perplexity" in metrics else f"{value:.4g}"
+    if "perplexity" in metrics:
+        return f"ppl {math.exp(value):.3f}"
+    if "tasks" in metrics:  # lm-eval: the metric itself, not its negation
+        return f"{metrics['metric']} {metrics['mean']:.4f}"
+    return f"{value:.4g}"
 
 
 def ranking(history: list[dict]) -> list[dict]:
@@ -117,6 +121,8 @@ def log_wandb(output: Path, setup, result_data: dict) -> str:
         summary.update({"best/value": best["value"], "best/path": Candidate.from_dict(best["candidate"]).describe(setup.names)})
         if "perplexity" in best["metrics"]:
             summary["best/perplexity"] = best["metrics"]["perplexity"]
+        if "tasks" in best["metrics"]:
+            summary[f"best/{best['metrics']['metric']}"] = best["metrics"]["mean"]
         plot(output / "search.png", setup, result_data)
         plots["search"] = output / "search.png"
     columns = ["i", "path", "depth", "value", "perplexity", "feasible", "cached"]
@@ -126,7 +132,16 @@ def log_wandb(output: Path, setup, result_data: dict) -> str:
 def _metrics_text(metrics: dict) -> str:
     if "perplexity" in metrics:
         return f"perplexity {metrics['perplexity']:.4f} on {metrics['tokens_scored']} tokens"
+    if "tasks" in metrics:
+        each = ", ".join(f"{task} {metrics['metric']} {_task_value(values, metrics['metric']):.4f}" for task, values in metrics["tasks"].items())
+        return f"mean {metrics['metric']} {metrics['mean']:.4f} over lm-eval tasks: {each}"
     return ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+
+
+def _task_value(values: dict, metric: str) -> float:
+    from dus.search.lm_eval_score import pick_metric
+
+    return values[pick_metric("", values, metric)]
 
 
 def plot(path: Path, setup, result_data: dict) -> None:
@@ -139,10 +154,15 @@ def plot(path: Path, setup, result_data: dict) -> None:
     candidate = Candidate.from_dict(best["candidate"])
     figure, (curve, layers) = plt.subplots(1, 2, figsize=(11, 4))
     values = result_data["best_so_far"]
-    shown = [(i + 1, math.exp(v) if "perplexity" in best["metrics"] else v) for i, v in enumerate(values) if v is not None]
+    lm_eval = "tasks" in best["metrics"]
+    sign = -1 if lm_eval and best["metrics"]["higher_is_better"] else 1
+    shown = [(i + 1, math.exp(v) if "perplexity" in best["metrics"] else sign * v) for i, v in enumerate(values) if v is not None]
     curve.step([i for i, _ in shown], [v for _, v in shown], where="post")
     curve.set_xlabel("evaluations")
-    curve.set_ylabel("best perplexity so far" if "perplexity" in best["metrics"] else "best score so far (minimised)")
+    if lm_eval:
+        curve.set_ylabel(f"best mean {best['metrics']['metric']} so far (lm-eval)")
+    else:
+        curve.set_ylabel("best perplexity so far" if "perplexity" in best["metrics"] else "best score so far (minimised)")
     curve.set_title("best so far")
     curve.grid(alpha=0.3)
     colours = {model: f"C{i}" for i, model in enumerate(setup.models)}
@@ -208,5 +228,7 @@ def print_best(console, setup, result_data: dict, top: int) -> None:
     for entry in result_data["ranked"][:top]:
         candidate = Candidate.from_dict(entry["candidate"])
         score = f"ppl {entry['metrics']['perplexity']:.4f}" if "perplexity" in entry["metrics"] else f"{entry['value']:.6g}"
+        if "tasks" in entry["metrics"]:
+            score = best_text(entry["value"], entry["metrics"])
         table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, entry["file"] or "")
     console.print(table)

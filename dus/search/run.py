@@ -37,6 +37,11 @@ class SearchOptions:
     max_tokens: int | None = DEFAULT_SEARCH_TOKENS
     score: str | None = None
     maximize: bool = False
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks as the fitness (mean of tasks_metric)
+    tasks_metric: str = "acc"
+    tasks_limit: int | None = None
+    tasks_include: Path | None = None
+    tasks_batch_size: int = 1
     top: int = 5
     dry_run: bool = False
     dtype: str = "auto"
@@ -58,6 +63,7 @@ class Setup:
     grafts: list[Candidate]
     settings: dict
     evaluator: object = None
+    scorer: object = None  # made while checking the inputs when it has its own checks (lm-eval's tasks)
 
 
 def model_paths(models: list) -> list[str]:
@@ -135,8 +141,10 @@ def prepare(models: list, options: SearchOptions) -> Setup:
     from dus.measure.text import check_max_tokens
 
     check_max_tokens(options.max_tokens)
-    if options.score is None and not options.data:
-        raise DusError("give the text to score on with --data FILE, or a scoring function with --score MODULE:FUNCTION")
+    scorer = tasks_scorer(options)
+    if options.score is None and not options.data and scorer is None:
+        raise DusError("give the text to score on with --data FILE, a scoring function with --score MODULE:FUNCTION, "
+                       "or lm-eval tasks with --tasks TASK[,TASK]")
     names = short_names(paths)
     settings = {
         "mode": "graft" if options.graft else "search",
@@ -152,7 +160,22 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         "window": options.window, "stride": options.stride, "max_tokens": options.max_tokens,
         "dtype": options.dtype,
     }
-    return Setup(paths, names, space, grafts, settings)
+    if scorer is not None:
+        settings.update(scorer.settings(), maximize=None, data=[], window=None, stride=None, max_tokens=None)
+    return Setup(paths, names, space, grafts, settings, scorer=scorer)
+
+
+def tasks_scorer(options: SearchOptions):
+    """The lm-eval scorer for --tasks (lm-eval imported, task names checked), or None."""
+    if not options.tasks:
+        return None
+    if options.score:
+        raise DusError("--tasks and --score are two fitnesses: give one")
+    if options.data:
+        raise DusError("--data is the text perplexity is scored on; with --tasks the tasks are the score: drop --data")
+    from dus.search.lm_eval_score import LmEvalScorer
+
+    return LmEvalScorer(options.tasks, options.tasks_metric, options.tasks_limit, options.tasks_include, options.tasks_batch_size)
 
 
 def short_names(paths: list[str]) -> dict[str, str]:
@@ -174,7 +197,10 @@ def load(setup: Setup, options: SearchOptions) -> None:
 
     first = ModelDir(setup.models[0])
     tokenizer = first.tokenizer()
-    if options.score:
+    if setup.scorer is not None:
+        setup.scorer.fetch()  # task data unreachable: one line before the sources are loaded
+        scorer = setup.scorer
+    elif options.score:
         add_user_path()
         scorer = FunctionScorer(options.score, options.maximize)
     else:
