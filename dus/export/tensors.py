@@ -78,17 +78,25 @@ def non_finite_warnings(planned: list[PlannedTensor]) -> list[str]:
     warnings = []
     bad = [t for t in planned if t.non_finite]
     if bad:
-        more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''} too" if len(bad) > 1 else ""
-        warnings.append(f"{bad[0].source or bad[0].name} (GGUF {bad[0].name}) holds {bad[0].non_finite} NaN or "
-                        f"infinite value{'s' if bad[0].non_finite > 1 else ''}{more}, written as they are: the model "
+        first = bad[0]
+        warnings.append(f"{first.source or first.name} (GGUF {first.name}) holds {first.non_finite} NaN or "
+                        f"infinite value{_s(first.non_finite)}{_and_more(bad)}, written as they are: the model "
                         "computes NaN; check the checkpoint (a diverged training or a damaged file?)")
     over = [t for t in planned if t.overflowed]
     if over:
-        more = f", and {len(over) - 1} more tensor{'s' if len(over) > 2 else ''} too" if len(over) > 1 else ""
-        warnings.append(f"{over[0].source or over[0].name} (GGUF {over[0].name}): {over[0].overflowed} value"
-                        f"{'s' if over[0].overflowed > 1 else ''} beyond float16's range became infinite{more}; "
+        first = over[0]
+        warnings.append(f"{first.source or first.name} (GGUF {first.name}): {first.overflowed} value"
+                        f"{_s(first.overflowed)} beyond float16's range became infinite{_and_more(over)}; "
                         "export with --type bf16 or f32")
     return warnings
+
+
+def _s(count: int) -> str:
+    return "s" if count > 1 else ""
+
+
+def _and_more(tensors: list) -> str:
+    return f", and {len(tensors) - 1} more tensor{_s(len(tensors) - 1)} too" if len(tensors) > 1 else ""
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], requested: str) -> gguf.GGMLQuantizationType:
