@@ -378,3 +378,14 @@ def test_qlora_without_usable_bitsandbytes_is_refused_in_one_line(found, message
     monkeypatch.setattr(importlib.metadata, "version", lambda name: found)
     with pytest.raises(DusError, match=message.replace("(", r"\(").replace(")", r"\)")):
         quantization_config(load_config(None, {"mode": "qlora"}))
+
+
+def test_the_mmap_threshold_pin_can_be_turned_off(monkeypatch):
+    import sys as _sys
+
+    from dus.host_memory import keep_large_blocks_returnable
+
+    monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", "0")
+    assert keep_large_blocks_returnable() is False
+    monkeypatch.delenv("DUS_PIN_MMAP_THRESHOLD")
+    assert keep_large_blocks_returnable() is _sys.platform.startswith("linux")
