@@ -343,8 +343,9 @@ def stage_heal_qlora(run: Run) -> dict:
     try:
         return dus_heal(run, "heal_qlora", ["-c", "qlora"])
     except StageFailed as failed:
-        # calibration scales o_proj/down_proj in place, which packed 4-bit weights may not allow:
-        # once more without it, so that a failure there still leaves QLoRA's own figures
+        # QLoRA heals in memory with calibration (scale rules on the 4-bit layers' outputs), a
+        # path first run on a GPU here: once more without calibration, so that a failure there
+        # still leaves QLoRA's own figures
         if run.left() > 60:
             try:
                 failed.result["retry_without_calibration"] = dus_heal(
