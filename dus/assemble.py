@@ -265,13 +265,12 @@ def _shared_layer(source_layer: nn.Module, layer: OutputLayer, index: int) -> nn
     if not layer.scale and not layer.zero_output:
         return built
     handled: set[str] = set()
-    linears = [(n, m) for n, m in built.named_modules() if isinstance(m, nn.Linear) and m.weight is not None]
+    linears = [(n, m) for n, m in built.named_modules()  # plain Linears and 4-bit ones; other subclasses as params
+               if type(m) is nn.Linear or (isinstance(m, nn.Linear) and m.weight is not None and is_quantized(m.weight))]
     for name, linear in linears:
         weight = _factor(layer, index, f"{name}.weight")
         bias = _factor(layer, index, f"{name}.bias") if linear.bias is not None else None
         quantized = is_quantized(linear.weight)
-        if type(linear) is not nn.Linear and not quantized:
-            continue
         handled.update({f"{name}.weight", f"{name}.bias"})
         if weight in (None, 1.0) and bias in (None, 1.0):
             continue

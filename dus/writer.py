@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from dus.checkpoint import INDEX_NAME
@@ -220,12 +220,13 @@ def materialize(tensor: OutputTensor):
         return value.detach().to("cpu", out_dtype)
     if tensor.delta is not None:
         delta = tensor.delta() if callable(tensor.delta) else tensor.delta
-        value = _transformed(replace(tensor, delta=None), out_dtype).float()
+        value = _transformed(tensor, out_dtype).float()  # the source as the plan transforms it
         return (value + delta.detach().to("cpu", torch.float32)).to(out_dtype)
     return _transformed(tensor, out_dtype)
 
 
 def _transformed(tensor: OutputTensor, out_dtype):
+    """The source tensor with the plan's own transforms (zero, dtype, blend, scale)."""
     import torch
 
     if tensor.zero:
