@@ -308,12 +308,7 @@ def stage_trl_band(run: Run) -> dict:
             "max_length": cfg["seq"], "packing": True, "steps": cfg["steps"], "out": str(out),
             "layers": band["layers"], "teacher": band["teacher"], "device": cfg["device"],
             "dtype": cfg["dtype"], "bf16": run.cuda and cfg["dtype"] == "bfloat16", "save": False}
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        result = run.measured("trl_band", [str(REPO / "benchmarks" / "bench_heal.py"), "--child", "trl-distill",
-                                           "--spec", json.dumps(spec)], train=True)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    result = trl_child(run, "trl_band", "trl-distill", spec, out)
     add_mfu(run, result, band["layers"], distill=True)
     return with_trl_ratios(band, result)
 
@@ -372,14 +367,20 @@ def stage_trl_qlora(run: Run) -> dict:
             "layers": done["layers"], "lora_modules": done["lora_modules"], "device": cfg["device"],
             "dtype": cfg["dtype"], "bf16": True, "load_in_4bit": True,
             "activation_checkpointing": bool(done["settings_used"]["activation_checkpointing"])}
-    shutil.rmtree(out, ignore_errors=True)
-    try:  # the adapter it saves is small: no reload check
-        result = run.measured("trl_qlora", [str(REPO / "benchmarks" / "bench_heal.py"), "--child", "trl",
-                                            "--spec", json.dumps(spec)], train=True)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    result = trl_child(run, "trl_qlora", "trl", spec, out)  # the adapter it saves is small: no reload check
     add_mfu(run, result, done["layers"], distill=False)
     return with_trl_ratios(done, result)
+
+
+def trl_child(run: Run, stage: str, kind: str, spec: dict, out: Path) -> dict:
+    """bench_heal.py's plain TRL script (`--child KIND`) measured as a training stage, its
+    output directory removed before and after."""
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        return run.measured(stage, [str(REPO / "benchmarks" / "bench_heal.py"), "--child", kind,
+                                    "--spec", json.dumps(spec)], train=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def stage_compare(run: Run) -> dict:
