@@ -56,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--calibrate-tokens", type=int, default=2048, help="calibration tokens (the default heal's 2048)")
     parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, previous) pairs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unpinned-previous", action="store_true",
+                        help="the previous path as it was before dus heal pinned glibc's mmap threshold "
+                             "(DUS_PIN_MMAP_THRESHOLD=0 in its process; the in-memory run keeps the default)")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored (0: skip)")
     parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-heal-memory")
     parser.add_argument("--loss-memory", action="store_true",
@@ -221,8 +224,10 @@ def source_model(args) -> Path:
     return path
 
 
-def run_child(spec: dict, threads: int) -> dict:
+def run_child(spec: dict, threads: int, unpinned: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if unpinned:
+        env["DUS_PIN_MMAP_THRESHOLD"] = "0"
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({spec}):\n{done.stderr[-4000:]}")
@@ -289,7 +294,7 @@ def main(argv=None) -> None:
                     "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                     "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens,
                     "student": args.student}
-            result = run_child(spec, args.threads)
+            result = run_child(spec, args.threads, unpinned=args.unpinned_previous and name == "previous")
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "
                   f"final loss {result['final_loss']:.5f}", flush=True)
