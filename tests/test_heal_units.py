@@ -389,3 +389,16 @@ def test_the_mmap_threshold_pin_can_be_turned_off(monkeypatch):
     assert keep_large_blocks_returnable() is False
     monkeypatch.delenv("DUS_PIN_MMAP_THRESHOLD")
     assert keep_large_blocks_returnable() is _sys.platform.startswith("linux")
+
+
+def test_the_mmap_threshold_pin_takes_a_size_and_refuses_anything_else(monkeypatch):
+    from dus.errors import DusError
+    from dus.host_memory import MMAP_THRESHOLD, pinned_threshold
+
+    for value, expected in (("1", MMAP_THRESHOLD), ("0", None), ("4194304", 4194304), (" 2097152 ", 2097152)):
+        monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", value)
+        assert pinned_threshold() == expected
+    for value in ("yes", "-1", "1.5"):
+        monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", value)
+        with pytest.raises(DusError, match="DUS_PIN_MMAP_THRESHOLD"):
+            pinned_threshold()
