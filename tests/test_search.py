@@ -129,6 +129,34 @@ def test_in_memory_score_equals_the_built_recipe_loaded(arch, tiny_models, text,
     assert plain.value != score.value  # the scales are really applied
 
 
+def test_same_shape_windows_of_several_streams_are_scored_in_one_forward_call(tiny_models, text):
+    """The scorer batches windows of one shape across streams; the score is what the windows
+    scored one at a time (`dus compare`'s evaluate_stream) give, to float32 rounding."""
+    from dus.checkpoint import ModelDir
+    from dus.measure.perplexity import PerplexityResult, evaluate_stream
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.search.fitness import PerplexityScorer
+
+    directory = ModelDir(tiny_models("llama", num_layers=N))
+    model, tokenizer = directory.load_model(torch.float32, quiet=True).eval(), directory.tokenizer()
+    ids = tokenize_stream(tokenizer, read_text(text), 400)
+    streams = [ids[:100], ids[100:200], ids[200:300], ids[300:]]
+    scorer = PerplexityScorer(streams, 64, 48)
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    value, metrics = scorer(model, tokenizer)
+    handle.remove()
+    windows = [evaluate_stream(model, stream, 64, 48) for stream in streams]
+    one_at_a_time = PerplexityResult(sum(w.nll_sum for w in windows), sum(w.tokens for w in windows))
+    assert metrics["tokens_scored"] == one_at_a_time.tokens
+    assert value == pytest.approx(one_at_a_time.mean_nll, rel=1e-6)
+    assert len(calls) == 2 and sorted(shape[0] for shape in calls) == [4, 4]  # 8 windows, two shapes
+    assert scorer.tokens_fed() == sum(shape[0] * shape[1] for shape in calls)
+    scorer.batch_tokens = 64  # a window a call: the same windows, one at a time
+    assert scorer(model, tokenizer)[0] == pytest.approx(value, rel=1e-6) and len(scorer.batches(1)) == 8
+
+
 def _evaluators(model: str, text, **budgets):
     """A plain evaluator (no prefix cache, per-call scale products) and one with the given budgets."""
     from dus.assemble import load_sources

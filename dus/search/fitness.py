@@ -24,27 +24,60 @@ class Score:
 
 class PerplexityScorer:
     """Mean NLL per token (log perplexity) over fixed token streams (one per text file,
-    so no window spans two files), windows as in `dus compare`."""
+    so no window spans two files), windows as in `dus compare`.
+
+    Windows of the same shape from different streams go through the model together:
+    a search scores short windows (its token budget split over the files), and one
+    matrix product over 7 x 109 rows runs at twice the rate of seven over 109 in bf16
+    on this machine's CPU. The batches are fixed by the streams, so every candidate
+    replays the same forward calls (what the prefix cache needs)."""
 
     name = "perplexity"
     replays_windows = True  # the same forward calls, in the same order, for every candidate
+    batch_tokens = 4096  # tokens of one forward call at most (activations)
+    batch_logits = 2**26  # logits of one forward call at most (vocabulary x scored positions)
 
     def __init__(self, streams: list, window: int, stride: int):
         self.streams, self.window, self.stride = streams, window, stride
 
     def tokens_fed(self) -> int:
         """Tokens of all forward calls together (what one kept hidden state spans)."""
+        return sum(window.end - window.begin for batch in self.batches(1) for _, window in batch)
+
+    def batches(self, vocab: int) -> list[list]:
+        """[(stream, window), ...] per forward call: same-shape windows together, in stream order."""
         from dus.measure.perplexity import sliding_windows
 
-        return sum(w.end - w.begin for ids in self.streams for w in sliding_windows(len(ids), self.window, self.stride))
+        groups: dict[tuple, list] = {}
+        for stream, ids in enumerate(self.streams):
+            for window in sliding_windows(len(ids), self.window, self.stride):
+                shape = (window.end - window.begin, window.first - window.begin)
+                groups.setdefault(shape, []).append((stream, window))
+        calls = []
+        for (length, offset), members in groups.items():
+            per_call = max(1, min(self.batch_tokens // length, self.batch_logits // max(1, (length - offset + 1) * vocab)))
+            calls.extend(members[i : i + per_call] for i in range(0, len(members), per_call))
+        return calls
 
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
-        from dus.measure.perplexity import PerplexityResult, evaluate_stream
+        import torch
+        import torch.nn.functional as F
 
+        from dus.measure.perplexity import PerplexityResult
+
+        device = next(model.parameters()).device
         nll, tokens = 0.0, 0
-        for ids in self.streams:
-            result = evaluate_stream(model, ids, self.window, self.stride)
-            nll, tokens = nll + result.nll_sum, tokens + result.tokens
+        with torch.inference_mode():
+            for batch in self.batches(model.config.vocab_size):
+                window = batch[0][1]
+                chunk = torch.stack([self.streams[stream][w.begin : w.end] for stream, w in batch]).to(device)
+                offset = window.first - window.begin
+                logits = model(input_ids=chunk, use_cache=False, logits_to_keep=window.end - window.first + 1).logits
+                # Logits at positions first-1 .. end-2 predict tokens first .. end-1.
+                logits = logits[:, :-1].float().flatten(0, 1)
+                targets = chunk[:, offset:].flatten()
+                nll += F.cross_entropy(logits, targets, reduction="sum").item()
+                tokens += targets.numel()
         total = PerplexityResult(nll, tokens)
         return total.mean_nll, total.to_dict()
 
