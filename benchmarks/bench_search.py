@@ -15,6 +15,10 @@ score, timed per candidate with the bytes it wrote. Wall and CPU seconds (this p
 plus its children: a fair measure on a busy machine) are both kept. The two scores are printed side by
 side (they should agree). Writes benchmarks/results/search-cost.json.
 
+`--dtype bfloat16` loads and scores in both loops in bf16 (SmolLM2's released dtype;
+mergekit writes bf16, `from_pretrained` loads it so): matrix products run on this
+machine's AMX units. Writes benchmarks/results/search-cost-bfloat16.json.
+
 Then (--in-search N) the cost per candidate inside a real search: `dus search`'s default
 optimizer on the same text and tokens for N evaluations, once with the prefix cache (a
 candidate runs only its layers after the longest prefix it shares with one scored before)
@@ -96,7 +100,8 @@ def cost(args) -> None:
     scorer = PerplexityScorer(streams, args.window, args.window)
     started = time.perf_counter()
     plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
-    sources = load_sources(plan, torch.float32)
+    dtype = getattr(torch, args.dtype)
+    sources = load_sources(plan, dtype)
     load_seconds = time.perf_counter() - started
     mergekit = shutil.which("mergekit-yaml")
     rows = []
@@ -108,7 +113,7 @@ def cost(args) -> None:
             row = {"candidate": name, "round": round_, "dus_seconds": score.seconds, "dus_cpu_seconds": time.process_time() - cpu,
                    "dus_perplexity": score.metrics["perplexity"], "dus_bytes_written": 0}
             if mergekit:
-                row.update(classic(candidate, mergekit, scorer, tokenizer))
+                row.update(classic(candidate, mergekit, scorer, tokenizer, args.dtype))
             rows.append(row)
             print(json.dumps(row), flush=True)
     evaluator = Evaluator(sources, tokenizer, scorer)  # the floor: a path scored again with its every layer kept
@@ -122,6 +127,7 @@ def cost(args) -> None:
         "model": model, "depth": 44, "tokens_scored_per_candidate": sum(len(s) - 1 for s in streams),
         "dus_cpu_seconds_whole_path_cached": whole_path_cached_cpu,
         "text": [str(f.relative_to(REPO)) for f in files], "window": args.window, "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "dus_source_load_seconds_once": load_seconds, "rows": rows,
     }
     if mergekit:
@@ -134,7 +140,7 @@ def cost(args) -> None:
         summary["median_classic_bytes_written"] = statistics.median(r["classic_bytes_written"] for r in rows)
     if args.in_search:
         summary["in_search"] = in_search(args, sources, tokenizer, files, summary.get("median_classic_cpu_seconds"))
-    out = RESULTS / "search-cost.json"
+    out = RESULTS / ("search-cost.json" if args.dtype == "float32" else f"search-cost-{args.dtype}.json")
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
 
@@ -164,6 +170,7 @@ def in_search(args, sources, tokenizer, files, classic_cpu: float | None) -> dic
             options = search_run.SearchOptions(
                 output=Path(tmp), data=files, depth=(44, 44), segments=3, scale=(0.5, 1.0), evals=args.in_search,
                 window=args.window, max_tokens=args.tokens, top=1, progress=False, prefix_cache_mb=megabytes,
+                dtype=args.dtype,
             )
             cpu, wall = time.process_time(), time.perf_counter()
             result = _search_over(args.model, sources, options)
@@ -183,15 +190,16 @@ def in_search(args, sources, tokenizer, files, classic_cpu: float | None) -> dic
     return summary
 
 
-def classic(candidate, mergekit: str, scorer, tokenizer) -> dict:
-    """mergekit-yaml into a temporary directory, from_pretrained, the same score."""
+def classic(candidate, mergekit: str, scorer, tokenizer, dtype: str) -> dict:
+    """mergekit-yaml into a temporary directory (written in the scoring dtype),
+    from_pretrained, the same score."""
     import yaml
 
     from dus.checkpoint import ModelDir
 
     with tempfile.TemporaryDirectory(prefix="dus-bench-classic-") as tmp:
         recipe = Path(tmp) / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(candidate.recipe(), sort_keys=False))
+        recipe.write_text(yaml.safe_dump({**candidate.recipe(), "dtype": dtype}, sort_keys=False))
         out = Path(tmp) / "out"
         started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
         subprocess.run([mergekit, str(recipe), str(out), "--copy-tokenizer", "--quiet"], check=True,
@@ -200,7 +208,7 @@ def classic(candidate, mergekit: str, scorer, tokenizer) -> dict:
         written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         import torch
 
-        model = ModelDir(out).load_model(torch.float32, quiet=True).eval()
+        model = ModelDir(out).load_model(getattr(torch, dtype), quiet=True).eval()
         _, metrics = scorer(model, tokenizer)
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu + _children_cpu() - children
@@ -350,6 +358,9 @@ def main() -> None:
         if name == "cost":
             p.add_argument("--repeat", type=int, default=2)
             p.add_argument("--in-search", type=int, default=40, help="evaluations of a real search timed per model run (0: skip)")
+            p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                           help="what both loops load and score in (bfloat16: SmolLM2's released dtype; fast on CPUs with AMX); "
+                                "results in search-cost.json, or search-cost-bfloat16.json")
         if name == "search":
             p.add_argument("--optimizer", default="cma")
             p.add_argument("--evals", type=int, default=200)
