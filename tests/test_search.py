@@ -375,6 +375,30 @@ def test_a_user_scoring_function_is_minimised_or_maximised(tiny_models, text, tm
 # --- the CLI: outputs, the found recipe builds, bad input -------------------------------
 
 
+def test_a_bf16_search_scores_what_the_found_recipe_scores_built_and_loaded_in_bf16(tiny_models, text, tmp_path, run_cli):
+    """`--dtype bfloat16` loads the sources in bf16; without scales, the in-memory path holds
+    the same bf16 weights as the built recipe loaded in bf16, so the scores are equal."""
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.search.fitness import PerplexityScorer
+
+    model = tiny_models("llama", num_layers=N)
+    out = tmp_path / "search"
+    result = run_cli("search", model, "--data", text, "--depth", "7:9", "--evals", "6", "--dtype", "bfloat16",
+                     "--window", "64", "--max-tokens", "256", "-o", out)
+    assert result.code == 0, result
+    data = json.loads((out / "search.json").read_text())
+    assert data["settings"]["dtype"] == "bfloat16"
+    built = run_cli("build", out / "rank-1.yaml", "-o", tmp_path / "built")
+    assert built.code == 0, built
+    loaded = ModelDir(tmp_path / "built").load_model(torch.bfloat16, quiet=True).eval()
+    ids = tokenize_stream(ModelDir(model).tokenizer(), read_text(text), 256)
+    value, _ = PerplexityScorer([ids], 64, 64)(loaded, None)
+    assert value == data["ranked"][0]["value"]
+    as_float32, _ = PerplexityScorer([ids], 64, 64)(ModelDir(tmp_path / "built").load_model(torch.float32, quiet=True).eval(), None)
+    assert as_float32 != value  # the search really scored in bf16
+
+
 def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, text, tmp_path, run_cli):
     from dus.checkpoint import ModelDir
     from dus.measure.text import read_text, tokenize_stream
