@@ -16,6 +16,12 @@ process (so peak memory is its own), alternating, with the same seed and setting
     python benchmarks/bench_heal_memory.py                      # SmolLM2 SOLAR 30 -> 44 (models/ must have it)
     python benchmarks/bench_heal_memory.py --size 1.5b --steps 3 --batch-size 1 --dtype bfloat16 --calibrate-tokens 256
     python benchmarks/bench_heal_memory.py --tiny               # a quick smoke run
+    python benchmarks/bench_heal_memory.py --mmap-thresholds 131072,1048576,4194304,0 --steps 7
+
+`--mmap-thresholds`: only the in-memory heal, once per glibc mmap threshold
+(DUS_PIN_MMAP_THRESHOLD; 0 is glibc's own dynamic policy), peak and step time of each:
+the trade between memory given back and page faults. Writes
+benchmarks/results/heal-memory-mmap.json.
 
 Writes WORKDIR/results.json (and prints a table).
 """
@@ -59,6 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--unpinned-previous", action="store_true",
                         help="the previous path as it was before dus heal pinned glibc's mmap threshold "
                              "(DUS_PIN_MMAP_THRESHOLD=0 in its process; the in-memory run keeps the default)")
+    parser.add_argument("--mmap-thresholds", default=None,
+                        help="comma-separated DUS_PIN_MMAP_THRESHOLD values (bytes; 0: glibc's dynamic policy): "
+                             "the in-memory heal once per value")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored (0: skip)")
     parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-heal-memory")
     parser.add_argument("--loss-memory", action="store_true",
@@ -224,10 +233,12 @@ def source_model(args) -> Path:
     return path
 
 
-def run_child(spec: dict, threads: int, unpinned: bool = False) -> dict:
+def run_child(spec: dict, threads: int, unpinned: bool = False, threshold: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if unpinned:
         env["DUS_PIN_MMAP_THRESHOLD"] = "0"
+    if threshold is not None:
+        env["DUS_PIN_MMAP_THRESHOLD"] = threshold
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({spec}):\n{done.stderr[-4000:]}")
@@ -265,6 +276,20 @@ def perplexity(model_dir: Path, tokens: int, dtype: str) -> float:
     return evaluate_stream(model, ids, 512, 512).perplexity
 
 
+def mmap_sweep(args, built: Path) -> None:
+    rows = []
+    for threshold in args.mmap_thresholds.split(","):
+        spec = {"model": str(built), "out": str(args.workdir / "healed-memory"), "in_memory": True, "steps": args.steps,
+                "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
+                "threads": args.threads, "calibrate_tokens": args.calibrate_tokens, "student": args.student}
+        result = run_child(spec, args.threads, threshold=threshold.strip())
+        rows.append({"DUS_PIN_MMAP_THRESHOLD": threshold.strip(), "peak_rss_mb": result["peak_rss_mb"],
+                     "step_s": result["step_s"], "steps_s": result["steps_s"], "final_loss": result["final_loss"]})
+        print(f"threshold {threshold}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s", flush=True)
+    out = REPO / "benchmarks" / "results" / "heal-memory-mmap.json"
+    out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -287,6 +312,9 @@ def main(argv=None) -> None:
     built = args.workdir / f"solar-{source.name}"
     if not (built / "dus-manifest.json").is_file():
         build_model({"solar": {"model": str(source), "trim": args.trim}}, built, force=True)
+    if args.mmap_thresholds:
+        mmap_sweep(args, built)
+        return
     runs = {"memory": [], "previous": []}
     for pair in range(args.pairs):
         for name in ("memory", "previous"):
