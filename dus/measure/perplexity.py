@@ -67,7 +67,6 @@ def evaluate_stream(model, ids, window: int, stride: int, stats=None, score: boo
     `stats` (a LayerStats) when given. `score=False` skips the vocabulary projection
     of all but one position (for scans that only need hidden states)."""
     import torch
-    import torch.nn.functional as F
 
     from dus.measure.layerwise import capture_layer_states
 
@@ -85,11 +84,8 @@ def evaluate_stream(model, ids, window: int, stride: int, stats=None, score: boo
             keep = win.end - win.first + 1 if score else 1
             output = model(input_ids=chunk, use_cache=False, logits_to_keep=keep)
             if score:
-                # Logits at positions first-1 .. end-2 predict tokens first .. end-1.
-                logits = output.logits[0, :-1].float()
-                targets = chunk[0, win.first - win.begin :]
-                nll_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-                scored += targets.numel()
+                nll, count = window_nll(output.logits, chunk, win)
+                nll_sum, scored = nll_sum + nll, scored + count
             if stats is not None:
                 if pending is not None:
                     pending.result()
@@ -99,6 +95,17 @@ def evaluate_stream(model, ids, window: int, stride: int, stats=None, score: boo
         if pending is not None:
             pending.result()
     return PerplexityResult(nll_sum, scored)
+
+
+def window_nll(logits, chunk, win: Window) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of a batch of same-shape windows fed as `chunk` (B x L),
+    from the model's logits for its last `win.end - win.first + 1` positions."""
+    import torch.nn.functional as F
+
+    # Logits at positions first-1 .. end-2 predict tokens first .. end-1.
+    logits = logits[:, :-1].float().flatten(0, 1)
+    targets = chunk[:, win.first - win.begin :].flatten()
+    return F.cross_entropy(logits, targets, reduction="sum").item(), targets.numel()
 
 
 def _update_stats(stats, states) -> None:

@@ -61,9 +61,8 @@ class PerplexityScorer:
 
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
         import torch
-        import torch.nn.functional as F
 
-        from dus.measure.perplexity import PerplexityResult
+        from dus.measure.perplexity import PerplexityResult, window_nll
 
         device = next(model.parameters()).device
         nll, tokens = 0.0, 0
@@ -71,13 +70,9 @@ class PerplexityScorer:
             for batch in self.batches(model.config.vocab_size):
                 window = batch[0][1]
                 chunk = torch.stack([self.streams[stream][w.begin : w.end] for stream, w in batch]).to(device)
-                offset = window.first - window.begin
                 logits = model(input_ids=chunk, use_cache=False, logits_to_keep=window.end - window.first + 1).logits
-                # Logits at positions first-1 .. end-2 predict tokens first .. end-1.
-                logits = logits[:, :-1].float().flatten(0, 1)
-                targets = chunk[:, offset:].flatten()
-                nll += F.cross_entropy(logits, targets, reduction="sum").item()
-                tokens += targets.numel()
+                batch_nll, count = window_nll(logits, chunk, window)
+                nll, tokens = nll + batch_nll, tokens + count
         total = PerplexityResult(nll, tokens)
         return total.mean_nll, total.to_dict()
 
