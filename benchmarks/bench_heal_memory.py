@@ -276,13 +276,17 @@ def perplexity(model_dir: Path, tokens: int, dtype: str) -> float:
     return evaluate_stream(model, ids, 512, 512).perplexity
 
 
+def heal_spec(args, built: Path, name: str) -> dict:
+    """What a heal child runs: `name` is "memory" (the default heal) or "previous"."""
+    return {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
+            "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
+            "threads": args.threads, "calibrate_tokens": args.calibrate_tokens, "student": args.student}
+
+
 def mmap_sweep(args, built: Path) -> None:
     rows = []
     for threshold in args.mmap_thresholds.split(","):
-        spec = {"model": str(built), "out": str(args.workdir / "healed-memory"), "in_memory": True, "steps": args.steps,
-                "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
-                "threads": args.threads, "calibrate_tokens": args.calibrate_tokens, "student": args.student}
-        result = run_child(spec, args.threads, threshold=threshold.strip())
+        result = run_child(heal_spec(args, built, "memory"), args.threads, threshold=threshold.strip())
         rows.append({"DUS_PIN_MMAP_THRESHOLD": threshold.strip(), "peak_rss_mb": result["peak_rss_mb"],
                      "step_s": result["step_s"], "steps_s": result["steps_s"], "final_loss": result["final_loss"]})
         print(f"threshold {threshold}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s", flush=True)
@@ -318,11 +322,8 @@ def main(argv=None) -> None:
     runs = {"memory": [], "previous": []}
     for pair in range(args.pairs):
         for name in ("memory", "previous"):
-            spec = {"model": str(built), "out": str(args.workdir / f"healed-{name}"), "in_memory": name == "memory",
-                    "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "dtype": args.dtype, "threads": args.threads, "calibrate_tokens": args.calibrate_tokens,
-                    "student": args.student}
-            result = run_child(spec, args.threads, unpinned=args.unpinned_previous and name == "previous")
+            result = run_child(heal_spec(args, built, name), args.threads,
+                               unpinned=args.unpinned_previous and name == "previous")
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "
                   f"final loss {result['final_loss']:.5f}", flush=True)
