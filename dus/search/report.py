@@ -227,8 +227,11 @@ def print_best(console, setup, result_data: dict, top: int) -> None:
         table.add_column(name, justify=justify)
     for entry in result_data["ranked"][:top]:
         candidate = Candidate.from_dict(entry["candidate"])
-        score = f"ppl {entry['metrics']['perplexity']:.4f}" if "perplexity" in entry["metrics"] else f"{entry['value']:.6g}"
-        if "tasks" in entry["metrics"]:
+        if "perplexity" in entry["metrics"]:
+            score = f"ppl {entry['metrics']['perplexity']:.4f}"
+        elif "tasks" in entry["metrics"]:
             score = best_text(entry["value"], entry["metrics"])
+        else:
+            score = f"{entry['value']:.6g}"
         table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, entry["file"] or "")
     console.print(table)
