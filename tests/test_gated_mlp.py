@@ -1,5 +1,6 @@
-"""The gated MLP that recomputes its activation in backward: same logits and gradients,
-bitwise, and one intermediate-sized tensor fewer kept per layer."""
+"""The gated MLP that recomputes its activation (and, where down_proj trains, its product)
+in backward: same logits and gradients, bitwise, and one intermediate-sized tensor fewer
+kept per layer in the gradient's path, two per trained layer."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ def _step(model, ids, trainable: range):
         for parameter in layers[index].parameters():
             parameter.requires_grad_(True)
     kept: dict[int, int] = {}
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
 
-    def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
+    def pack(tensor):  # a weight (or a view of one, as F.linear keeps it) costs nothing more
+        if tensor.untyped_storage().data_ptr() not in weights:
             kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         return tensor
 
@@ -54,7 +56,8 @@ def test_recomputing_the_activation_gives_the_same_logits_and_gradients_and_keep
     for name in grads:
         assert torch.equal(grads[name], grads2[name]), name
     intermediate = 2 * 24 * plain.config.intermediate_size * 4  # one act(gate) of the batch, float32
-    assert kept - kept2 == 3 * intermediate  # layers 1, 2, 3 are in the gradient's path
+    # act(gate) of layers 1, 2, 3 (in the gradient's path) and the product of layer 1 (trained)
+    assert kept - kept2 == 4 * intermediate
 
 
 def test_the_up_projection_alone_trained_gets_its_gradient(tiny_models):
@@ -71,6 +74,23 @@ def test_the_up_projection_alone_trained_gets_its_gradient(tiny_models):
         model(input_ids=ids, use_cache=False).logits.sum().backward()
         results.append(model.model.layers[3].mlp.up_proj.weight.grad)
     assert results[1] is not None and torch.equal(results[0], results[1])
+
+
+def test_a_down_projection_with_a_bias_keeps_its_own_product(tiny_models):
+    """mlp_bias: the trained down_proj is not the bias-free case TrainedDown reproduces
+    bitwise, so only act(gate) is recomputed there; the gradients stay the same."""
+    from dus.checkpoint import ModelDir
+
+    plain = ModelDir(tiny_models("llama", num_layers=4, mlp_bias=True)).load_model(torch.float32, quiet=True).train()
+    patched = copy.deepcopy(plain)
+    recompute_activations(patched.model.layers)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    logits, grads, kept = _step(plain, ids, range(1, 2))
+    logits2, grads2, kept2 = _step(patched, ids, range(1, 2))
+    assert torch.equal(logits, logits2) and plain.model.layers[1].mlp.down_proj.bias.grad is not None
+    for name in grads:
+        assert torch.equal(grads[name], grads2[name]), name
+    assert kept - kept2 == 3 * 2 * 24 * plain.config.intermediate_size * 4  # act(gate) only
 
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral"])
