@@ -131,6 +131,7 @@ def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
 def _in_memory_student(run, say) -> Student:
     from dus.assemble import assemble, decoder, load_sources, output_config
     from dus.heal.gated_mlp import recompute_activations
+    from dus.heal.norms import recompute_norms
     from dus.heal.teacher import share_with_student, shared_prefix
 
     cfg, plan = run.cfg, run.manifest.plan
@@ -147,7 +148,8 @@ def _in_memory_student(run, say) -> Student:
     own = set(targets.layers) if cfg.trains in ("band", "expand") else set()
     model = assemble(plan, sources, own, config)
     targets, peft_config = select_trainable(model, cfg, run.manifest, targets)
-    recompute_activations(decoder(model).layers)  # bitwise the same step, one activation fewer kept a layer
+    recompute_activations(decoder(model).layers)  # bitwise the same step, less kept for backward
+    recompute_norms(decoder(model).layers)  # the same step (to float rounding), less kept for backward
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
