@@ -318,6 +318,28 @@ def test_chunked_loss_equals_the_whole_logits_loss_with_its_gradients(alpha, tem
         assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_chunks_of_a_frozen_head_give_the_whole_logits_loss_and_gradient(alpha, dtype):
+    """Temperature 1, no softcap, the head frozen (the default heal): chunks computed in three
+    reused buffers with the gradient written by hand equal autograd on whole logits."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 7, 8).to(dtype).requires_grad_(True)
+    weight, teacher_hidden, teacher_weight = torch.randn(13, 8).to(dtype), torch.randn(2, 7, 8).to(dtype), \
+        torch.randn(13, 8).to(dtype)
+    labels = torch.tensor([[1, 2, 3, -100, -100, 4, 5], [4, 5, 6, 7, 8, 9, 10]])
+    whole = distillation_loss(head_logits(hidden, weight, None), head_logits(teacher_hidden, teacher_weight, None),
+                              labels, alpha, 1.0)
+    (whole_grad,) = torch.autograd.grad(whole[0] * 0.5, hidden)
+    chunked = chunked_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, alpha, 1.0, chunk=3)
+    (chunked_grad,) = torch.autograd.grad(chunked[0] * 0.5, hidden)
+    assert chunked[3] == whole[3] == 10
+    for a, b in zip(chunked[:3], whole[:3]):
+        assert torch.allclose(a, b, rtol=1e-5), (a, b)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    assert whole_grad.abs().sum() > 0 and torch.allclose(chunked_grad.float(), whole_grad.float(), **tolerance)
+
+
 # --- launch configs -------------------------------------------------------------------
 
 LAUNCH_CONFIGS = sorted((REPO / "launch").glob("*.yaml"))

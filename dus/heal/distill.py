@@ -102,13 +102,69 @@ def head_logits(hidden, weight, softcap: float | None):
     return logits.float()
 
 
+def _log_softmax_(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Rows of `logits` made their log-softmax in place; `scratch` (same shape) ends holding
+    the probabilities."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    torch.exp(logits, out=scratch)
+    logits.sub_(scratch.sum(dim=-1, keepdim=True).log_())
+    torch.exp(logits, out=scratch)
+    return logits
+
+
+class _ChunkBuffers:
+    """The three float32 (tokens x vocabulary) tensors a fused chunk works in, made once per
+    loss and reused by every chunk, plus one in the head's dtype when that is not float32."""
+
+    def __init__(self, chunk: int, vocab: int, like: torch.Tensor):
+        self.float = [torch.empty(chunk, vocab, dtype=torch.float32, device=like.device) for _ in range(3)]
+        self.native = None if like.dtype == torch.float32 else torch.empty(chunk, vocab, dtype=like.dtype,
+                                                                             device=like.device)
+
+    def head(self, hidden, weight, out: torch.Tensor) -> torch.Tensor:
+        """`head_logits` without a softcap, into `out` (float32)."""
+        if self.native is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        native = torch.mm(hidden, weight.t(), out=self.native[: hidden.shape[0]])
+        return out.copy_(native)
+
+
+def _fused_chunk(hidden, weight, teacher_hidden, teacher_weight, target, alpha, buffers, grad_hidden):
+    """The loss of one chunk at temperature 1 without softcaps, and its gradient for the
+    student's hidden states written into `grad_hidden`, in the three reused buffers:
+
+        d(loss)/d(student logits) = softmax(student) - alpha * p - (1 - alpha) * onehot(target)
+
+    Returns the float32 sums (loss, kl, nll)."""
+    rows = hidden.shape[0]
+    student, teacher, scratch = (buffer[:rows] for buffer in buffers.float)
+    log_q = _log_softmax_(buffers.head(hidden, weight, out=student), scratch)
+    log_p = _log_softmax_(buffers.head(teacher_hidden, teacher_weight, out=teacher), scratch)
+    p = scratch
+    nll = -log_q.gather(1, target.unsqueeze(1)).sum()
+    kl = log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); the teacher buffer is free after this
+    grad = log_q.exp_().sub_(p, alpha=alpha)
+    if alpha < 1.0:
+        grad[torch.arange(rows, device=grad.device), target] -= 1.0 - alpha
+    if buffers.native is None:
+        torch.mm(grad, weight, out=grad_hidden)
+    else:
+        grad_hidden.copy_(torch.mm(buffers.native[:rows].copy_(grad), weight))
+    loss = alpha * kl + (1.0 - alpha) * nll if alpha < 1.0 else kl
+    return loss, kl, nll
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """The distillation loss from last hidden states, a chunk of tokens at a time.
 
     Each chunk's logits (student and teacher), softmaxes and gradients exist only while
     that chunk is computed: the gradients with respect to the student's hidden states (and
     head weight, if it trains) are summed during the forward pass, and backward only scales
-    them. Memory is a chunk's logits instead of a batch's, with no recomputation."""
+    them. Memory is a chunk's logits instead of a batch's, with no recomputation.
+
+    At temperature 1 without softcaps (the default heal) and with a frozen head, the chunk
+    is computed in three buffers made once and reused (`_fused_chunk`, the gradient written
+    by hand); otherwise autograd differentiates each chunk, making its tensors afresh."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, target, alpha, temperature, softcap,
@@ -116,8 +172,16 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         totals = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        fused = temperature == 1.0 and not softcap and not teacher_softcap and grad_weight is None
+        buffers = _ChunkBuffers(min(chunk, hidden.shape[0]), weight.shape[0], hidden) if fused else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
+            if fused:
+                out = grad_hidden[rows] if grad_hidden is not None else torch.empty_like(hidden[rows])
+                loss, kl, nll = _fused_chunk(hidden[rows], weight, teacher_hidden[rows], teacher_weight, target[rows],
+                                             alpha, buffers, out)
+                totals += torch.stack([loss, kl, nll])
+                continue
             with torch.no_grad():
                 teacher = head_logits(teacher_hidden[rows], teacher_weight, teacher_softcap)
             with torch.enable_grad():
