@@ -81,9 +81,11 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temp
 
 
 # Tokens per chunk: about this many logits (x 4 bytes) of each model exist at a time. A
-# chunk's softmaxes and gradients are about seven such tensors. On the CPU the smaller chunk
-# costs nothing measurable and saves ~300 MB of a step's peak (SmolLM2, 49K vocabulary); on
-# an accelerator the larger one keeps the head's matmuls big enough to fill the device.
+# chunk's softmaxes and gradients are three such tensors in the fused chunk (`_fused_chunk`,
+# the default heal) and about seven under autograd (a softcap, T != 1, a trained head). On
+# the CPU the smaller chunk costs nothing measurable and saved ~300 MB of a step's peak
+# (SmolLM2, 49K vocabulary, under autograd); on an accelerator the larger one keeps the
+# head's matmuls big enough to fill the device.
 CHUNK_LOGITS = 1 << 24
 CHUNK_LOGITS_CPU = 1 << 22
 
