@@ -338,6 +338,10 @@ def test_the_fused_chunks_of_a_frozen_head_give_the_whole_logits_loss_and_gradie
         assert torch.allclose(a, b, rtol=1e-5), (a, b)
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     assert whole_grad.abs().sum() > 0 and torch.allclose(chunked_grad.float(), whole_grad.float(), **tolerance)
+    with torch.no_grad():  # evaluation: the same values, no gradient computed
+        evaluated = chunked_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, alpha, 1.0,
+                                              chunk=3)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated[:3], chunked[:3]))
 
 
 # --- launch configs -------------------------------------------------------------------

@@ -133,7 +133,7 @@ class _ChunkBuffers:
 
 def _fused_chunk(hidden, weight, teacher_hidden, teacher_weight, target, alpha, buffers, grad_hidden):
     """The loss of one chunk at temperature 1 without softcaps, and its gradient for the
-    student's hidden states written into `grad_hidden`, in the three reused buffers:
+    student's hidden states written into `grad_hidden` (unless None), in the three reused buffers:
 
         d(loss)/d(student logits) = softmax(student) - alpha * p - (1 - alpha) * onehot(target)
 
@@ -145,13 +145,14 @@ def _fused_chunk(hidden, weight, teacher_hidden, teacher_weight, target, alpha, 
     p = scratch
     nll = -log_q.gather(1, target.unsqueeze(1)).sum()
     kl = log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); the teacher buffer is free after this
-    grad = log_q.exp_().sub_(p, alpha=alpha)
-    if alpha < 1.0:
-        grad[torch.arange(rows, device=grad.device), target] -= 1.0 - alpha
-    if buffers.native is None:
-        torch.mm(grad, weight, out=grad_hidden)
-    else:
-        grad_hidden.copy_(torch.mm(buffers.native[:rows].copy_(grad), weight))
+    if grad_hidden is not None:  # None: no gradient wanted (evaluation)
+        grad = log_q.exp_().sub_(p, alpha=alpha)
+        if alpha < 1.0:
+            grad[torch.arange(rows, device=grad.device), target] -= 1.0 - alpha
+        if buffers.native is None:
+            torch.mm(grad, weight, out=grad_hidden)
+        else:
+            grad_hidden.copy_(torch.mm(buffers.native[:rows].copy_(grad), weight))
     loss = alpha * kl + (1.0 - alpha) * nll if alpha < 1.0 else kl
     return loss, kl, nll
 
@@ -179,7 +180,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             if fused:
-                out = grad_hidden[rows] if grad_hidden is not None else torch.empty_like(hidden[rows])
+                out = None if grad_hidden is None else grad_hidden[rows]
                 loss, kl, nll = _fused_chunk(hidden[rows], weight, teacher_hidden[rows], teacher_weight, target[rows],
                                              alpha, buffers, out)
                 totals += torch.stack([loss, kl, nll])
