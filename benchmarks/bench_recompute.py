@@ -49,18 +49,10 @@ def variants(dtype):
 
 
 def step(model, ids) -> tuple[float, int]:
-    import torch
-
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in weights:
-            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        return tensor
+    from dus.heal.kept import kept_for_backward
 
     started = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(model) as kept:
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
     hidden.float().square().mean().backward()
     model.zero_grad(set_to_none=True)

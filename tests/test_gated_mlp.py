@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dus.heal.gated_mlp import recompute_activations
+from dus.heal.kept import kept_for_backward
 
 
 def _model(tiny_models, arch):
@@ -27,15 +28,7 @@ def _step(model, ids, trainable: range):
     for index in trainable:
         for parameter in layers[index].parameters():
             parameter.requires_grad_(True)
-    kept: dict[int, int] = {}
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-
-    def pack(tensor):  # a weight (or a view of one, as F.linear keeps it) costs nothing more
-        if tensor.untyped_storage().data_ptr() not in weights:
-            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(model) as kept:  # weights and views of them not counted
         logits = model(input_ids=ids, use_cache=False).logits
     (logits.float().square().mean()).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

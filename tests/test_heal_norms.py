@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from dus.heal.kept import kept_for_backward
 from dus.heal.norms import recompute_norms
 
 
@@ -22,15 +23,7 @@ def _step(model, ids):
     path; returns logits, gradients and the bytes autograd keeps (weights aside)."""
     model.requires_grad_(False)
     model.model.layers[1].requires_grad_(True)
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in weights:
-            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(model) as kept:  # weights and views of them not counted
         logits = model(input_ids=ids, use_cache=False).logits
     logits.float().square().mean().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

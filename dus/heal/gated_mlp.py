@@ -104,4 +104,3 @@ def recompute_activations(layers) -> int:
             mlp.forward = types.MethodType(_forward, mlp)
             patched += 1
     return patched
-

@@ -20,6 +20,8 @@ import types
 
 import torch
 from torch import nn
+
+
 class RecomputedNorm(torch.autograd.Function):
     """A norm module's forward that keeps only its input for backward and runs the
     module's own forward again there (the same graph, so the same gradients)."""

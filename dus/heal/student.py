@@ -149,7 +149,7 @@ def _in_memory_student(run, say) -> Student:
     model = assemble(plan, sources, own, config)
     targets, peft_config = select_trainable(model, cfg, run.manifest, targets)
     recompute_activations(decoder(model).layers)  # bitwise the same step, less kept for backward
-    recompute_norms(decoder(model).layers)  # the same step (to float rounding), less kept for backward
+    recompute_norms(decoder(model).layers)  # bf16 norms: bitwise the same step, less kept for backward
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
