@@ -63,8 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=1, help="alternating (memory, previous) pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--unpinned-previous", action="store_true",
-                        help="the previous path as it was before dus heal pinned glibc's mmap threshold "
-                             "(DUS_PIN_MMAP_THRESHOLD=0 in its process; the in-memory run keeps the default)")
+                        help="kept for the commands of earlier results: the previous path always runs as it was, "
+                             "with glibc's own mmap policy (DUS_PIN_MMAP_THRESHOLD=0; the in-memory run takes "
+                             "DUS_PIN_MMAP_THRESHOLD from the environment, whose default is the same)")
     parser.add_argument("--mmap-thresholds", default=None,
                         help="comma-separated DUS_PIN_MMAP_THRESHOLD values (bytes; 0: glibc's dynamic policy): "
                              "the in-memory heal once per value")
@@ -83,6 +84,29 @@ def parse_args(argv=None):
 
 # --- the child: one heal, measured ---------------------------------------------------
 
+def heal_overrides(spec: dict) -> dict:
+    """The heal config of a measured child (also bench_heal_phases.py's): the default heal on
+    the bundled training text, `spec["in_memory"]` choosing the path (the previous one with
+    whole logits)."""
+    student = spec.get("student", "band")
+    overrides = {
+        "data.path": str(REPO / "data" / "text" / "train.jsonl"),
+        "sft.max_steps": spec["steps"],
+        "sft.per_device_train_batch_size": spec["batch_size"],
+        "sft.max_length": spec.get("max_length", 256),
+        "sft.report_to": "none",
+        "sft.save_steps": 10**6,
+        "sft.model_init_kwargs": {"dtype": spec["dtype"]},
+        "in_memory": spec["in_memory"],
+        "distill.logits": "chunked" if spec["in_memory"] else "whole",
+        "distill.student": student,
+        "calibrate.tokens": spec["calibrate_tokens"],
+    }
+    if student == "qlora":
+        overrides.update({"calibrate.enabled": False, "quantization.bnb_4bit_compute_dtype": spec["dtype"]})
+    return overrides
+
+
 def child(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -97,23 +121,9 @@ def child(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             marks.append(time.perf_counter())
 
-    overrides = {
-        "data.path": str(REPO / "data" / "text" / "train.jsonl"),
-        "sft.max_steps": spec["steps"],
-        "sft.per_device_train_batch_size": spec["batch_size"],
-        "sft.max_length": spec["max_length"],
-        "sft.report_to": "none",
-        "sft.save_steps": 10**6,
-        "sft.model_init_kwargs": {"dtype": spec["dtype"]},
-        "in_memory": spec["in_memory"],
-        "distill.logits": "chunked" if spec["in_memory"] else "whole",
-        "distill.student": spec["student"],
-        "calibrate.tokens": spec["calibrate_tokens"],
-    }
-    if spec["student"] == "qlora":
-        overrides.update({"calibrate.enabled": False, "quantization.bnb_4bit_compute_dtype": spec["dtype"]})
     started = time.perf_counter()
-    result = heal(spec["model"], spec["out"], load_config(None, overrides), force=True, callbacks=[StepClock()])
+    result = heal(spec["model"], spec["out"], load_config(None, heal_overrides(spec)), force=True,
+                  callbacks=[StepClock()])
     steps = [b - a for a, b in zip(marks, marks[1:])]
     return {
         "in_memory": result.record["in_memory"],
@@ -233,10 +243,10 @@ def source_model(args) -> Path:
     return path
 
 
-def run_child(spec: dict, threads: int, unpinned: bool = False, threshold: str | None = None) -> dict:
+def run_child(spec: dict, threads: int, threshold: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if unpinned:
-        env["DUS_PIN_MMAP_THRESHOLD"] = "0"
+    if not spec["in_memory"]:
+        env["DUS_PIN_MMAP_THRESHOLD"] = "0"  # the previous path as it was
     if threshold is not None:
         env["DUS_PIN_MMAP_THRESHOLD"] = threshold
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
@@ -322,8 +332,7 @@ def main(argv=None) -> None:
     runs = {"memory": [], "previous": []}
     for pair in range(args.pairs):
         for name in ("memory", "previous"):
-            result = run_child(heal_spec(args, built, name), args.threads,
-                               unpinned=args.unpinned_previous and name == "previous")
+            result = run_child(heal_spec(args, built, name), args.threads)
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s, "
                   f"final loss {result['final_loss']:.5f}", flush=True)

@@ -11,8 +11,9 @@ what a freshly mapped tensor costs on the CPU.
     python benchmarks/bench_heal_phases.py BUILT_MODEL [--dtype bfloat16 --batch-size 1]
 
 BUILT_MODEL is a `dus build` output with its manifest (e.g. the workdir of
-bench_heal_memory.py). The in-memory heal runs with dus's defaults (mmap threshold pinned),
-the previous path as it was (`in_memory: false`, whole logits, DUS_PIN_MMAP_THRESHOLD=0).
+bench_heal_memory.py, whose heal config it shares). The in-memory heal runs with dus's
+defaults (glibc's mmap policy unless DUS_PIN_MMAP_THRESHOLD is set), the previous path as it
+was (`in_memory: false`, whole logits, DUS_PIN_MMAP_THRESHOLD=0).
 Writes --out (JSON) and prints a table.
 """
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 PHASES = ["below", "student", "teacher", "loss", "backward", "optimizer"]
 
 
@@ -39,6 +42,7 @@ def child(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     import dus.heal.distill as distill
+    from bench_heal_memory import heal_overrides
     from dus.assemble import decoder
     from dus.checkpoint import ModelDir
     from dus.heal.config import load_config
@@ -62,13 +66,7 @@ def child(spec: dict) -> dict:
 
     distill.chunked_distillation_loss = marked(distill.chunked_distillation_loss)
     distill.distillation_loss = marked(distill.distillation_loss)
-    overrides = {
-        "data.path": str(REPO / "data" / "text" / "train.jsonl"), "sft.max_steps": spec["steps"],
-        "sft.per_device_train_batch_size": spec["batch_size"], "sft.max_length": 256, "sft.report_to": "none",
-        "sft.save_steps": 10**6, "sft.model_init_kwargs": {"dtype": spec["dtype"]}, "in_memory": spec["in_memory"],
-        "distill.logits": "chunked" if spec["in_memory"] else "whole", "calibrate.tokens": spec["calibrate_tokens"],
-    }
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, heal_overrides(spec))
     model_dir = ModelDir(spec["model"])
     band_start = trained_layers(model_dir.manifest.plan.num_layers, cfg, model_dir.manifest).layers[0]
 
@@ -131,6 +129,7 @@ def main(argv=None) -> None:
                "TOKENIZERS_PARALLELISM": "false", **({} if in_memory else {"DUS_PIN_MMAP_THRESHOLD": "0"})}
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                               text=True)
+        shutil.rmtree(spec["out"], ignore_errors=True)  # a healed 1.5B and its checkpoint are 11 GB
         if done.returncode != 0:
             raise SystemExit(f"child failed:\n{done.stderr[-4000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -138,7 +137,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k != "child"}, "runs": runs},
                               indent=2) + "\n")
-    print("| phase | in memory (pinned): s, faults | previous (as it was): s, faults |\n|---|---:|---:|")
+    print("| phase | in memory: s, faults | previous (as it was): s, faults |\n|---|---:|---:|")
     for phase in PHASES:
         cells = [f"{run['phases'][phase]['wall_s']:.2f} s, {run['phases'][phase]['page_faults']:,.0f}"
                  if phase in run["phases"] else "-" for run in runs]

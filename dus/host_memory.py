@@ -1,15 +1,19 @@
-"""Host memory that a training process gives back.
+"""Host memory that a training process gives back, when memory is short (opt-in).
 
 glibc serves a large allocation with its own mmap and returns it on free, but each time
 such a block is freed it raises that size threshold (up to 32 MiB). After the first
-training step, activations and loss chunks below the new threshold are carved from the heap,
-and a step's freed activations stay resident there: measured on the CPU heal of SmolLM2
-SOLAR 44, about 400 MB of peak RSS that holds nothing. Fixing the threshold at glibc's own
-default keeps every block above it returned on free. The price is a page fault per page of
-each new large block, measured on the same heal (one thread, quiet machine): 3,067 MB and
-10.3 s a step pinned against 3,651 MB and 8.6 s not. `DUS_PIN_MMAP_THRESHOLD=0` keeps
-glibc's own policy: faster steps where memory is not short; a number of bytes pins the
-threshold there instead (blocks below it are carved from the heap and reused).
+training step, activations and gradients below the new threshold are carved from the heap
+and reused there: no page faults, but some freed memory stays resident across the peak.
+Pinning the threshold at glibc's own default (`DUS_PIN_MMAP_THRESHOLD=1`) returns every
+block above it on free, at the price of a page fault per page of each new block, every step.
+
+Measured on the CPU heal (2026-11-30, after the fused loss chunks; two threads, one run each,
+`benchmarks/bench_heal_phases.py`): on SmolLM2 SOLAR 44 the pin took the peak from 3,174 to
+2,739 MB and the step from 4.7 to 7.9 s; on a bf16 1.5B band heal from 9,469 to 8,937 MB and
+from 4.3 to 7.8 s (the band's gradients and the activations are fresh mappings every step).
+So glibc's policy is the default, and the pin is for a machine where those hundreds of
+megabytes decide whether a heal fits. A number of bytes pins the threshold there instead
+(blocks below it are carved from the heap and reused).
 """
 
 from __future__ import annotations
@@ -26,21 +30,22 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's default
 
 
 def pinned_threshold() -> int | None:
-    """The threshold `DUS_PIN_MMAP_THRESHOLD` asks for: unset or 1 -> glibc's default, 0 -> none,
-    a larger number -> that many bytes."""
-    value = os.environ.get("DUS_PIN_MMAP_THRESHOLD", "1").strip()
+    """The threshold `DUS_PIN_MMAP_THRESHOLD` asks for: unset or 0 -> none (glibc's own policy),
+    1 -> glibc's default threshold, a larger number -> that many bytes."""
+    value = os.environ.get("DUS_PIN_MMAP_THRESHOLD", "0").strip()
     try:
         number = int(value)
     except ValueError:
-        raise DusError(f"DUS_PIN_MMAP_THRESHOLD={value!r} is not a number; use 0 (off), 1 (glibc's default, "
-                       "128 KiB) or a threshold in bytes") from None
+        raise DusError(f"DUS_PIN_MMAP_THRESHOLD={value!r} is not a number; use 0 (off, the default), 1 "
+                       "(glibc's default threshold, 128 KiB) or a threshold in bytes") from None
     if number < 0:
         raise DusError(f"DUS_PIN_MMAP_THRESHOLD={number} is negative; use 0 (off), 1 or a threshold in bytes")
     return None if number == 0 else MMAP_THRESHOLD if number == 1 else number
 
 
 def keep_large_blocks_returnable() -> bool:
-    """Pin glibc's mmap threshold; True where it took effect (Linux with glibc, not opted out)."""
+    """Pin glibc's mmap threshold where `DUS_PIN_MMAP_THRESHOLD` asks for it; True where it took
+    effect (Linux with glibc)."""
     threshold = pinned_threshold()
     if threshold is None or not sys.platform.startswith("linux"):
         return False

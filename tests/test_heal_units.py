@@ -406,14 +406,16 @@ def test_qlora_without_usable_bitsandbytes_is_refused_in_one_line(found, message
         quantization_config(load_config(None, {"mode": "qlora"}))
 
 
-def test_the_mmap_threshold_pin_can_be_turned_off(monkeypatch):
+def test_the_mmap_threshold_pin_is_opt_in(monkeypatch):
     import sys as _sys
 
-    from dus.host_memory import keep_large_blocks_returnable
+    from dus.host_memory import keep_large_blocks_returnable, pinned_threshold
 
+    monkeypatch.delenv("DUS_PIN_MMAP_THRESHOLD", raising=False)
+    assert pinned_threshold() is None and keep_large_blocks_returnable() is False
     monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", "0")
     assert keep_large_blocks_returnable() is False
-    monkeypatch.delenv("DUS_PIN_MMAP_THRESHOLD")
+    monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", "1")
     assert keep_large_blocks_returnable() is _sys.platform.startswith("linux")
 
 
