@@ -137,6 +137,20 @@ def child(spec: dict) -> dict:
     }
 
 
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss_mb() -> float:
+    """Reset the process's peak RSS to its current RSS (Linux: 5 > /proc/self/clear_refs), and return it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS")
+
+
 def loss_child(spec: dict) -> dict:
     """Peak memory of one distillation loss forward + backward, from last hidden states:
     whole logits (the previous path: both heads applied to the batch) or chunks."""
@@ -150,7 +164,7 @@ def loss_child(spec: dict) -> dict:
     teacher_hidden = torch.randn(1, tokens, hidden)
     labels = torch.randint(0, vocab, (1, tokens))
     states = torch.randn(1, tokens, hidden, requires_grad=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = reset_peak_rss_mb()  # making the inputs peaked higher than a fused chunk does
     if spec["how"] == "whole":
         logits = head_logits(states, weight, None)
         with torch.no_grad():
@@ -159,7 +173,7 @@ def loss_child(spec: dict) -> dict:
     else:
         loss = chunked_distillation_loss(states, weight, teacher_hidden, weight, labels, 1.0, 1.0)[0]
     loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = status_mb("VmHWM")
     return {"how": spec["how"], "tokens": tokens, "vocab": vocab, "peak_above_inputs_mb": after - before}
 
 
@@ -200,9 +214,13 @@ def project(args) -> str:
     """The weights, teacher and logits of a distillation heal, in GB, for the old and new path.
     Measured: bytes per logit of the whole-logit loss and of one chunk (loss-memory.json);
     bf16 weights are 2 bytes a parameter by definition; the rest is arithmetic on shapes."""
+    from dus.heal.distill import CHUNK_LOGITS, CHUNK_LOGITS_CPU
+
     measured = json.loads(LOSS_RESULTS.read_text())
     per_logit = measured["bytes_per_token_and_vocab_entry"]["whole"]
+    # measured with the CPU's chunks; a GPU's are larger, and a chunk's buffers grow with them
     chunk_bytes = max(r["peak_above_inputs_mb"] for r in measured["rows"] if r["how"] == "chunked") * 2**20
+    chunk_bytes *= CHUNK_LOGITS / CHUNK_LOGITS_CPU
     tokens = 4 * 2048
     rows = ["| build | student | weights (old: built + teacher) | weights (new: sources once + copies) | "
             "logits, 4 x 2048 tokens (old / new) | old total | new total |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -245,7 +263,7 @@ def source_model(args) -> Path:
 
 def run_child(spec: dict, threads: int, threshold: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if not spec["in_memory"]:
+    if spec.get("in_memory") is False:
         env["DUS_PIN_MMAP_THRESHOLD"] = "0"  # the previous path as it was
     if threshold is not None:
         env["DUS_PIN_MMAP_THRESHOLD"] = threshold
