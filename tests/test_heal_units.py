@@ -415,8 +415,14 @@ def test_the_mmap_threshold_pin_is_opt_in(monkeypatch):
     assert pinned_threshold() is None and keep_large_blocks_returnable() is False
     monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", "0")
     assert keep_large_blocks_returnable() is False
+    # asked for, it takes effect: in a child process, so this one keeps glibc's policy
+    import subprocess
+
     monkeypatch.setenv("DUS_PIN_MMAP_THRESHOLD", "1")
-    assert keep_large_blocks_returnable() is _sys.platform.startswith("linux")
+    done = subprocess.run([_sys.executable, "-c", "from dus.host_memory import keep_large_blocks_returnable as k; "
+                           "print(k())"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == str(_sys.platform.startswith("linux"))
 
 
 def test_the_mmap_threshold_pin_takes_a_size_and_refuses_anything_else(monkeypatch):
