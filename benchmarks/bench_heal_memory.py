@@ -261,13 +261,14 @@ def source_model(args) -> Path:
     return path
 
 
-def run_child(spec: dict, threads: int, threshold: str | None = None) -> dict:
+def run_child(spec: dict, threads: int, threshold: str | None = None, script: str = __file__) -> dict:
+    """`script --child SPEC` in its own process (bench_heal_phases.py passes its own script)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if spec.get("in_memory") is False:
         env["DUS_PIN_MMAP_THRESHOLD"] = "0"  # the previous path as it was
     if threshold is not None:
         env["DUS_PIN_MMAP_THRESHOLD"] = threshold
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({spec}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

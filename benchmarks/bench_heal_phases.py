@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -120,19 +118,17 @@ def main(argv=None) -> None:
         return
     if args.model is None:
         parser.error("BUILT_MODEL is required")
+    from bench_heal_memory import run_child
+
     runs = []
     for in_memory in (True, False):
         spec = {"model": str(args.model.resolve()), "out": str(args.workdir / f"healed-{in_memory}"),
                 "in_memory": in_memory, "steps": args.steps, "batch_size": args.batch_size, "dtype": args.dtype,
                 "calibrate_tokens": args.calibrate_tokens, "threads": args.threads}
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled",
-               "TOKENIZERS_PARALLELISM": "false", **({} if in_memory else {"DUS_PIN_MMAP_THRESHOLD": "0"})}
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                              text=True)
-        shutil.rmtree(spec["out"], ignore_errors=True)  # a healed 1.5B and its checkpoint are 11 GB
-        if done.returncode != 0:
-            raise SystemExit(f"child failed:\n{done.stderr[-4000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            runs.append(run_child(spec, args.threads, script=__file__))
+        finally:
+            shutil.rmtree(spec["out"], ignore_errors=True)  # a healed 1.5B and its checkpoint are 11 GB
     out = args.out or args.workdir / "phases.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k != "child"}, "runs": runs},
