@@ -1,3 +1,7 @@
 """dus: depth up-scaling and seam healing for Hugging Face decoder-only language models."""
 
+from dus.library_logs import drop_misleading_library_logs
+
 __version__ = "0.1.0"
+
+drop_misleading_library_logs()
