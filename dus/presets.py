@@ -22,6 +22,7 @@ def expand_preset(recipe: Recipe, sources: dict[str, SourceModel]) -> list[Slice
         return _duplicate(spec, places, depth, sources[spec["model"]].adapter.output_projections)
     builder = {
         "solar": _solar,
+        "stack": _stack,
         "interleave": _interleave,
         "graft": _graft,
         "expand": _expand,
@@ -39,6 +40,21 @@ def _solar(spec, places, depth) -> list[SliceSpec]:
     return [
         SliceSpec(model, 0, n - trim, places["model"]),
         SliceSpec(model, trim, n, places["model"]),
+    ]
+
+
+def _stack(spec, places, depth) -> list[SliceSpec]:
+    """Two parents, one child: the lower n - m layers of A, then the upper n - m layers of
+    B (SOLAR's shape over two different fine-tunes of one base)."""
+    lower, upper = spec["models"]
+    trim, n = spec["trim"], depth(lower)
+    if depth(upper) != n:
+        raise DusError(f"{places['models']}: stack needs two models of equal depth ({lower}: {n}, {upper}: {depth(upper)})")
+    if trim >= n:
+        raise DusError(f"{places['trim']}: stack trim {trim} leaves no layers of {n}-layer models; use 0 <= trim < {n}")
+    return [
+        SliceSpec(lower, 0, n - trim, places["models"]),
+        SliceSpec(upper, trim, n, places["models"]),
     ]
 
 

@@ -20,13 +20,14 @@ from dus.errors import DusError
 from dus.safetensors_io import DTYPE_ALIASES
 from dus.yaml_located import load_located, load_located_file, plain, where
 
-PRESETS = ("solar", "duplicate", "interleave", "graft", "expand")
+PRESETS = ("solar", "stack", "duplicate", "interleave", "graft", "expand")
 TOP_LEVEL_KEYS = {
     "slices", "merge_method", "dtype", "out_dtype", "base_model", "tokenizer_source",
     "parameters", "name", "description", "non_layer_from", "seam_smoothing", *PRESETS,
 }
 PRESET_KEYS = {
     "solar": ({"model", "trim"}, {"model", "trim"}),
+    "stack": ({"models", "trim"}, {"models", "trim"}),
     "duplicate": ({"model", "layers", "times", "scale"}, {"model", "layers"}),
     "interleave": ({"models", "block", "step", "first", "last"}, {"models", "block"}),
     "graft": ({"base", "donor", "layers"}, {"base", "donor", "layers"}),
@@ -82,7 +83,7 @@ class Recipe:
         names: list[str] = []
         if self.kind == "slices":
             candidates = [s.model for s in self.slices]
-        elif self.kind == "interleave":
+        elif self.kind in ("interleave", "stack"):
             candidates = list(self.preset["models"])
         elif self.kind == "graft":
             candidates = [self.preset["base"], self.preset["donor"]]
@@ -335,6 +336,11 @@ def _preset(kind: str, value, place: str) -> tuple[dict, dict]:
         models = value["models"]
         if not isinstance(models, list) or len(models) < 2 or not all(isinstance(m, str) for m in models):
             raise DusError(f"{places['models']}: `interleave.models` must list two or more model paths")
+    if kind == "stack":
+        models = value["models"]
+        if not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) and m for m in models):
+            raise DusError(f"{places['models']}: `stack.models` must list two model paths: the lower part's, then the "
+                           "upper part's")
     for key in ("trim", "times", "block", "step", "first", "last", "every"):
         if key in value:
             number = value[key]

@@ -16,7 +16,9 @@ def heal(
         "distill). Default: train/heal.yaml (calibrate, then distil the source into the seam band, in memory)."
     ),
     mode: Optional[str] = typer.Option(None, "--mode", help="distill | band | lora | qlora | full | expand"),
-    data: Optional[str] = typer.Option(None, "--data", help="Training data: file, save_to_disk dir or hub name."),
+    data: List[str] = typer.Option([], "--data", help="Training data: file, save_to_disk dir or hub name; repeat "
+                                   "for several files; FILE:TEACHER routes a file to one teacher (distill.combine "
+                                   "route)."),
     data_format: Optional[str] = typer.Option(
         None, "--format", help="auto | messages | alpaca | sharegpt | prompt-completion | text"
     ),
@@ -31,8 +33,9 @@ def heal(
     report_to: Optional[str] = typer.Option(None, "--report-to", help="wandb | none | tensorboard ..."),
     seed: Optional[int] = typer.Option(None, "--seed", help="sft.seed"),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Distill: teacher model directory "
-                                          "(default: the source named in the manifest)."),
+    teacher: List[str] = typer.Option([], "--teacher", help="Distill: a teacher (model directory or a source "
+                                      "name of the build); repeat for several. Default: every source of the build "
+                                      "that tokenizes as the model."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Write a standalone model with LoRA "
                                          "merged in (default on)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT."),
@@ -48,7 +51,7 @@ def heal(
     overrides: dict = {}
     flags = {
         "mode": mode,
-        "data.path": data,
+        "data.path": (data[0] if len(data) == 1 else list(data)) if data else None,
         "data.format": data_format,
         "data.eval_path": eval_data,
         "sft.learning_rate": learning_rate,
@@ -71,7 +74,7 @@ def heal(
         key, value = parse_set_option(item)
         overrides[key] = value
     cfg = load_config(config, overrides)
-    result = run_heal(model, output, cfg, resume=resume, force=force, teacher=teacher)
+    result = run_heal(model, output, cfg, resume=resume, force=force, teacher=list(teacher) or None)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     if is_main_process():
         print(f"healed: {result.output} ({result.mode}, {result.steps} steps, final loss {loss})")

@@ -230,6 +230,9 @@ def _validate(raw: dict, source: str) -> None:
         raise DusError(
             f"{source}: distill.student '{raw['distill']['student']}' is not one of {', '.join(DISTILL_STUDENTS)}"
         )
+    from dus.heal.teachers import check_distill_section
+
+    check_distill_section(raw["distill"], source)
     if raw["distill"]["logits"] not in ("chunked", "whole"):
         raise DusError(f"{source}: distill.logits must be chunked or whole, got {raw['distill']['logits']!r}")
     alpha = raw["distill"]["alpha"]
@@ -254,6 +257,9 @@ def _validate(raw: dict, source: str) -> None:
             raise DusError(f"{source}: data.{key} must be a whole number >= 1 (or null for all rows), got {value!r}")
     if not raw["data"]["path"]:
         raise DusError(f"{source}: data.path is empty; give a data file, a save_to_disk directory or a hub name")
+    from dus.heal.routes import data_specs
+
+    data_specs(raw["data"]["path"])
 
 
 # sft fields that must be positive: a typo here would fail deep inside training (or train

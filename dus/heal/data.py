@@ -45,6 +45,7 @@ class LoadedData:
     shape: str  # "messages", "prompt-completion" or "text": what TRL receives
     source: str
     rows: int
+    files: tuple[str, ...] = ()  # several files, concatenated (source then lists them with " + ")
 
     def describe(self) -> str:
         converted = "" if self.format == self.shape else f", converted to {self.shape}"
@@ -205,8 +206,10 @@ def shape_of(fmt: str) -> str:
     return fmt
 
 
-def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_samples: int | None = None) -> LoadedData:
-    """Load `spec` and convert it to one of TRL's shapes (messages / prompt-completion / text)."""
+def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_samples: int | None = None,
+              keep: str | None = None) -> LoadedData:
+    """Load `spec` and convert it to one of TRL's shapes (messages / prompt-completion / text).
+    `keep` names a column carried through as it is (routing: the teacher of each example)."""
     import datasets
 
     raw = load_raw(spec, split)
@@ -226,6 +229,12 @@ def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_sam
                 f"look like {found}; fix data.format or use auto"
             )
     rows = [_convert(row, found, i) for i, row in enumerate(raw)]
+    if keep is not None:
+        if keep not in raw.column_names:
+            raise DusError(f"data {spec}: routing reads each example's teacher from a `{keep}` field, which this data "
+                           f"lacks; add it, or name the file's teacher: --data {spec}:TEACHER")
+        for row, value in zip(rows, raw[keep]):
+            row[keep] = value
     if shape_of(found) == "text":
         rows = [row for row in rows if row["text"].strip()]
         if not rows:

@@ -69,6 +69,23 @@ def healed_manifest(source_manifest, record: dict):
     return base.with_record(record)
 
 
+def _teachers_line(record: dict) -> str:
+    """The card's line on who taught the model and by which rule (distillation only)."""
+    teachers = record.get("teachers")
+    if not teachers:
+        return ""
+    rule = record.get("teacher_rule") or {}
+    how = rule.get("rule", "single")
+    if how == "ensemble":
+        how += f" of {'probabilities' if rule.get('average') == 'prob' else 'log-probabilities'}"
+        if rule.get("weights"):
+            how += f", weights {rule['weights']}"
+    names = ", ".join(f"{t['name']} ({t['path']})" if t["name"] != t["path"] else t["path"] for t in teachers)
+    matching = record.get("activation_matching")
+    extra = f"; activation matching, weight {matching['weight']}" if matching else ""
+    return f"- teachers: {names}; rule: {how}{extra}\n"
+
+
 def model_card(source_dir: Path, record: dict) -> str:
     """The source's card (front matter and text kept) with a section on the healing."""
     from dus.cards import card_text, read_card
@@ -82,6 +99,7 @@ def model_card(source_dir: Path, record: dict) -> str:
         + f"- layers trained: {record.get('layers', 'all')}\n"
         + f"- data: {record['data']['path']} ({record['data']['rows']} rows, {record['data']['format']})\n"
         + f"- steps: {record['steps']}, final training loss: {loss_text}\n"
+        + _teachers_line(record)
         + "- full record: the last entry of `history` in dus-manifest.json\n"
     )
     if source is None:

@@ -9,12 +9,11 @@ type, FSDP version or ZeRO stage, global batch), and whether those processes agr
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from dus.heal.distributed import describe
-from dus.heal.merge import file_sha256
+from dus.heal.routes import data_digest
 
-CURVE_KEYS = ("step", "loss", "eval_loss", "distill_kl", "nll", "num_tokens")
+CURVE_KEYS = ("step", "loss", "eval_loss", "distill_kl", "nll", "hidden_mse", "num_tokens")
 
 
 def _maybe_float(value) -> float | None:
@@ -42,7 +41,7 @@ def heal_record(cfg, targets, train_data, eval_data, teacher_dir, trainer, resul
             "path": train_data.source,
             "format": train_data.format,
             "rows": train_data.rows,
-            "sha256": file_sha256(Path(train_data.source)),
+            "sha256": data_digest(train_data),
         },
         "eval_data": eval_data.source if eval_data else None,
         "steps": trainer.state.global_step,

@@ -121,18 +121,19 @@ class Inputs:
     @cached_property
     def data_sha256(self) -> str | None:
         """The training data file's sha256 (None for a hub name or a directory), read once."""
-        from dus.heal.merge import file_sha256
+        from dus.heal.routes import data_digest
 
-        return file_sha256(Path(self.train_data.source))
+        return data_digest(self.train_data)
 
 
-def read_inputs(model_dir: ModelDir, cfg: HealConfig) -> Inputs:
+def read_inputs(model_dir: ModelDir, cfg: HealConfig, teachers=None, mix=None) -> Inputs:
     """Tokenizer and data first: they decide assistant_only_loss before TRL sees it."""
+    from dus.heal.routes import load_training_data
+
     tokenizer = model_dir.tokenizer()
     data_cfg, wanted = cfg.section("data"), bool(cfg.section("sft").get("assistant_only_loss", False))
     notes: list[str] = []
-    train_data = load_data(str(local_or_shipped(data_cfg["path"])), data_cfg["format"], data_cfg["split"],
-                           data_cfg["max_samples"])
+    train_data = load_training_data(data_cfg, teachers or [], mix, cfg.section("distill")["route_field"])
     train_set, assistant_only = fit_data_to_template(train_data, tokenizer, wanted, notes)
     eval_data, eval_set = None, None
     if data_cfg["eval_path"]:
@@ -157,7 +158,14 @@ def announce(run: "HealRun", student: "Student") -> None:
         say(f"  LoRA r={student.peft_config.r} on: {', '.join(targets.linear_modules)}")
     if student.teacher_dir:
         distill = cfg.section("distill")
-        say(f"  teacher: {student.teacher_dir} (alpha {distill['alpha']}, temperature {distill['temperature']})")
+        for note in run.teacher_notes:
+            say(f"[cyan]note:[/] {note}")
+        names = ", ".join(f"{t.name} ({t.path})" if t.name != str(t.path) else t.name for t in run.teachers)
+        rule = f"; {describe_mix(run.mix)}" if run.mix else ""
+        say(f"  teachers: {names} (alpha {distill['alpha']}, temperature {distill['temperature']}{rule})")
+        if distill["hidden"]:
+            say(f"  activation matching: weight {distill['hidden']} at (layer, teacher depth) "
+                f"{student.hidden_points}")
     state = run.state
     kind = "single process" if run.args.world_size == 1 else launched_as(state.distributed_type.value)
     say(f"  processes: {run.args.world_size} ({kind}), device {run.args.device}")
@@ -197,7 +205,7 @@ def start_tracking(run: "HealRun", targets: HealTargets):
     return wandb_run
 
 
-def make_trainer(cfg, student: Student, args, inputs: Inputs, callbacks):
+def make_trainer(cfg, student: Student, args, inputs: Inputs, callbacks, mix=None):
     kwargs = dict(
         model=student.model,
         args=args,
@@ -212,12 +220,16 @@ def make_trainer(cfg, student: Student, args, inputs: Inputs, callbacks):
 
         return SFTTrainer(**kwargs)
     from dus.heal.distill import DistillSFTTrainer
+    from dus.heal.routes import RoutedCollator
 
     distill = cfg.section("distill")
-    return DistillSFTTrainer(
-        teacher_model=student.teacher_model, alpha=distill["alpha"], temperature=distill["temperature"],
-        shared=student.shared, chunked=distill["logits"] == "chunked", **kwargs
+    trainer = DistillSFTTrainer(
+        teacher_model=student.teacher_models, alpha=distill["alpha"], temperature=distill["temperature"],
+        shared=student.shareds, chunked=distill["logits"] == "chunked", mix=mix,
+        hidden_match=student.hidden_match, **kwargs
     )
+    trainer.data_collator = RoutedCollator(trainer.data_collator)
+    return trainer
 
 
 @dataclass
@@ -234,7 +246,13 @@ class HealRun:
     args: object  # trl.SFTConfig
     name: str
     use_cpu: bool
-    teacher_dir: Path | None = None  # distill: the teacher, checked to tokenize as the model does
+    teachers: list = field(default_factory=list)  # distill: dus.heal.teachers.Teacher, checked to tokenize alike
+    mix: object | None = None  # several teachers: dus.heal.mix.TeacherMix
+    teacher_notes: list = field(default_factory=list)  # sources left out as teachers, and why
+
+    @property
+    def teacher_dir(self) -> Path | None:
+        return self.teachers[0].path if self.teachers else None
 
     @property
     def manifest(self) -> Manifest | None:
@@ -251,7 +269,7 @@ def heal(
     cfg: HealConfig,
     resume: bool = False,
     force: bool = False,
-    teacher: str | None = None,
+    teacher: str | list[str] | None = None,
     callbacks: list | None = None,
 ) -> HealResult:
     """Fine-tune the model in `model_dir` as `cfg` says and write the healed model to `output`.
@@ -286,13 +304,14 @@ def heal(
 
 
 def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force: bool,
-            teacher: str | None = None) -> HealRun:
+            teacher: str | list[str] | None = None) -> HealRun:
     """Check OUT and the options, read the data, build the SFTConfig: all before any output."""
     model_dir.check_weights()  # config against weights: transformers would fill or drop layers and only warn
-    teacher_dir = check_teacher(model_dir, cfg, teacher)
-    if teacher_dir is not None:
-        ModelDir(teacher_dir).check_weights()
-    previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teacher_dir))
+    teachers, teacher_notes, mix = check_teachers(model_dir, cfg, teacher)
+    for one in teachers:
+        ModelDir(one.path).check_weights()
+    check_hidden(model_dir, cfg, teachers)
+    previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teachers))
     max_steps = cfg.section("sft").get("max_steps", -1)
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
         raise DusError("sft.max_steps 0 trains nothing and calibration is off; give --steps N >= 1 "
@@ -313,7 +332,7 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
             raise DusError("calibration of a checkpoint as built scales the output projections' weights, which "
                            "4-bit (qlora) weights cannot take: heal in memory (in_memory: true, from a dus build), "
                            "or --set calibrate.enabled=false, or calibrate first (--steps 0) and QLoRA the result")
-    inputs = read_inputs(model_dir, cfg)
+    inputs = read_inputs(model_dir, cfg, teachers, mix)
     if resume and previous and previous.get("data_sha256") not in (None, inputs.data_sha256):
         raise DusError(f"--resume: the data ({inputs.train_data.source}) is not what the run in {out} started with; "
                        "resume with the same data, or start afresh with --force")
@@ -330,7 +349,8 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
                             args.packing, args.truncation_mode, f"data {inputs.train_data.source}")
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
-    return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teacher_dir)
+    return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teachers, mix,
+                   teacher_notes)
 
 
 def check_something_to_calibrate(model_dir: ModelDir, cfg: HealConfig) -> None:
@@ -349,35 +369,65 @@ def check_something_to_calibrate(model_dir: ModelDir, cfg: HealConfig) -> None:
                        f"(its plan is a {plan.recipe_kind}): nothing to do; give --steps N >= 1 to train it")
 
 
-def check_teacher(model_dir: ModelDir, cfg: HealConfig, teacher: str | None) -> Path | None:
-    """The distillation teacher's directory, refused in one line unless it tokenizes as the
-    model does (distillation compares token distributions id by id)."""
+def check_teachers(model_dir: ModelDir, cfg: HealConfig, teacher):
+    """The distillation teachers (dus.heal.teachers), each refused in one line unless it
+    tokenizes as the model does (distillation compares token distributions id by id), and
+    the rule that combines several. Nothing when the run does not distil."""
+    from dus.heal.routes import data_specs
+
+    distill = cfg.section("distill")
+    routed = any(spec.teacher for spec in data_specs(cfg.section("data")["path"]))
     if cfg.mode != "distill" or cfg.section("sft").get("max_steps") == 0:
-        return None
-    from dus.heal.distill import teacher_path
+        if routed or distill["combine"] == "route":
+            raise DusError("routing data to teachers (--data FILE:TEACHER, distill.combine: route) needs mode distill; "
+                           "drop the :TEACHER suffixes or heal with -c heal")
+        return [], [], None
+    from dus.heal.teachers import resolve_teachers, teacher_mix
     from dus.tokenizer_check import first_tokenizer_difference
 
-    teacher_dir = teacher_path(model_dir.path, model_dir.manifest, teacher or cfg.section("distill")["teacher"])
-    difference = first_tokenizer_difference(model_dir.path, teacher_dir)
-    if difference:
-        raise DusError(f"the teacher {teacher_dir} does not tokenize as {model_dir} does ({difference}); distillation "
-                       "compares token distributions, so give a teacher with the same tokenizer (--teacher)")
-    return teacher_dir
+    named = [teacher] if isinstance(teacher, str) else list(teacher or [])
+    teachers, notes = resolve_teachers(model_dir.path, model_dir.manifest, distill, named,
+                                       lambda path: first_tokenizer_difference(model_dir.path, path))
+    if routed and distill["combine"] != "route":
+        raise DusError(f"--data FILE:TEACHER routes data to teachers, but distill.combine is {distill['combine']}; "
+                       "add --set distill.combine=route")
+    return teachers, notes, teacher_mix(distill, teachers)
 
 
-def paths_read(model_dir: ModelDir, cfg: HealConfig, teacher_dir: Path | None) -> list[Path]:
+def check_hidden(model_dir: ModelDir, cfg: HealConfig, teachers) -> None:
+    """Activation matching needs the plan (which teacher layer each layer corresponds to)."""
+    if cfg.mode != "distill" or not teachers or not cfg.section("distill")["hidden"]:
+        return
+    from dus.heal.hidden import hidden_points
+
+    plan = model_dir.manifest.plan if model_dir.manifest else None
+    hidden_points(plan, cfg.section("distill")["hidden_layers"], len(plan.layers) if plan else 0)
+    if cfg.section("distill")["logits"] != "chunked":
+        raise DusError("distill.hidden (activation matching) works with distill.logits: chunked; drop one of them")
+
+
+def describe_mix(mix) -> str:
+    if mix.rule == "ensemble":
+        weights = f", weights {list(mix.weights)}" if mix.weights else ""
+        return f"ensemble of the teachers' {'probabilities' if mix.average == 'prob' else 'log-probabilities'}{weights}"
+    return {"route": "each data file or example taught by the teacher it names",
+            "best": "each token taught by the teacher that gives its label the higher probability"}[mix.rule]
+
+
+def paths_read(model_dir: ModelDir, cfg: HealConfig, teachers) -> list[Path]:
     """What the run reads besides the model: data, evaluation data, calibration text, the
-    config file, the teacher and the build plan's sources."""
+    config file, the teachers and the build plan's sources."""
+    from dus.heal.routes import data_specs
+
     found: list[Path] = []
-    candidates = [cfg.section("data")["path"], cfg.section("data")["eval_path"], cfg.section("calibrate")["text"],
-                  cfg.source]
+    candidates = [spec.path for spec in data_specs(cfg.section("data")["path"])]
+    candidates += [cfg.section("data")["eval_path"], cfg.section("calibrate")["text"], cfg.source]
     for text in candidates:
         if text and text != "auto":
             path = local_or_shipped(str(text))
             if path.exists():
                 found.append(path)
-    if teacher_dir is not None:
-        found.append(teacher_dir)
+    found += [teacher.path for teacher in teachers or []]
     manifest = model_dir.manifest
     if manifest is not None and manifest.plan is not None:
         found += [Path(path) for path in manifest.plan.models.values() if Path(path).exists()]
@@ -387,7 +437,7 @@ def paths_read(model_dir: ModelDir, cfg: HealConfig, teacher_dir: Path | None) -
 def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     """Train, gather the weights, write the healed model (or the adapter); returns the record."""
     cfg, out, inputs = run.cfg, run.out, run.inputs
-    trainer = make_trainer(cfg, student, run.args, inputs, callbacks)
+    trainer = make_trainer(cfg, student, run.args, inputs, callbacks, run.mix)
     sharded = sharded_launch()
     say(f"  distributed: {describe_briefly(describe(trainer.accelerator, trainer.args))}")
     trainable = sum(parameter_count(p) for p in trainer.model.parameters() if p.requires_grad)
@@ -415,6 +465,10 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
         trainer.save_model(str(trained_dir))
     digests = rank_digests(trainer, unwrapped)
     record = heal_record(cfg, student.targets, inputs.train_data, inputs.eval_data, student.teacher_dir, trainer, result, {
+        "teachers": [{"name": t.name, "path": str(t.path)} for t in run.teachers] or None,
+        "teacher_rule": (run.mix.to_dict() if run.mix else ({"rule": "single"} if run.teachers else None)),
+        "activation_matching": ({"weight": cfg.section("distill")["hidden"], "points": student.hidden_points}
+                                if student.hidden_match is not None else None),
         "steps_this_run": counter.steps,
         "rank_digests": digests,
         "resumed_from": resumed_from,

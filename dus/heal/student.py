@@ -47,12 +47,16 @@ class Student:
     peft_config: object | None
     saved_dtype: str
     calibration: object | None = None
-    teacher_dir: Path | None = None
-    teacher_model: object | None = None
+    teacher_dir: Path | None = None  # the first teacher's directory
+    teacher_model: object | None = None  # the first teacher
+    teacher_models: list = None  # every teacher, in the order of run.teachers
+    shareds: list = None  # each teacher's SharedTeacher (in memory)
     plan: LayerPlan | None = None  # in memory: the (calibrated) plan the student was assembled from
     sources: object | None = None  # in memory: dus.assemble.Sources
     shared: object | None = None  # in memory: dus.heal.teacher.SharedTeacher
     built_because: str | None = None  # why the checkpoint as built is trained instead
+    hidden_match: object | None = None  # dus.heal.hidden.HiddenMatch, when distill.hidden > 0
+    hidden_points: list | None = None  # its (output layer, teacher depth) pairs
 
     @property
     def in_memory(self) -> bool:
@@ -97,19 +101,35 @@ def _sources_obstacle(manifest: Manifest) -> str | None:
 
 def load_student(run, say) -> Student:
     """The student (calibrated when asked), its trainable set, and the teacher for distill
-    (`run.teacher_dir`, resolved and checked before any output existed)."""
+    (`run.teachers`, resolved and checked before any output existed)."""
     obstacle = in_memory_obstacle(run.model_dir, run.cfg)
+    student = None
     if obstacle is None:
         from dus.assemble import NotInMemory
 
         try:
-            return _in_memory_student(run, say)
+            student = _in_memory_student(run, say)
         except NotInMemory as error:
             obstacle = str(error)
-    say(f"  healing the checkpoint as built: {obstacle}")
-    student = _built_student(run, say)
-    student.built_because = obstacle
+    if student is None:
+        say(f"  healing the checkpoint as built: {obstacle}")
+        student = _built_student(run, say)
+        student.built_because = obstacle
+    add_hidden_match(run, student)
     return student
+
+
+def add_hidden_match(run, student: Student) -> None:
+    """Activation matching (dus.heal.hidden) at the plan's points, when distill.hidden > 0."""
+    distill = run.cfg.section("distill")
+    if run.cfg.mode != "distill" or not run.teachers or not distill["hidden"]:
+        return
+    from dus.heal.hidden import HiddenMatch, hidden_points
+
+    plan = student.plan or run.manifest.plan
+    student.hidden_points = hidden_points(plan, distill["hidden_layers"], len(plan.layers))
+    weights = run.mix.weights_for(len(run.teachers)) if run.mix else (1.0,)
+    student.hidden_match = HiddenMatch(distill["hidden"], student.hidden_points, weights)
 
 
 def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
@@ -155,16 +175,20 @@ def _in_memory_student(run, say) -> Student:
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
     student = Student(model, targets, peft_config, saved_dtype, calibration, plan=plan, sources=sources)
     say(f"  in memory: {len(plan.models)} source(s) loaded once; {len(own)} of {plan.num_layers} layers are copies")
-    if run.teacher_dir is not None:
-        student.teacher_dir = run.teacher_dir
-        name = sources.by_path(student.teacher_dir)
-        if name is not None:
-            student.teacher_model = sources[name]
-            start = shared_prefix(plan, name, set(targets.layers))
-            say(f"  teacher: the loaded source {name!r}, from layer {start} on (layers below are the student's)")
-        else:
-            student.teacher_model, start = ModelDir(student.teacher_dir).load_model(model.dtype), 0
-        student.shared = share_with_student(student.teacher_model, model, start)
+    if run.teachers:
+        student.teacher_models, student.shareds = [], []
+        for teacher in run.teachers:
+            name = sources.by_path(teacher.path)
+            if name is not None:
+                teacher_model = sources[name]
+                start = shared_prefix(plan, name, set(targets.layers))
+                say(f"  teacher: the loaded source {name!r}, from layer {start} on (layers below are the student's)")
+            else:
+                teacher_model, start = ModelDir(teacher.path).load_model(model.dtype), 0
+            student.teacher_models.append(teacher_model)
+            student.shareds.append(share_with_student(teacher_model, model, start))
+        student.teacher_dir, student.teacher_model = run.teachers[0].path, student.teacher_models[0]
+        student.shared = student.shareds[0]
     return student
 
 
@@ -184,9 +208,9 @@ def _built_student(run, say) -> Student:
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     student = Student(model, targets, peft_config, saved_dtype, calibration)
-    if run.teacher_dir is not None:
-        student.teacher_dir = run.teacher_dir
-        student.teacher_model = ModelDir(student.teacher_dir).load_model(model.dtype)
+    if run.teachers:
+        student.teacher_models = [ModelDir(teacher.path).load_model(model.dtype) for teacher in run.teachers]
+        student.teacher_dir, student.teacher_model = run.teachers[0].path, student.teacher_models[0]
     return student
 
 
