@@ -231,6 +231,17 @@ def test_fsdp1_with_lora_is_refused_before_training(workspace):
     assert not out.exists()
 
 
+def pretend_a_gpu(monkeypatch):
+    """Make accelerate's backend choice see a CUDA device, through what it consults: torch's
+    accelerator API by way of `get_torch_accelerator_backend` (accelerate 1.16 on), or
+    `torch.cuda.is_available` (earlier releases)."""
+    import accelerate.state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if hasattr(accelerate.state, "get_torch_accelerator_backend"):
+        monkeypatch.setattr(accelerate.state, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda))
+
+
 def test_cpu_fsdp_correction_only_without_a_gpu(monkeypatch):
     """The correction is for an FSDP launch on a machine without an accelerator, and the
     patched backend choice leaves accelerate's own answer alone whenever it found a GPU."""
@@ -251,7 +262,7 @@ def test_cpu_fsdp_correction_only_without_a_gpu(monkeypatch):
     enable_fsdp_on_cpu()
     state = object.__new__(PartialState)
     assert PartialState._prepare_backend(state) == ("gloo", DistributedType.MULTI_GPU)  # no GPU here
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pretend_a_gpu(monkeypatch)
     assert PartialState._prepare_backend(state) == ("nccl", DistributedType.MULTI_GPU)  # accelerate's own
 
     monkeypatch.setenv("FSDP_VERSION", "1")
