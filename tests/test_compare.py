@@ -390,6 +390,49 @@ def test_several_domains_and_recovery(tiny_models, tmp_path, run_cli):
     assert swapped.code == 2 and "--base nope" in swapped.stderr
 
 
+def test_parents_best_parent_per_text_and_ratios(tiny_models, tmp_path, run_cli):
+    """--parents: per text and pooled, the parent with the lowest perplexity, and each model's
+    perplexity against it, from the metrics' own perplexities; report and terminal show it."""
+    prose, code = tmp_path / "prose.txt", tmp_path / "code.txt"
+    prose.write_text(TEXT * 2)
+    code.write_text("def heal(model):\n    return model.train()\n\n" * 20)
+    models = [tiny_models("llama", 4), tiny_models("llama", 6, seed=1), tiny_models("llama", 6)]
+    out = tmp_path / "out"
+    result = run_cli("compare", *models, "-l", "child", "-l", "A", "-l", "B", "--parents", "A,B", "--data", prose,
+                     "--data", code, "-o", out, "--no-generate", "--window", 64)
+    assert result.code == 0, result
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = {m["label"]: {**{d: v["perplexity"] for d, v in m["perplexity"]["domains"].items()}, "all": m["perplexity"]["perplexity"]}
+              for m in metrics["models"]}
+    vs = metrics["vs_parents"]
+    assert vs["parents"] == ["A", "B"] and set(vs["best"]) == {"prose", "code", "all"}
+    assert {vs["best"]["prose"], vs["best"]["code"]} == {"A", "B"}  # these seeded models: each parent wins one text
+    for text, best in vs["best"].items():
+        assert scores[best][text] == min(scores["A"][text], scores["B"][text])
+        for label in ("A", "B", "child"):
+            assert math.isclose(vs["models"][label][text], scores[label][text] / scores[best][text] - 1, rel_tol=1e-9)
+        assert vs["models"][best][text] == 0
+    report = (out / "report.md").read_text()
+    assert "Against the best parent per text" in report and "| model | prose | code | all |" in report
+    child = vs["models"]["child"]
+    assert f"| child | {100 * child['prose']:+.1f}% ({vs['best']['prose']}) |" in report
+    assert "vs parent" in result.stdout
+
+
+def test_parents_are_checked_before_anything_is_measured(tiny_models, tmp_path, heldout, run_cli):
+    model = tiny_models("llama", 4)
+    out = tmp_path / "out"
+    result = run_cli("compare", model, model, "-l", "A", "-l", "child", "--parents", "A", "--parents", "B",
+                     "--data", heldout, "-o", out, "--no-generate")
+    assert result.code == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "--parents B" in message and "A, child" in message
+    assert not out.exists()
+    result = run_cli("compare", model, "-l", "A", "--parents", "A", "--skip-perplexity", "--data", heldout, "-o", out, "--no-generate")
+    assert result.code == 2 and "--skip-perplexity" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_compare_and_heal_share_one_wandb_mode_policy(tmp_path, monkeypatch):
     """A user logged in with `wandb login` (a netrc entry, no WANDB_API_KEY) gets online runs
     from compare as from heal; nobody logged in gets offline runs from both."""

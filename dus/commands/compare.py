@@ -31,12 +31,17 @@ def compare(
     wandb: bool = typer.Option(False, "--wandb", help="Also log metrics, tables and plots to a W&B run (offline unless logged in)."),
     base: Optional[str] = typer.Option(None, "--base", help="Label of the model healing should return to, for recovery (default: the first)."),
     unhealed: Optional[str] = typer.Option(None, "--unhealed", help="Label of the model before healing, for recovery (default: the second)."),
+    parents: list[str] = typer.Option([], "--parents", help="Labels of the parents, comma-separated or repeated: every model is also shown against the parent with the lowest perplexity on each text."),
     force: bool = typer.Option(False, "--force", help="Replace a previous dus report in --output (never files dus did not write)."),
 ) -> None:
     """Perplexity, per-layer angular distance and norm (seams marked), and greedy generations, side by side."""
     from dus.compare.lm_eval_hook import parse_tasks
     from dus.compare.run import CompareOptions, compare_models, default_heldout_files
+    from dus.errors import DusError
 
+    parent_labels = list(dict.fromkeys(name.strip() for value in parents for name in value.split(",") if name.strip()))
+    if parents and not parent_labels:
+        raise DusError("--parents: give at least one model label")
     options = CompareOptions(
         data=list(data) or default_heldout_files(),
         output=output,
@@ -55,6 +60,7 @@ def compare(
         wandb=wandb,
         base=base,
         unhealed=unhealed,
+        parents=parent_labels,
         force=force,
     )
     compare_models(models, options)

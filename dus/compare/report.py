@@ -52,7 +52,7 @@ def render_report(metrics: dict) -> str:
     out.append("")
     out += _models_section(models)
     if settings["perplexity"]:
-        out += _perplexity_section(models, metrics["plots"].get("perplexity"), metrics.get("recovery"))
+        out += _perplexity_section(models, metrics["plots"].get("perplexity"), metrics.get("recovery"), metrics.get("vs_parents"))
     out += _layers_section(models, metrics["plots"])
     if any(m.get("generations") for m in models):
         out += _generations_section(models, settings)
@@ -81,7 +81,14 @@ def _models_section(models) -> list[str]:
     return out + [""]
 
 
-def _perplexity_section(models, plot, recovery) -> list[str]:
+def _vs_parent(vs_parents: dict, label: str, text: str) -> str:
+    """`+3.1% (A)`: the model's perplexity against the best parent on that text, named."""
+    value = vs_parents["models"][label][text]
+    change = "n/a" if math.isnan(value) else f"{100 * value:+.1f}%"
+    return f"{change} ({vs_parents['best'][text]})"
+
+
+def _perplexity_section(models, plot, recovery, vs_parents=None) -> list[str]:
     domains = list(models[0]["perplexity"]["domains"])
     reference = models[0]
     out = [
@@ -108,6 +115,14 @@ def _perplexity_section(models, plot, recovery) -> list[str]:
                 "| model | " + " | ".join(_cell(d) for d in domains) + " |", "|---|" + "---:|" * len(domains)]
         for label, values in recovery["models"].items():
             out.append(f"| {_cell(label)} | " + " | ".join(f"{100 * values[d]:.0f}%" for d in domains) + " |")
+    if vs_parents:
+        texts = domains + ["all"]
+        out += ["", f"Against the best parent per text: each model's perplexity relative to whichever parent "
+                f"({', '.join(map(_cell, vs_parents['parents']))}) has the lowest perplexity on that text, named in brackets; "
+                "below 0% the model beats every parent there.", "",
+                "| model | " + " | ".join(_cell(t) for t in texts) + " |", "|---|" + "---:|" * len(texts)]
+        for m in models:
+            out.append(f"| {_cell(m['label'])} | " + " | ".join(_cell(_vs_parent(vs_parents, m["label"], t)) for t in texts) + " |")
     if plot:
         out += ["", f"![perplexity]({plot})"]
     return out + [""]
@@ -199,6 +214,8 @@ def terminal_table(metrics: dict):
 
     models = metrics["models"]
     with_ppl = metrics["settings"]["perplexity"]
+    vs_parents = metrics.get("vs_parents")
+    texts = list(models[0]["perplexity"]["domains"]) + ["all"] if vs_parents else []
     table = Table(title=f"dus compare (change: perplexity vs {models[0]['label']})")
     table.add_column("model", overflow="fold")
     table.add_column("layers", justify="right")
@@ -206,6 +223,8 @@ def terminal_table(metrics: dict):
         table.add_column("perplexity", justify="right", no_wrap=True)
         table.add_column("change", justify="right")
         table.add_column("tokens", justify="right")
+    for text in texts:  # the report's columns against the best parent per text
+        table.add_column(f"{text}\nvs parent", justify="right", no_wrap=True)
     table.add_column("seams", justify="right")
     table.add_column("seam/median", justify="right")
     table.add_column("s", justify="right")
@@ -215,6 +234,7 @@ def terminal_table(metrics: dict):
         if with_ppl:
             p = m["perplexity"]
             row += [f"{p['perplexity']:.3f}", _delta(p["perplexity"], reference), f"{p['tokens_scored']:,}"]
+        row += [_vs_parent(vs_parents, m["label"], text) for text in texts]
         ratios = ", ".join(f"{spike['ratio']:.2f}" for spike in m["seam_layers"])
         row += [", ".join(map(str, m["seams"])) or "-", ratios or "-", f"{sum(m['seconds'].values()):.1f}"]
         table.add_row(*row)

@@ -35,6 +35,7 @@ class CompareOptions:
     wandb: bool = False
     base: str | None = None  # label of the model healing should return to (default: the first)
     unhealed: str | None = None  # label of the model before healing (default: the second)
+    parents: list[str] = field(default_factory=list)  # labels of the parents: every model is also judged against the best one per text
     force: bool = False  # replace a previous dus report at `output`
 
 
@@ -78,6 +79,20 @@ def recovery_of(metrics: dict, base: str | None, unhealed: str | None) -> dict |
             high = models[unhealed]["perplexity"]["domains"][domain]["perplexity"]
             table[label][domain] = (high - scored["perplexity"]) / (high - low) if high != low else float("nan")
     return {"base": base, "unhealed": unhealed, "models": table}
+
+
+def vs_parents_of(metrics: dict, parents: list[str]) -> dict:
+    """Per text and pooled (`all`): the parent with the lowest perplexity there, and every
+    model's perplexity / that parent's - 1. A child of two parents should be judged against
+    whichever of them is better on each text, not against the first model alone."""
+    scores = {}
+    for m in metrics["models"]:
+        p = m["perplexity"]
+        scores[m["label"]] = {**{d: r["perplexity"] for d, r in p["domains"].items()}, "all": p["perplexity"]}
+    best = {text: min(parents, key=lambda parent: scores[parent][text]) for text in scores[parents[0]]}
+    models = {label: {text: value / scores[best[text]][text] - 1 for text, value in values.items()}
+              for label, values in scores.items()}
+    return {"parents": list(parents), "best": best, "models": models}
 
 
 def default_data_file(name: str) -> Path:
@@ -153,6 +168,11 @@ def check_options(options: CompareOptions, labels: list[str]) -> None:
     for label, flag in ((options.base, "--base"), (options.unhealed, "--unhealed")):
         if label is not None and label not in labels:
             raise DusError(f"{flag} {label}: no model has that label; labels: {', '.join(labels)}")
+    if options.parents and not options.perplexity:
+        raise DusError("--parents compares perplexities: drop --skip-perplexity (or --parents)")
+    for label in options.parents:
+        if label not in labels:
+            raise DusError(f"--parents {label}: no model has that label; labels: {', '.join(labels)}")
 
 
 def report_files(options: CompareOptions) -> list[str]:
@@ -243,6 +263,8 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     metrics["tokens"] = {model["label"]: model["tokens"] for model in metrics["models"]}
     if options.perplexity:
         metrics["recovery"] = recovery_of(metrics, options.base, options.unhealed)
+        if options.parents:
+            metrics["vs_parents"] = vs_parents_of(metrics, options.parents)
     for model in metrics["models"]:
         model["generations"] = generations_to_dicts(model.pop("_generations"))
     write_outputs(metrics, Path(options.output), options, console)
