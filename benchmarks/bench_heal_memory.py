@@ -18,6 +18,11 @@ process (so peak memory is its own), alternating, with the same seed and setting
     python benchmarks/bench_heal_memory.py --tiny               # a quick smoke run
     python benchmarks/bench_heal_memory.py --mmap-thresholds 131072,1048576,4194304,0 --steps 7
 
+`--teachers STACK`: a two-parent stack (benchmarks/bench_two_parents.py builds one) healed in memory
+with its first parent alone as teacher, then with both (the default for such a stack), alternating
+in pairs: the second teacher's cost in peak memory and step time. Writes
+benchmarks/results/heal-memory-teachers.json.
+
 `--mmap-thresholds`: only the in-memory heal, once per glibc mmap threshold
 (DUS_PIN_MMAP_THRESHOLD; 0 is glibc's own dynamic policy), peak and step time of each:
 the trade between memory given back and page faults. Writes
@@ -78,6 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--project", action="store_true",
                         help="print the projected memory table (7B -> SOLAR, 70B -> 120B interleave) from the measured "
                              "loss bytes in benchmarks/results/heal-memory-loss.json")
+    parser.add_argument("--teachers", type=Path, default=None,
+                        help="a two-parent stack: its heal with the first parent alone against both parents")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -104,6 +111,8 @@ def heal_overrides(spec: dict) -> dict:
     }
     if student == "qlora":
         overrides.update({"calibrate.enabled": False, "quantization.bnb_4bit_compute_dtype": spec["dtype"]})
+    if spec.get("teachers"):  # --teachers: a two-parent stack taught by the listed parents
+        overrides.update({"distill.teachers": spec["teachers"], "calibrate.enabled": False})
     return overrides
 
 
@@ -312,6 +321,32 @@ def heal_spec(args, built: Path, name: str) -> dict:
             "threads": args.threads, "calibrate_tokens": args.calibrate_tokens, "student": args.student}
 
 
+def teacher_pairs(args) -> None:
+    """One teacher against two on a two-parent stack, each heal in its own process."""
+    from dus.manifest import read_manifest
+
+    stack = args.teachers
+    plan = read_manifest(stack).plan
+    parents = [name for name in plan.models]
+    runs = {"one teacher": [], "two teachers": []}
+    for pair in range(args.pairs):
+        for name, teachers in (("one teacher", parents[:1]), ("two teachers", parents)):
+            spec = {**heal_spec(args, stack, name.replace(" ", "-")), "teachers": teachers}
+            result = run_child(spec, args.threads)
+            runs[name].append(result)
+            print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s", flush=True)
+    summary = {name: {"peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                      "step_s": statistics.median(r["step_s"] for r in rs)} for name, rs in runs.items()}
+    one, two = summary["one teacher"], summary["two teachers"]
+    summary["two_over_one"] = {"peak_rss": two["peak_rss_mb"] / one["peak_rss_mb"], "step_time": two["step_s"] / one["step_s"],
+                               "extra_peak_mb": two["peak_rss_mb"] - one["peak_rss_mb"]}
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "stack": str(stack), "parents": parents,
+              "runs": runs, "summary": summary}
+    out = REPO / "benchmarks" / "results" / "heal-memory-teachers.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
 def mmap_sweep(args, built: Path) -> None:
     rows = []
     for threshold in args.mmap_thresholds.split(","):
@@ -339,6 +374,9 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.teachers:
+        teacher_pairs(args)
+        return
     from dus.build import build_model
 
     source = source_model(args)
