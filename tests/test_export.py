@@ -199,12 +199,14 @@ def test_ollama_modelfile(models, tmp_path):
 
 def test_refuses_to_overwrite_without_force(models, tmp_path, run_cli):
     out = tmp_path / "m.gguf"
-    out.write_text("precious")
-    result = run_cli("export", models("llama"), "-o", out)
+    assert run_cli("export", models("llama"), "-o", out).code == 0
+    previous = out.read_bytes()
+    result = run_cli("export", models("llama"), "-o", out, "--type", "q8_0")
     assert result.code == 2 and "--force" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert out.read_text() == "precious"
-    assert run_cli("export", models("llama"), "-o", out, "--force").code == 0
-    assert out.read_bytes()[:4] == b"GGUF"
+    assert out.read_bytes() == previous
+    assert run_cli("export", models("llama"), "-o", out, "--force", "--type", "q8_0").code == 0
+    assert out.read_bytes()[:4] == b"GGUF" and out.read_bytes() != previous
+    # a file of the user's is never replaced, --force or not: tests/test_export_overwrite.py
 
 
 @pytest.mark.parametrize("case, fragment", [

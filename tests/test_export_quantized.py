@@ -193,6 +193,7 @@ def test_an_incompatible_binding_is_refused_in_one_line(wide, tmp_path, monkeypa
     ("imatrix on f16", "--imatrix applies to the types llama.cpp quantizes"),
     ("existing output", "already exists; pass --force"),
     ("existing imatrix", "m.imatrix.gguf: already exists; pass --force"),
+    ("imatrix of the user's, --force", "m.imatrix.gguf was not written by dus export"),
     ("missing text", "no such calibration text"),
 ])
 def test_refusals_are_one_line_and_leave_files_as_they_were(wide, tmp_path, run_cli, case, fragment):
@@ -206,6 +207,9 @@ def test_refusals_are_one_line_and_leave_files_as_they_were(wide, tmp_path, run_
     elif case == "existing imatrix":
         (tmp_path / "m.imatrix.gguf").write_text("precious")
         args += ["--imatrix", "default"]
+    elif case == "imatrix of the user's, --force":
+        (tmp_path / "m.imatrix.gguf").write_text("precious")
+        args += ["--imatrix", "default", "--force"]
     elif case == "missing text":
         args += ["--imatrix", str(tmp_path / "nowhere.txt")]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -213,6 +217,19 @@ def test_refusals_are_one_line_and_leave_files_as_they_were(wide, tmp_path, run_
     assert result.code == 2 and fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@needs_llama_cpp
+def test_force_replaces_a_previous_quantized_export_and_its_imatrix(wide, tmp_path):
+    """llama.cpp's quantizer keeps the metadata, so a quantized export says dus wrote it;
+    so does the importance matrix saved beside it."""
+    from dus.export.run import written_by_dus_export
+
+    out = tmp_path / "m.gguf"
+    export(wide[0], out, "q4_k_m", imatrix_text=CALIBRATION, imatrix_tokens=512)
+    assert written_by_dus_export(out) and written_by_dus_export(tmp_path / "m.imatrix.gguf")
+    export(wide[0], out, "q4_0", force=True, imatrix_text=CALIBRATION, imatrix_tokens=512)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.imatrix.gguf"]
 
 
 @needs_llama_cpp

@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from dus import __version__
 from dus.errors import DusError
 
 SUMS, COUNTS = ".in_sum2", ".counts"
@@ -122,6 +123,7 @@ def write(imatrix: Imatrix, path: Path) -> None:
     writer = gguf.GGUFWriter(str(path), arch="")
     writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix file has none
     writer.add_type("imatrix")
+    writer.add_string("dus.version", __version__)  # so that `dus export --force` may replace it, and only it
     writer.add_array("imatrix.datasets", list(imatrix.datasets))
     writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
     writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)

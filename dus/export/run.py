@@ -47,13 +47,70 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def check_output(output: Path, force: bool) -> None:
+def check_output(output: Path, force: bool, model_path: Path | None = None) -> None:
+    """`output` may be written: never in (or one of the files of) the model being read, and
+    an existing file is replaced only with --force and only when dus export wrote it (a
+    GGUF whose metadata holds `dus.version`), never a symbolic link or a file of yours."""
+    if model_path is not None:
+        check_not_in_model(output, model_path)
     if output.is_dir():
         raise DusError(f"{output}: is a directory; give the GGUF file to write, e.g. {output / 'model.gguf'}")
-    if output.exists() and not force:
-        raise DusError(f"{output}: already exists; pass --force to replace it, or choose another path")
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise DusError(f"{output}: already exists; pass --force to replace a previous dus export, or choose "
+                           "another path")
+        why_not = foreign_file(output, written_by_dus_export)
+        if why_not:
+            raise DusError(f"--force: {output} {why_not}; dus replaces only a file dus export wrote: remove it "
+                           "yourself or choose another path")
     if not output.parent.is_dir():
         raise DusError(f"{output.parent}: no such directory; create it first or choose another path")
+
+
+def check_not_in_model(output: Path, model_path: Path) -> None:
+    """`output` (paths resolved: `..`, symbolic links) is neither inside the model directory
+    being exported nor one of its files (a file it links to, as in a Hugging Face cache)."""
+    model = Path(model_path)
+    resolved_model = model.resolve()
+    candidates = {Path(os.path.abspath(output)), Path(output).resolve()}
+    if any(resolved_model == path or resolved_model in path.parents for path in candidates) \
+            or any(Path(os.path.abspath(model)) in path.parents for path in candidates):
+        raise DusError(f"{output} is inside the model {model_path}, which dus export reads; write the GGUF somewhere "
+                       "else")
+    resolved = Path(output).resolve()
+    try:
+        entries = list(model.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        target = entry.resolve()
+        if target == resolved or (entry.is_dir() and target in resolved.parents):
+            raise DusError(f"{output} is {entry.name} of the model {model_path} (the same file, through a link), "
+                           "which dus export reads; write the GGUF somewhere else")
+
+
+def foreign_file(path: Path, is_ours) -> str | None:
+    """Why the existing `path` is not a file dus wrote (a symbolic link, not a regular
+    file, or `is_ours(path)` false), or None."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_file():
+        return "is not a regular file"
+    if not is_ours(path):
+        return "was not written by dus export"
+    return None
+
+
+def written_by_dus_export(path: Path) -> bool:
+    """A GGUF file (its magic) whose metadata says dus wrote it (`dus.version`: every
+    export, and the importance matrices saved beside them)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                return False
+        return "dus.version" in gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - a file gguf cannot read is not one dus wrote
+        return False
 
 
 def imatrix_path(output: Path) -> Path:
@@ -100,11 +157,15 @@ def export_gguf(model_path: Path, output: Path, type_name: str = "f16", force: b
 
         check_available(type_name)
     output = Path(output)
-    check_output(output, force)
-    if imatrix_text is not None:
-        check_output(imatrix_path(output), force)
-        text_path = _imatrix_text(imatrix_text)
     model = ModelDir(model_path)
+    check_output(output, force, model.path)
+    if imatrix_text is not None:
+        check_output(imatrix_path(output), force, model.path)
+        text_path = _imatrix_text(imatrix_text)
+    if ollama:
+        from dus.export.ollama import check_modelfile
+
+        check_modelfile(output, force, model.path)
     source = load_source(model.name, str(model.path))  # validated headers, shards and layers
     family = family_for(source.model_type, str(model.path))
     config = AutoConfig.from_pretrained(str(model.path), trust_remote_code=False)
