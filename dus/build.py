@@ -7,6 +7,8 @@ something at the output path that looks like a valid checkpoint.
 
 from __future__ import annotations
 
+import os
+
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -101,6 +103,9 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         source_records = {
             name: {
                 "path": str(source.path),
+                # found again from the model's own place, wherever a later command runs
+                "from_output": os.path.relpath(source.path.resolve(), directory.resolve()),
+                "absolute": str(source.path.resolve()),
                 "architecture": (source.config.get("architectures") or ["?"])[0],
                 "model_type": source.model_type,
                 "num_layers": source.num_layers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,28 @@ def read_manifest(model_dir: str | Path) -> Manifest | None:
     data = read_json(path, "the dus manifest", "rebuild the model with dus build, or delete the file to treat the model as a plain checkpoint")
     if not isinstance(data, dict):
         raise DusError(f"{path}: the dus manifest is not a JSON object; rebuild the model or delete the file")
-    return Manifest.from_dict(data, str(path))
+    manifest = Manifest.from_dict(data, str(path))
+    if manifest.plan is not None:
+        manifest.plan.models = {name: str(locate_source(Path(model_dir), raw, manifest.sources.get(name) or {}))
+                                for name, raw in manifest.plan.models.items()}
+    return manifest
+
+
+def locate_source(model_dir: Path, raw: str, record: dict) -> Path:
+    """Where a build's source is now, found from the model's own place: the path relative to
+    the output that the build recorded, then its absolute path; a relative path as written in
+    the recipe (manifests before both were recorded) is taken from the current directory last,
+    and only if nothing else is there. Unchanged when none exists (the caller says so)."""
+    candidates = []
+    if record.get("from_output"):
+        candidates.append(Path(os.path.normpath(model_dir / record["from_output"])))
+    if record.get("absolute"):
+        candidates.append(Path(record["absolute"]))
+    candidates.append(Path(raw).expanduser())
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    return Path(raw)
 
 
 def build_manifest(

@@ -95,7 +95,9 @@ def test_frozen_layers_are_byte_copies_of_the_source_and_the_teacher_is_shared(s
     assert shared_prefix(plan, plan.config_from, {0}) == 0
 
 
-def test_a_changed_source_falls_back_to_the_built_checkpoint_in_one_line(space, tmp_path, capsys):
+def test_a_changed_source_is_no_teacher_and_falls_back_to_the_built_checkpoint_in_one_line(space, tmp_path, capsys):
+    from dus.errors import DusError
+
     source = tmp_path / "source"
     shutil.copytree(space / "source", source)
     build_model({"solar": {"model": str(source), "trim": 2}}, tmp_path / "built")
@@ -104,11 +106,40 @@ def test_a_changed_source_falls_back_to_the_built_checkpoint_in_one_line(space, 
     data[-1] ^= 1  # one bit of the last tensor
     weights.write_bytes(bytes(data))
     settings = {**FAST, "data.path": str(space / "prose.txt"), "sft.max_steps": 1}
-    result = heal(tmp_path / "built", tmp_path / "out", load_config(None, settings))
+    # the default teacher is the build's source: changed, it is not the model the build came from
+    with pytest.raises(DusError, match="is not the model this build came from .model.safetensors changed"):
+        heal(tmp_path / "built", tmp_path / "refused", load_config(None, settings))
+    assert not (tmp_path / "refused").exists()
+    # named by its path, the user asks for it: the checkpoint as built is healed, one line says why
+    result = heal(tmp_path / "built", tmp_path / "out", load_config(None, settings), teacher=str(source))
     assert result.record["in_memory"] is False
     assert "changed since the build (model.safetensors)" in result.record["built_because"]
     lines = [line for line in capsys.readouterr().err.splitlines() if "healing the checkpoint as built" in line]
     assert len(lines) == 1
+    band = heal(tmp_path / "built", tmp_path / "band", load_config(None, {**settings, "mode": "band"}))
+    assert band.record["in_memory"] is False and band.record["teacher"] is None
+
+
+def test_relative_sources_are_found_from_the_model_not_the_current_directory(space, tmp_path, monkeypatch):
+    """A recipe's relative source path is resolved from where the build ran; a heal run from
+    another directory, where another model sits at that relative path, still finds the source."""
+    from dus.manifest import read_manifest
+
+    (tmp_path / "a" / "models").mkdir(parents=True)
+    (tmp_path / "b" / "models").mkdir(parents=True)
+    shutil.copytree(space / "source", tmp_path / "a" / "models" / "src")
+    from dus.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "b" / "models" / "src", "llama", num_layers=6, seed=99)  # an unrelated model
+    monkeypatch.chdir(tmp_path / "a")
+    build_model({"solar": {"model": "models/src", "trim": 2}}, tmp_path / "a" / "built")
+    monkeypatch.chdir(tmp_path / "b")
+    plan = read_manifest(tmp_path / "a" / "built").plan
+    assert Path(plan.models["models/src"]).resolve() == (tmp_path / "a" / "models" / "src").resolve()
+    settings = {**FAST, "data.path": str(space / "prose.txt"), "sft.max_steps": 1, "calibrate.enabled": False}
+    result = heal(tmp_path / "a" / "built", tmp_path / "out", load_config(None, settings))
+    assert result.record["in_memory"] is True
+    assert Path(result.record["teacher"]).resolve() == (tmp_path / "a" / "models" / "src").resolve()
 
 
 def test_a_healed_model_heals_again_from_its_checkpoint(space, tmp_path):

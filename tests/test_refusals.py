@@ -33,6 +33,17 @@ def space(tmp_path_factory):
     (["--epochs", "inf"], "sft.num_train_epochs must be a finite number"),
     (["--set", "distill.temperature=.inf"], "distill.temperature must be a positive finite number"),
     (["--set", "data.max_samples=-1"], "data.max_samples must be a whole number >= 1"),
+    (["--steps", "-1"], "--steps -1: give a number of training steps >= 1"),
+    (["--steps", "-7"], "--steps -7: give a number of training steps >= 1"),
+    (["--epochs", "-1"], "--epochs -1.0: give a positive number of epochs"),
+    (["--epochs", "0"], "--epochs 0.0: give a positive number of epochs"),
+    (["--lora-r", "0"], "lora.r (the LoRA rank) must be a whole number >= 1"),
+    (["--lora-r", "-4"], "lora.r (the LoRA rank) must be a whole number >= 1"),
+    (["--set", "lora.lora_alpha=-16"], "lora.lora_alpha must be a positive number"),
+    (["--set", "lora.lora_dropout=1.5"], "lora.lora_dropout must be a number in [0, 1)"),
+    (["--batch-size", "-2"], "sft.per_device_train_batch_size must be positive"),
+    (["--max-length", "-5"], "sft.max_length must be positive"),
+    (["--radius", "-1"], "seam.radius must be a whole number >= 1"),
 ])
 def test_non_finite_or_negative_settings_are_refused_before_any_output(args, message, space, tmp_path, run_cli):
     result = run_cli("heal", space / "built", "-o", tmp_path / "out", "--data", space / "text.txt", *FAST, *args)
@@ -253,6 +264,50 @@ def test_load_model_checks_the_weights_too(tiny_models, tmp_path):
     model = _with_config(tiny_models("llama", 4), tmp_path / "mislabelled", num_hidden_layers=5)
     with pytest.raises(DusError, match="says 5 layers"):
         ModelDir(model).load_model("float32")
+
+
+@pytest.mark.parametrize("value", [5, 2.5, True, ["a list"], {"a": "dict"}])
+def test_text_rows_that_are_not_strings_are_named_as_training_data(value, space, tmp_path, run_cli):
+    data = tmp_path / "numbers.jsonl"
+    data.write_text(json.dumps({"text": "a fine row"}) + "\n" + json.dumps({"text": value}) + "\n")
+    result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "--data", data)
+    _one_line(result, "data row 1: `text` must be a string")
+    assert "held-out" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["heal", "band", "lora-seam"])
+def test_a_chat_whose_assistant_turn_lies_beyond_max_length_is_refused_where_it_would_be_cut(config, space, tmp_path,
+                                                                                             run_cli):
+    """Unpacked data and best-fit packing cut each example at --max-length; wrapped packing (the
+    default heal and band configs) cuts nothing away, so there the chat still trains."""
+    data = tmp_path / "late.jsonl"
+    row = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    data.write_text((json.dumps(row) + "\n") * 8)
+    only = ["--set", "sft.assistant_only_loss=true"]
+    for packing in (["--set", "sft.packing=false"], ["--set", "sft.packing=true", "--set", "sft.packing_strategy=bfd"]):
+        result = run_cli("heal", space / "built", "-o", tmp_path / "out", *FAST, "-c", config, "--data", data, *only,
+                         *packing)
+        _one_line(result, "no example has a token to learn from within --max-length 32")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_on_resume_is_named(space, tmp_path, run_cli):
+    out = tmp_path / "out"
+    args = ["heal", space / "built", "-o", out, "--data", space / "text.txt", *FAST, "--set", "sft.save_steps=1",
+            "-c", "band"]
+    assert run_cli(*args).code == 0
+    checkpoint = sorted((out / "checkpoints").glob("checkpoint-*"))[-1]
+    weights = next(checkpoint.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = run_cli(*[a if a != "2" else "3" for a in args], "--resume")
+    _one_line(result, f"--resume: {weights} is damaged")
+    optimizer = checkpoint / "optimizer.pt"
+    if optimizer.is_file():
+        weights.unlink()
+        optimizer.write_bytes(optimizer.read_bytes()[:-500])
+        result = run_cli(*[a if a != "2" else "3" for a in args], "--resume")
+        _one_line(result, f"--resume: {optimizer} is damaged")
 
 
 def test_a_sharegpt_turn_that_is_null_is_one_line(space, tmp_path, run_cli):

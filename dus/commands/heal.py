@@ -48,6 +48,13 @@ def heal(
     from dus.heal.run import heal as run_heal
     from dus.heal.run import is_main_process
 
+    from dus.errors import DusError
+
+    if max_steps is not None and max_steps < 0:
+        raise DusError(f"--steps {max_steps}: give a number of training steps >= 1 (0 only calibrates); to train "
+                       "whole epochs use --epochs N")
+    if epochs is not None and not epochs > 0:
+        raise DusError(f"--epochs {epochs}: give a positive number of epochs")
     overrides: dict = {}
     flags = {
         "mode": mode,

@@ -250,6 +250,7 @@ def _validate(raw: dict, source: str) -> None:
     ):
         raise DusError(f"{source}: seam.layers must be 'auto' or a list of layer indices, got {layers!r}")
     _validate_sft_values(raw["sft"], source)
+    _validate_lora_values(raw["lora"], source)
     _validate_calibrate(raw["calibrate"], source)
     for key in ("max_samples", "eval_max_samples"):
         value = raw["data"][key]
@@ -305,6 +306,21 @@ def _validate_sft_values(section: dict, source: str) -> None:
     max_steps = section.get("max_steps")
     if isinstance(max_steps, int) and max_steps < -1:
         raise DusError(f"{source}: sft.max_steps must be >= 0 (or -1 to train num_train_epochs), got {max_steps}")
+
+
+def _validate_lora_values(section: dict, source: str) -> None:
+    """LoRA's sizes and rates have the right sign (peft accepts some wrong ones and fails later)."""
+    rank = section.get("r")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise DusError(f"{source}: lora.r (the LoRA rank) must be a whole number >= 1, got {rank!r}")
+    alpha = section.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+                              or alpha <= 0):
+        raise DusError(f"{source}: lora.lora_alpha must be a positive number, got {alpha!r}")
+    dropout = section.get("lora_dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise DusError(f"{source}: lora.lora_dropout must be a number in [0, 1), got {dropout!r}")
 
 
 def _validate_calibrate(section: dict, source: str) -> None:

@@ -196,7 +196,11 @@ def _convert(row: dict, fmt: str, index: int) -> dict:
             return {"prompt": both[: len(prompt)], "completion": both[len(prompt) :]}
         return {"prompt": str(prompt or ""), "completion": str(completion or "")}
     if fmt == "text":
-        return {"text": str(row["text"] or "")}
+        text = row["text"]
+        if text is not None and not isinstance(text, str):
+            raise DusError(f"data {where}: `text` must be a string, got {type(text).__name__} {str(text)[:40]!r}; "
+                           "fix the training data (quote numbers as text)")
+        return {"text": text or ""}
     raise AssertionError(fmt)
 
 

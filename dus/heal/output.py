@@ -68,6 +68,34 @@ def last_complete_checkpoint(checkpoints: Path, say=None) -> Path | None:
     return None
 
 
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Refuse to resume from a checkpoint whose files are damaged (a copy cut short, a full
+    disk), naming the file, before the trainer fails deep inside torch or safetensors:
+    safetensors files by their header and length, torch's .pt/.bin files (zip archives) by
+    their archive's own checksums."""
+    import zipfile
+
+    from dus.safetensors_io import read_header
+
+    for path in sorted(checkpoint.rglob("*")):
+        problem = None
+        if path.suffix == ".safetensors":
+            try:
+                read_header(path)
+            except (ValueError, OSError) as error:
+                problem = str(error)
+        elif path.suffix in (".pt", ".bin", ".pth"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                problem = f"its member {bad} fails its checksum" if bad else None
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                problem = f"not a complete torch archive ({error})"
+        if problem:
+            raise DusError(f"--resume: {path} is damaged ({problem}); delete {checkpoint} to resume from the "
+                           "checkpoint before it, or start afresh with --force")
+
+
 def write_marker(out: Path, **fields) -> None:
     path = out / RUN_MARKER
     marker = read_json(path, "the heal run marker", f"delete {out} to start afresh") if path.is_file() else {}

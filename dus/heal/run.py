@@ -32,7 +32,7 @@ from dus.heal.distributed import (
     sharded_launch,
 )
 from dus.heal.merge import weights_digest
-from dus.heal.output import CHECKPOINTS, last_complete_checkpoint, open_output, prepare_output, write_marker
+from dus.heal.output import CHECKPOINTS, check_checkpoint_files, last_complete_checkpoint, open_output, prepare_output, write_marker
 from dus.heal.record import calibration_record, heal_record
 from dus.heal.student import Student, in_memory_obstacle, load_student, quantization_config
 from dus.heal.targets import HealTargets
@@ -312,6 +312,10 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
         ModelDir(one.path).check_weights()
     check_hidden(model_dir, cfg, teachers)
     previous = prepare_output(out, model_dir.path, resume, force, paths_read(model_dir, cfg, teachers))
+    if resume and (out / CHECKPOINTS).is_dir():
+        checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+        if checkpoint is not None:
+            check_checkpoint_files(checkpoint)  # a damaged file named now, not deep inside the trainer
     max_steps = cfg.section("sft").get("max_steps", -1)
     if max_steps == 0 and not cfg.section("calibrate")["enabled"]:
         raise DusError("sft.max_steps 0 trains nothing and calibration is off; give --steps N >= 1 "
@@ -346,7 +350,8 @@ def prepare(model_dir: ModelDir, out: Path, cfg: HealConfig, resume: bool, force
         extra.update(use_cpu=False, ddp_backend="gloo")
     args = build_sft_config(cfg, out / CHECKPOINTS, name, use_cpu, extra=extra)  # distributed state starts
     check_some_example_fits(inputs.train_set, inputs.tokenizer, inputs.assistant_only_loss, args.max_length,
-                            args.packing, args.truncation_mode, f"data {inputs.train_data.source}")
+                            args.packing, args.truncation_mode, f"data {inputs.train_data.source}",
+                            getattr(args, "packing_strategy", "bfd"))
     if needs_cpu_fsdp(accelerator):
         say("  FSDP launch without a GPU: dus runs FSDP on the CPU over gloo (accelerate alone would fall back to DDP)")
     return HealRun(model_dir, out, cfg, resume, force, previous, inputs, args, name, use_cpu, teachers, mix,

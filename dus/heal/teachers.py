@@ -25,12 +25,27 @@ class Teacher:
 
 
 def _plan_source_path(model_dir: Path, raw: str) -> Path | None:
-    """A plan source's directory: as recorded, else relative to the model directory."""
+    """A plan source's directory (read_manifest has already found it from the model's own
+    place, dus.manifest.locate_source), or None when it is gone."""
     path = Path(raw).expanduser()
-    for candidate in (path, Path(model_dir) / path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
+    return path if (path / "config.json").is_file() else None
+
+
+def check_built_from(manifest, name: str, path: Path) -> None:
+    """Refuse a teacher taken from the build's sources whose weights are not the ones the
+    build read (changed, swapped, or another model at a relative path): the sha256 of each
+    weight file against the manifest's record (cached, dus.hashing)."""
+    from dus.hashing import sha256_file
+
+    recorded = ((manifest.sources or {}).get(name) or {}).get("files") or {}
+    for relative, digest in sorted(recorded.items()):
+        if not relative.endswith(".safetensors"):
+            continue
+        file = path / relative
+        if not file.is_file() or sha256_file(file) != digest:
+            what = "is missing" if not file.is_file() else "changed since the build"
+            raise DusError(f"teacher '{name}' at {path} is not the model this build came from ({relative} {what}); "
+                           f"distil from it anyway with --teacher {path}, or rebuild from it")
 
 
 def _named(model_dir: Path, plan, text: str) -> Teacher:
@@ -40,7 +55,7 @@ def _named(model_dir: Path, plan, text: str) -> Teacher:
         if path is None:
             raise DusError(f"teacher '{text}' from the manifest is not at {plan.models[text]} any more; "
                            "pass --teacher PATH to its directory")
-        return Teacher(text, path)
+        return Teacher(text, path)  # named: the user's choice, not checked against the build's record
     path = Path(text).expanduser()
     if not (path / "config.json").is_file():
         known = f"; the build's sources are: {', '.join(plan.models)}" if plan is not None else ""
@@ -101,6 +116,7 @@ def resolve_teachers(model_dir: Path, manifest, distill: dict, cli: list[str] | 
         if path is None:
             raise DusError(f"teacher '{name}' from the manifest is not at {plan.models[name]} any more; "
                            "pass --teacher PATH to its directory")
+        check_built_from(manifest, name, path)
         difference = tokenizes_alike(path)
         if difference and name == plan.config_from:
             raise DusError(f"the teacher {path} does not tokenize as {model_dir} does ({difference}); distillation "

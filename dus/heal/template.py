@@ -118,11 +118,15 @@ def first_loss_token(row: dict, tokenizer, assistant_only: bool) -> int | None:
 
 
 def check_some_example_fits(dataset, tokenizer, assistant_only: bool, max_length: int | None, packing: bool,
-                            truncation_mode: str = "keep_start", what: str = "data") -> None:
+                            truncation_mode: str = "keep_start", what: str = "data",
+                            packing_strategy: str = "bfd") -> None:
     """TRL cuts every example to max_length tokens (keeping the start) and drops those
     left without a token to learn from; when that is every example, refuse now, before
-    any output exists, instead of failing inside the trainer with an empty data set."""
-    if max_length is None or packing or truncation_mode != "keep_start":
+    any output exists, instead of failing inside the trainer with an empty data set (or,
+    packed best-fit, training on batches without a label). Wrapped packing and bfd_split
+    cut nothing away: every token lands in some packed sequence."""
+    cuts = (not packing and truncation_mode == "keep_start") or (packing and packing_strategy == "bfd")
+    if max_length is None or not cuts:
         return
     shortest = None
     for row in dataset:
