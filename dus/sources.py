@@ -7,6 +7,7 @@ unpickled.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -107,6 +108,7 @@ def load_source(name: str, path_text: str, base_dir: Path | None = None) -> Sour
     source = SourceModel(name, path, config, adapter, tensors, files, metadata)
     _check_layers_present(source)
     _check_tensor_sets(source)
+    _check_shapes(source)
     return source
 
 
@@ -164,6 +166,112 @@ def _check_tensor_sets(source: SourceModel) -> None:
     for what, present in needs.items():
         if not any(present(n) for n in non_layer):
             raise DusError(f"model {source.name!r}: its weights lack {what}; the checkpoint is incomplete: re-download or re-save it")
+
+
+# What the config says each tensor's shape is, by the tensor's name (the first pattern that
+# matches, `re.search` on the full name; a bias has the weight's first dimension): one table
+# for every family dus knows (fused Phi-3 projections, Mixtral's experts and router, q/k
+# norms). Symbols are read from the config by `_ConfigSizes`. A tensor no pattern matches
+# (a rotary table saved by an old transformers, say) is not checked.
+SHAPE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"(^|\.)embed_tokens\.weight$", ("vocab", "hidden")),
+    (r"^lm_head\.weight$", ("vocab", "hidden")),
+    (r"(^|\.)[qk]_norm\.(weight|bias)$", ("head",)),
+    (r"(^|\.)\w*norm\.(weight|bias)$", ("hidden",)),
+    (r"(^|\.)q_proj\.(weight|bias)$", ("q", "hidden")),
+    (r"(^|\.)[kv]_proj\.(weight|bias)$", ("kv", "hidden")),
+    (r"(^|\.)qkv_proj\.(weight|bias)$", ("qkv", "hidden")),
+    (r"(^|\.)o_proj\.(weight|bias)$", ("hidden", "q")),
+    (r"(^|\.)(gate_proj|up_proj|w1|w3)\.(weight|bias)$", ("intermediate", "hidden")),
+    (r"(^|\.)gate_up_proj\.(weight|bias)$", ("2intermediate", "hidden")),
+    (r"(^|\.)(down_proj|w2)\.(weight|bias)$", ("hidden", "intermediate")),
+    (r"(^|\.)block_sparse_moe\.gate\.weight$", ("experts", "hidden")),
+)
+
+
+class _ConfigSizes:
+    """The sizes a config implies, each with the words that say where it comes from
+    ("num_key_value_heads 2 x head_dim 8"); a field that is absent or not a whole number
+    of at least 1 is one line when a tensor needs it."""
+
+    def __init__(self, source: SourceModel):
+        self.source = source
+        self.config = source.config
+
+    def field(self, key: str) -> int:
+        value = self.config.get(key)
+        if key == "num_key_value_heads" and value is None:
+            return self.field("num_attention_heads")  # transformers' default: one key/value head per head
+        if value is None:
+            raise DusError(f"{self.source.path / 'config.json'}: no {key}, which the weights need (model "
+                           f"{self.source.name!r}); add it to config.json or re-download the model")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DusError(f"{self.source.path / 'config.json'}: {key} is {json.dumps(value)}; it must be a whole "
+                           "number of at least 1: fix config.json or re-download the model")
+        return value
+
+    def head(self) -> tuple[int, str]:
+        if self.config.get("head_dim") is not None:
+            head = self.field("head_dim")
+            return head, f"head_dim {head}"
+        hidden, heads = self.field("hidden_size"), self.field("num_attention_heads")
+        return hidden // heads, f"head_dim {hidden // heads} (hidden_size {hidden} / num_attention_heads {heads})"
+
+    def size(self, symbol: str) -> tuple[int, str]:
+        """(the size, how the config gives it)."""
+        single = {"vocab": "vocab_size", "hidden": "hidden_size", "intermediate": "intermediate_size",
+                  "experts": "num_local_experts"}
+        if symbol in single:
+            value = self.field(single[symbol])
+            return value, f"{single[symbol]} {value}"
+        if symbol == "2intermediate":
+            value = self.field("intermediate_size")
+            return 2 * value, f"2 x intermediate_size {value}"
+        if symbol == "head":
+            return self.head()
+        head, head_words = self.head()
+        heads, kv_heads = self.field("num_attention_heads"), self.field("num_key_value_heads")
+        if symbol == "q":
+            return heads * head, f"num_attention_heads {heads} x {head_words}"
+        if symbol == "kv":
+            return kv_heads * head, f"num_key_value_heads {kv_heads} x {head_words}"
+        if symbol == "qkv":
+            return ((heads + 2 * kv_heads) * head,
+                    f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv_heads}) x {head_words}")
+        raise KeyError(symbol)
+
+
+def _check_shapes(source: SourceModel) -> None:
+    """Every tensor's shape is the one the config implies (SHAPE_RULES), checked from the
+    headers: a config that contradicts the weights (hidden_size, intermediate_size, heads,
+    key/value heads, head_dim, vocab_size, experts) builds, heals and exports a model
+    transformers cannot load, or ends in a traceback. The embeddings come first, so a
+    wrong hidden_size or vocab_size is named as such."""
+    import re
+
+    rules = [(re.compile(pattern), symbols) for pattern, symbols in SHAPE_RULES]
+    checks = []
+    for name, info in source.tensors.items():
+        for order, (pattern, symbols) in enumerate(rules):
+            if pattern.search(name):
+                layer = source.adapter.layer_pattern().match(name)
+                checks.append((order, int(layer.group(1)) if layer else -1, name, info, symbols))
+                break
+    sizes = _ConfigSizes(source)
+    for _, _, name, info, symbols in sorted(checks, key=lambda check: check[:3]):
+        if name.endswith(".bias"):
+            symbols = symbols[:1]
+        if len(info.shape) != len(symbols):
+            raise DusError(f"model {source.name!r}: {name} has shape {list(info.shape)} where a tensor of this name has "
+                           f"{len(symbols)} dimension{'s' if len(symbols) > 1 else ''}; the checkpoint is damaged or of "
+                           "another architecture than its config.json says: re-download or re-save it")
+        for dimension, (symbol, actual) in enumerate(zip(symbols, info.shape)):
+            expected, words = sizes.size(symbol)
+            if actual != expected:
+                said = words if words.endswith(f" {expected}") and " x " not in words else f"{words} = {expected}"
+                raise DusError(f"model {source.name!r}: config.json says {said}, but {name} has shape "
+                               f"{list(info.shape)} (dimension {dimension} is {actual}); the config contradicts the "
+                               f"weights: fix {source.path / 'config.json'} to match them, or re-download the model")
 
 
 def _weight_files(name: str, path: Path) -> list[Path]:

@@ -466,6 +466,19 @@ def test_dry_run_prints_the_space_and_writes_nothing(tiny_models, text, tmp_path
     ("bad-score", "has no function"),
     ("binary-text", "not a UTF-8 text file"),
     ("blocked-output", "is a file, not a directory"),
+    ("scale-nan", "--scale 'nan': a scale must be a finite number"),
+    ("scale-inf", "--scale '0.5:inf': a scale must be a finite number"),
+    ("minutes-zero", "--minutes 0: give a positive number of minutes"),
+    ("minutes-negative", "--minutes -2: give a positive number of minutes"),
+    ("minutes-nan", "--minutes nan: give a positive number of minutes"),
+    ("keep-reversed", "--keep '0,3:1': the range 3:1 holds no layer"),
+    ("keep-empty-range", "--keep '2:2': the range 2:2 holds no layer"),
+    ("keep-malformed", "--keep '1:2:3': give source layers like 0,1,28:30"),
+    ("keep-empty", "--keep '': give source layers like 0,1,28:30"),
+    ("score-nan", "returned nan; it must return a finite number"),
+    ("score-inf", "returned -inf; it must return a finite number"),
+    ("score-raises", "raised JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1) at {scorer}:7;"),
+    ("score-import-raises", "importing {broken} raised KeyError: 'missing' at {broken}:2;"),
 ])
 def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, text, tmp_path, run_cli):
     llama = tiny_models("llama", num_layers=N)
@@ -476,7 +489,17 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, 
     binary.write_bytes(b"\xff\xfe\x00\x81 not text")
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")
+    scorer = tmp_path / "myscore.py"
+    scorer.write_text("import json\ndef nan(model, tokenizer):\n    return float('nan')\n"
+                      "def fails(model, tokenizer):\n    return helper(model)\n"
+                      "def helper(model):\n    return json.loads('{')\n"  # line 7: the last frame in this file, not json's
+                      "def minus_inf(model, tokenizer):\n    return float('-inf')\n")
+    scorer = scorer.resolve()
+    broken = (tmp_path / "broken.py").resolve()
+    broken.write_text("TABLE = {}\nWEIGHT = TABLE['missing']\ndef score(model, tokenizer):\n    return 1.0\n")
+    message = message.format(scorer=scorer, broken=broken)
     base = ["search", llama, "--data", text, "--depth", "8", "--evals", "3", "-o", out]
+    user = ["search", llama, "--depth", "8", "--evals", "3", "-o", out, "--score"]
     args = {
         "families": ["search", llama, tiny_models("qwen2", num_layers=N), "--data", text, "--depth", "8", "-o", out],
         "shapes": ["search", llama, tiny_models("llama", num_layers=N, hidden_size=48), "--data", text, "--depth", "8", "-o", out],
@@ -495,6 +518,19 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, 
         "bad-score": ["search", llama, "--depth", "8", "--score", "dus.errors:nothing", "-o", out],
         "binary-text": ["search", llama, "--data", binary, "--depth", "8", "-o", out],
         "blocked-output": [*base[:-1], blocker / "out"],
+        "scale-nan": [*base, "--scale", "nan"],
+        "scale-inf": [*base, "--scale", "0.5:inf"],
+        "minutes-zero": [*base, "--minutes", "0"],
+        "minutes-negative": [*base, "--minutes", "-2"],
+        "minutes-nan": [*base, "--minutes", "nan"],
+        "keep-reversed": [*base, "--keep", "0,3:1"],
+        "keep-empty-range": [*base, "--keep", "2:2"],
+        "keep-malformed": [*base, "--keep", "1:2:3"],
+        "keep-empty": [*base, "--keep", ""],
+        "score-nan": [*user, f"{scorer}:nan"],
+        "score-inf": [*user, f"{scorer}:minus_inf", "--maximize"],
+        "score-raises": [*user, f"{scorer}:fails"],
+        "score-import-raises": [*user, f"{broken}:score"],
     }[case]
     if case == "not-a-search-dir":
         out.mkdir()
@@ -522,3 +558,29 @@ def test_a_journal_that_does_not_match_the_search_is_refused_in_one_line(tiny_mo
     journal.write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
     with pytest.raises(DusError, match=r"journal.jsonl:3: damaged journal line"):
         run([model], options(tmp_path / "out", text, evals=8))
+
+
+def test_a_non_finite_score_stops_the_search_in_one_line(tiny_models):
+    """Whatever the scorer (perplexity of a model that overflows, lm-eval, a function), a NaN
+    or infinite score is never cached, journalled or ranked."""
+    from dus.assemble import load_sources
+    from dus.recipe import load_recipe
+    from dus.resolve import resolve
+    from dus.search.fitness import Evaluator
+
+    model = str(tiny_models("llama", num_layers=N).resolve())
+    plan = resolve(load_recipe({"slices": [{"sources": [{"model": model, "layer_range": [0, 1]}]}]})).plan
+    sources = load_sources(plan, torch.float32)
+    for bad in (math.nan, math.inf, -math.inf):
+        evaluator = Evaluator(sources, None, lambda m, t: (bad, {}))
+        with pytest.raises(DusError, match=r"candidate .*\[0:6\) scored (nan|inf|-inf) .*not a finite number"):
+            evaluator(canonical([Segment(model, 0, N)]))
+        assert not evaluator.cache
+
+
+def test_minutes_always_leave_at_least_one_evaluation(tiny_models, text, tmp_path):
+    model = tiny_models("llama", num_layers=N)
+    result = run([model], options(tmp_path / "out", text, minutes=1e-9, evals=10))
+    assert result["evaluations"] == 1 and len(result["ranked"]) == 1
+    assert (tmp_path / "out" / "rank-1.yaml").is_file()
+

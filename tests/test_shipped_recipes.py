@@ -27,7 +27,7 @@ def thirty_layer_models(tmp_path_factory):
 
 def test_recipes_are_shipped():
     names = {path.stem for path in RECIPES}
-    assert {"solar", "duplicate", "interleave", "graft", "expand", "solar-mergekit"} <= names
+    assert {"solar", "stack", "duplicate", "interleave", "graft", "expand", "solar-mergekit"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -38,7 +38,7 @@ def test_shipped_recipe_resolves(path, thirty_layer_models, tmp_path):
     recipe = parse_recipe_text(text, path.name)
     result = build_model(recipe, None, dry_run=True)
     assert result.plan.num_layers > 0
-    if path.stem in ("solar", "solar-mergekit", "solar-smoothed"):
+    if path.stem in ("solar", "solar-mergekit", "solar-smoothed", "stack"):
         assert result.plan.num_layers == 44 and result.plan.seams == [22]
     if path.stem == "duplicate":
         assert result.plan.num_layers == 40

@@ -177,6 +177,24 @@ def test_the_stack_preset_is_the_lower_layers_of_a_then_the_upper_of_b(family):
     assert run_ends_of(plan) == [(2, 3), (5, 4)]
 
 
+@pytest.mark.parametrize("stack, message", [
+    ({"models": ["{A}"], "trim": 1}, "`stack.models` must list two model paths"),
+    ({"models": ["{A}", "{B}", "{A}"], "trim": 1}, "`stack.models` must list two model paths"),
+    ({"models": ["{A}", "{B}"], "trim": 4}, "stack trim 4 leaves no layers"),
+    ({"models": ["{A}", "{short}"], "trim": 1}, "stack needs two models of equal depth"),
+    ({"models": ["{A}", "{B}"]}, "`stack` needs `trim`"),
+])
+def test_a_stack_that_cannot_be_built_is_one_line(family, tmp_path, stack, message):
+    from dus.tiny import make_tiny_model
+
+    short = make_tiny_model(tmp_path / "short", "llama", num_layers=3, seed=1)
+    paths = {"A": family / "A", "B": family / "B", "short": short}
+    spec = {**stack, "models": [m.format(**paths) for m in stack["models"]]}
+    with pytest.raises(DusError, match=message.replace("(", r"\(").replace("`", ".")):
+        build_model({"stack": spec}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def run_ends_of(plan_dict):
     from dus.plan import LayerPlan
 

@@ -78,33 +78,86 @@ class PerplexityScorer:
 
 
 class FunctionScorer:
-    """A user's `module:function(model, tokenizer) -> number`; `maximize` flips the sign."""
+    """A user's `module:function(model, tokenizer) -> number`; `maximize` flips the sign.
+    What the function gets wrong is one line: an exception it raises names the user's
+    file and line (the traceback's last frame in that file; `--debug` shows the whole
+    traceback), and a result that is not a finite number is refused, never ranked."""
 
     def __init__(self, spec: str, maximize: bool = False):
         self.function = load_function(spec)
         self.name, self.maximize = spec, maximize
+        self.files = user_files(self.function)
 
     def __call__(self, model, tokenizer) -> tuple[float, dict]:
-        raw = self.function(model, tokenizer)
+        try:
+            raw = self.function(model, tokenizer)
+        except (DusError, MemoryError):
+            raise
+        except Exception as error:
+            raise DusError(f"--score {self.name} raised {error_text(error)} at {user_frame(error, self.files)}; "
+                           "fix the function (rerun with --debug for the traceback)") from error
         try:
             value = float(raw)
-        except (TypeError, ValueError):
-            raise DusError(f"--score {self.name} returned {type(raw).__name__} {raw!r}; it must return a number") from None
-        if math.isnan(value):
-            raise DusError(f"--score {self.name} returned NaN; it must return a number to minimise (or --maximize)")
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+            raise DusError(f"--score {self.name} returned {type(raw).__name__} {_short(raw)}; it must return a number") from None
+        if not math.isfinite(value):
+            raise DusError(f"--score {self.name} returned {value}; it must return a finite number to minimise "
+                           "(or --maximize): a NaN or infinite score cannot be ranked")
         return (-value if self.maximize else value), {"score": value}
 
 
+def _short(value) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def error_text(error: BaseException) -> str:
+    """`ZeroDivisionError: division by zero` (the first line of the message)."""
+    message = error.msg if isinstance(error, SyntaxError) and error.msg else str(error)  # not "(file, line N)" twice
+    first = (message.strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def user_files(function) -> set[str]:
+    """The files the user's scoring code lives in: the function's and its module's."""
+    import inspect
+
+    files = set()
+    for get in (lambda: inspect.getsourcefile(function) or inspect.getfile(function),
+                lambda: sys.modules[function.__module__].__file__):
+        try:
+            files.add(str(Path(get()).resolve()))
+        except (TypeError, AttributeError, KeyError, OSError):
+            pass
+    return files
+
+
+def user_frame(error: BaseException, files: set[str]) -> str:
+    """`FILE:LINE` of the traceback's last frame in one of the user's `files` (else its
+    last frame that is not Python's import machinery)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen ")]
+    if isinstance(error, SyntaxError) and error.filename and error.lineno:
+        return f"{error.filename}:{error.lineno}"
+    mine = [f for f in frames if str(Path(f.filename).resolve()) in files] if files else []
+    frame = (mine or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame else "an unknown line"
+
+
 def load_function(spec: str):
-    """`package.module:function` or `path/to/file.py:function`."""
+    """`package.module:function` or `path/to/file.py:function`; a module that fails to
+    import is one line naming its file and line."""
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         raise DusError(f"--score {spec!r}: give MODULE:FUNCTION (or FILE.py:FUNCTION)")
+    files: set[str] = set()
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
                 raise DusError(f"--score {spec!r}: {path} is not a file")
+            files.add(str(path.resolve()))
             loader_spec = importlib.util.spec_from_file_location(f"dus_user_score_{path.stem}", path)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
@@ -112,6 +165,11 @@ def load_function(spec: str):
             module = importlib.import_module(module_name)
     except ImportError as error:
         raise DusError(f"--score {spec!r}: cannot import {module_name} ({error}); check PYTHONPATH or give FILE.py:FUNCTION") from None
+    except (DusError, MemoryError):
+        raise
+    except Exception as error:
+        raise DusError(f"--score {spec!r}: importing {module_name} raised {error_text(error)} at {user_frame(error, files)}; "
+                       "fix that file (rerun with --debug for the traceback)") from error
     function = getattr(module, function_name, None)
     if not callable(function):
         raise DusError(f"--score {spec!r}: {module_name} has no function {function_name!r}")
@@ -180,6 +238,7 @@ class Evaluator:
         else:
             value, metrics = self._score_from_prefix(candidate, model, config, plan, stride)
         del model
+        check_finite(value, candidate, getattr(self.scorer, "name", "the score"))
         score = Score(value, metrics, time.perf_counter() - started)
         self.cache[key] = score
         return score, False
@@ -215,6 +274,15 @@ class Evaluator:
         for q in capture:  # deepest first: the shallow ones end most recently used
             self.prefix.put(keys[q - 1], captured[q])
         return value, metrics
+
+
+def check_finite(value: float, candidate: Candidate, scorer: str) -> None:
+    """A NaN or infinite score stops the search in one line: it cannot be ranked (NaN
+    compares false with everything) and would be journalled as if it were a result."""
+    if not math.isfinite(value):
+        names = {s.model: Path(s.model).name for s in candidate.segments}
+        raise DusError(f"candidate {candidate.describe(names)} scored {value} ({scorer}), not a finite number; check the "
+                       "sources for NaN or infinite weights, or score in float32 (--dtype float32)")
 
 
 def add_user_path() -> None:

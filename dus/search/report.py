@@ -33,7 +33,11 @@ def progress(console, total: int, enabled: bool = True):
             shown = best_text(best[0], best[1])
             bar.update(task, advance=1, description=f"search (best {shown})")
 
-        yield tick
+        try:
+            yield tick
+        except BaseException:
+            bar.live.transient = True  # an error is one line: the bar is taken away, not left above it
+            raise
 
 
 def best_text(value: float, metrics: dict) -> str:

@@ -138,6 +138,7 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         check_optimizer(options.optimizer)
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
+    check_minutes(options.minutes)
     from dus.measure.text import check_max_tokens
 
     check_max_tokens(options.max_tokens)
@@ -163,6 +164,13 @@ def prepare(models: list, options: SearchOptions) -> Setup:
     if scorer is not None:
         settings.update(scorer.settings(), maximize=None, data=[], window=None, stride=None, max_tokens=None)
     return Setup(paths, names, space, grafts, settings, scorer=scorer)
+
+
+def check_minutes(minutes: float | None) -> None:
+    """`--minutes` is a positive, finite time limit (None: no limit). Zero, a negative
+    number or NaN would stop the search before it starts or never."""
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise DusError(f"--minutes {minutes:g}: give a positive number of minutes, or leave --minutes out for no time limit")
 
 
 def tasks_scorer(options: SearchOptions):
@@ -241,11 +249,15 @@ class Loop:
         self.history: list[dict] = []
 
     @property
-    def done(self) -> bool:
+    def out_of_time(self) -> bool:
+        """Past the deadline, once the journal is replayed and at least one candidate was
+        evaluated (a search never ends with nothing to rank because of --minutes alone)."""
         index = len(self.history)
-        if index >= self.evals:
-            return True
-        return index >= len(self.replay) and self.deadline is not None and time.monotonic() > self.deadline
+        return index >= max(1, len(self.replay)) and self.deadline is not None and time.monotonic() > self.deadline
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.evals or self.out_of_time
 
     def evaluate(self, candidate: Candidate, x=None) -> float:
         from dus.search.fitness import Score
@@ -291,7 +303,7 @@ def run_grafts(setup: Setup, loop: Loop) -> None:
         base = setup.grafts[0].segments[-1]
         setup.evaluator.warm(canonical([Segment(base.model, 0, base.end)]))
     for candidate in setup.grafts:
-        if len(loop.history) >= len(loop.replay) and loop.deadline is not None and time.monotonic() > loop.deadline:
+        if loop.out_of_time:
             return
         loop.evaluate(candidate)
 

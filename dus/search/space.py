@@ -245,6 +245,9 @@ def check_space(space: SearchSpace) -> None:
     if space.depth_min > space.segments * cap:
         raise DusError(f"--depth {space.depth_min} needs more than {space.segments} segments of at most {cap} layers; "
                        f"use --segments {math.ceil(space.depth_min / cap)} or more")
+    if not (math.isfinite(space.scale_min) and math.isfinite(space.scale_max)):
+        raise DusError(f"--scale {space.scale_min:g}:{space.scale_max:g}: a scale must be a finite number; give a factor S "
+                       f"or a range MIN:MAX with {MIN_SCALE} <= MIN <= MAX, e.g. 0.5:1")
     if space.scale_min < MIN_SCALE or space.scale_max < space.scale_min:
         raise DusError(f"--scale {space.scale_min:g}:{space.scale_max:g}: a scale range MIN:MAX with "
                        f"{MIN_SCALE} <= MIN <= MAX (calibration's floor is half the source's norm)")
@@ -301,23 +304,30 @@ def parse_scale(text: str | None) -> tuple[float, float]:
         raise DusError(f"--scale {text!r}: give a factor S or a range MIN:MAX, e.g. 0.5:1") from None
     if len(parts) not in (1, 2):
         raise DusError(f"--scale {text!r}: give a factor S or a range MIN:MAX, e.g. 0.5:1")
+    if not all(math.isfinite(p) for p in parts):
+        raise DusError(f"--scale {text!r}: a scale must be a finite number; give a factor S or a range MIN:MAX "
+                       f"with {MIN_SCALE} <= MIN <= MAX, e.g. 0.5:1")
     return parts[0], parts[-1]
 
 
 def parse_keep(text: str | None) -> frozenset[int]:
-    """`0,1,28:30` (half-open ranges) -> {0, 1, 28, 29}."""
-    if not text:
+    """`0,1,28:30` (half-open ranges) -> {0, 1, 28, 29}. A range that keeps nothing
+    (`3:1`, `3:3`) or an empty option is refused, never read as "keep nothing"."""
+    if text is None:
         return frozenset()
+    usage = "give source layers like 0,1,28:30 (ranges are half-open: LOW:HIGH with LOW < HIGH)"
     kept: set[int] = set()
     for part in str(text).split(","):
         try:
             if ":" in part:
                 low, high = (int(p) for p in part.split(":"))
+                if low >= high:
+                    raise DusError(f"--keep {text!r}: the range {part.strip()} holds no layer; {usage}")
                 kept.update(range(low, high))
             else:
                 kept.add(int(part))
         except ValueError:
-            raise DusError(f"--keep {text!r}: give source layers like 0,1,28:30 (ranges are half-open)") from None
+            raise DusError(f"--keep {text!r}: {usage}") from None
     return frozenset(kept)
 
 
