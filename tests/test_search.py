@@ -583,4 +583,3 @@ def test_minutes_always_leave_at_least_one_evaluation(tiny_models, text, tmp_pat
     result = run([model], options(tmp_path / "out", text, minutes=1e-9, evals=10))
     assert result["evaluations"] == 1 and len(result["ranked"]) == 1
     assert (tmp_path / "out" / "rank-1.yaml").is_file()
-
