@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -558,6 +559,66 @@ def test_a_journal_that_does_not_match_the_search_is_refused_in_one_line(tiny_mo
     journal.write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
     with pytest.raises(DusError, match=r"journal.jsonl:3: damaged journal line"):
         run([model], options(tmp_path / "out", text, evals=8))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", r"journal.jsonl:3: the journalled score is nan, not a finite number"),
+    ("infinity", r"journal.jsonl:3: the journalled score is inf, not a finite number"),
+    ("minus-infinity", r"journal.jsonl:3: the journalled score is -inf, not a finite number"),
+    ("not-utf8", r"journal.jsonl:3: byte 0xff is not UTF-8 text"),
+    ("not-utf8-header", r"journal.jsonl:1: byte 0xe9 is not UTF-8 text"),
+    ("not-an-entry", r"journal.jsonl:3: damaged journal line \(not an evaluation"),
+    ("string-score", r"journal.jsonl:3: damaged journal line \(value is not a number\)"),
+    ("damaged-last-line", r"journal.jsonl:7: damaged journal line"),
+])
+def test_a_damaged_or_non_finite_journal_is_refused_in_one_line_never_ranked(damage, message, tiny_models, text, tmp_path, run_cli):
+    """What a resumed search reads back is checked like any input: a NaN or infinite score
+    (json reads NaN and Infinity) is refused, never replayed into the ranking; bytes that
+    are not UTF-8 and lines that are not evaluations are one line naming the line. Only a
+    last line a kill left without its newline is dropped (and evaluated again)."""
+    model = tiny_models("llama", num_layers=N)
+    out = tmp_path / "out"
+    args = lambda evals: ["search", model, "--data", text, "--depth", "8", "--scale", "0.5:1", "--evals", evals,
+                          "--window", "64", "--max-tokens", "256", "--population", "4", "-o", out]
+    assert run_cli(*args(6)).code == 0
+    journal = out / "journal.jsonl"
+    lines = journal.read_bytes().splitlines()
+    entry = json.loads(lines[2])
+    if damage in ("nan", "infinity", "minus-infinity"):
+        entry["value"] = {"nan": math.nan, "infinity": math.inf, "minus-infinity": -math.inf}[damage]
+        lines[2] = json.dumps(entry).encode()
+    elif damage == "not-utf8":
+        lines[2] = lines[2][:20] + b"\xff" + lines[2][20:]
+    elif damage == "not-utf8-header":
+        lines[0] = lines[0].replace(b'"settings"', b'"s\xe9ttings"')
+    elif damage == "not-an-entry":
+        lines[2] = b"[1, 2]"
+    elif damage == "string-score":
+        entry["value"] = "2.5"
+        lines[2] = json.dumps(entry).encode()
+    else:
+        lines[-1] = lines[-1][: len(lines[-1]) // 2]  # cut, but with its newline: not a torn tail
+    journal.write_bytes(b"\n".join(lines) + b"\n")
+    before = sorted(p.name for p in out.iterdir())
+    result = run_cli(*args(8))
+    assert result.code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dus: error: ") and re.search(message, lines[0]), result
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing replaced
+
+
+def test_a_complete_last_line_without_its_newline_is_evaluated_again(tiny_models, text, tmp_path):
+    """The journal's reader drops what the appender cuts: a last line with no newline, even
+    when it parses (a kill between the line and its newline), so replay and file agree."""
+    model = tiny_models("llama", num_layers=N)
+    whole = run([model], options(tmp_path / "whole", text, evals=8))
+    run([model], options(tmp_path / "cut", text, evals=8))
+    journal = tmp_path / "cut" / "journal.jsonl"
+    journal.write_text(journal.read_text()[:-1])  # the last evaluation loses its newline
+    resumed = run([model], options(tmp_path / "cut", text, evals=10))
+    again = run([model], options(tmp_path / "cut", text, evals=10))  # the journal it left resumes too
+    assert trail(resumed)[:8] == trail(whole) and trail(again) == trail(resumed)
+    assert len(journal.read_text().splitlines()) == 1 + 10
 
 
 def test_a_non_finite_score_stops_the_search_in_one_line(tiny_models):

@@ -6,6 +6,7 @@ output directory of anything else is refused rather than overwritten."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -33,12 +34,22 @@ def read_journal(output: Path, settings: dict | None) -> list[dict]:
             raise DusError(f"{output}: exists and is not a dus search directory (no {JOURNAL_NAME}); "
                            "choose a new or empty -o directory")
         return []
-    lines = journal.read_text(encoding="utf-8").splitlines()
+    data = journal.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DusError(f"{journal}:{line}: byte 0x{data[error.start]:02x} is not UTF-8 text; this journal was not written "
+                       "by dus search (or was damaged): choose a new or empty -o directory") from None
+    lines = text.split("\n")
+    torn = lines.pop()  # "" after a final newline; else a line a kill cut short: dropped, evaluated again
+    if not lines and torn:
+        lines = [torn]  # a header with no newline after it is still read (and refused unless it is one)
     try:
         header = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:
         header = {}
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise DusError(f"{journal}: not a dus search journal; choose a new or empty -o directory")
     if settings is not None and header.get("settings") != settings:
         changed = _differences(header.get("settings", {}), settings)
@@ -47,12 +58,30 @@ def read_journal(output: Path, settings: dict | None) -> list[dict]:
     entries = []
     for number, line in enumerate(lines[1:], start=2):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # a line cut short by a kill: drop it, it is evaluated again
-                break
             raise DusError(f"{journal}:{number}: damaged journal line; choose a new -o directory") from None
+        entries.append(check_entry(entry, f"{journal}:{number}"))
     return entries
+
+
+ENTRY_TYPES = {"i": int, "key": str, "candidate": dict, "metrics": dict, "feasible": bool, "cached": bool, "missing": list}
+
+
+def check_entry(entry, where: str) -> dict:
+    """One journalled evaluation, as the search wrote it; its score a finite number. A
+    NaN or infinite score (json reads `NaN` and `Infinity`) is refused, never replayed
+    into the ranking: sorting with NaN puts it anywhere."""
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in ENTRY_TYPES.items()):
+        raise DusError(f"{where}: damaged journal line (not an evaluation dus search wrote); choose a new -o directory")
+    for name in ("value", "seconds"):
+        value = entry.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DusError(f"{where}: damaged journal line ({name} is not a number); choose a new -o directory")
+        if not math.isfinite(value):
+            raise DusError(f"{where}: the journalled {'score' if name == 'value' else name} is {value}, not a finite number; "
+                           "a search never ranks it: choose a new -o directory (the journal was edited or damaged)")
+    return entry
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -79,9 +108,9 @@ class Journal:
     def append(self, entry: dict) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.is_file()
-            if not fresh:
+            if self.path.is_file():
                 _drop_torn_tail(self.path)
+            fresh = not self.path.is_file() or self.path.stat().st_size == 0  # a header a kill left without its newline: written again
             self._file = open(self.path, "a", encoding="utf-8")
             if fresh:
                 self._write({"format": FORMAT, "settings": self.settings})
