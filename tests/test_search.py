@@ -644,3 +644,47 @@ def test_minutes_always_leave_at_least_one_evaluation(tiny_models, text, tmp_pat
     result = run([model], options(tmp_path / "out", text, minutes=1e-9, evals=10))
     assert result["evaluations"] == 1 and len(result["ranked"]) == 1
     assert (tmp_path / "out" / "rank-1.yaml").is_file()
+
+
+def test_sources_that_tokenize_differently_get_builds_warning_and_recipes_that_tokenize_as_scored(
+        tiny_models, text, tmp_path, run_cli):
+    """Two ids swapped in the donor: the search warns as `dus build` does (not a refusal:
+    see dus.search.run.tokenizer_warnings), and every written recipe names the first
+    model as tokenizer_source, so a graft whose path starts in the donor (the donor's
+    embeddings) builds into a model that tokenizes, and scores, as the search did."""
+    import shutil
+
+    from dus.checkpoint import ModelDir
+    from dus.measure.text import read_text, tokenize_stream
+    from dus.search.fitness import PerplexityScorer
+
+    base = tiny_models("llama", num_layers=N)
+    donor = tmp_path / "donor"
+    shutil.copytree(tiny_models("llama", num_layers=N, seed=4), donor)
+    tokenizer = json.loads((donor / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[65:67]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (donor / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "search"
+    result = run_cli("search", "--graft", base, "--donor", donor, "--size", "2", "--data", text, "--window", "64",
+                     "--max-tokens", "256", "--top", str(N - 1), "-o", out)
+    assert result.code == 0, result
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "token id 65" in warnings[0] and "differ" in warnings[0], result
+    data = json.loads((out / "search.json").read_text())
+    donor_first = next(r for r in data["ranked"] if r["candidate"]["segments"][0]["model"] == str(donor.resolve()))
+    recipe = out / donor_first["file"]
+    assert f"tokenizer_source: {Path(base).resolve()}" in recipe.read_text()
+    built = run_cli("build", recipe, "-o", tmp_path / "built")
+    assert built.code == 0 and "token id 65" in built.stdout, built  # build's own warning, the same difference
+    directory = ModelDir(tmp_path / "built")
+    assert (directory.path / "tokenizer.json").read_text() == (Path(base) / "tokenizer.json").read_text()
+    ids = tokenize_stream(directory.tokenizer(), read_text(text), 256)
+    value, _ = PerplexityScorer([ids], 64, 64)(directory.load_model(torch.float32, quiet=True).eval(), None)
+    assert value == donor_first["value"]
+
+    single = run_cli("search", base, "--data", text, "--depth", "8", "--evals", "2", "--window", "64",
+                     "--max-tokens", "256", "-o", tmp_path / "one")
+    assert single.code == 0 and "warning:" not in single.stderr
+    assert "tokenizer_source" not in (tmp_path / "one" / "rank-1.yaml").read_text()

@@ -100,6 +100,8 @@ def write(output: Path, setup, result_data: dict, top: int) -> None:
                   f"# score {entry['value']:.6g} ({_metrics_text(entry['metrics'])}); candidate {entry['i']} of search.json\n")
         body = {"name": f"search-rank-{entry['rank']}", "description": f"found by dus search: {candidate.describe(setup.names)}",
                 **candidate.recipe()}
+        if getattr(setup, "tokenizer_source", None):  # the sources tokenize differently: build tokenizes as scored
+            body["tokenizer_source"] = setup.tokenizer_source
         (output / entry["file"]).write_text(header + yaml.safe_dump(body, sort_keys=False))
     if result_data["ranked"]:
         plot(output / "search.png", setup, result_data)

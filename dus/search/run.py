@@ -64,6 +64,8 @@ class Setup:
     settings: dict
     evaluator: object = None
     scorer: object = None  # made while checking the inputs when it has its own checks (lm-eval's tasks)
+    warnings: list[str] = field(default_factory=list)
+    tokenizer_source: str | None = None  # named in the written recipes when the sources tokenize differently
 
 
 def model_paths(models: list) -> list[str]:
@@ -147,6 +149,7 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         raise DusError("give the text to score on with --data FILE, a scoring function with --score MODULE:FUNCTION, "
                        "or lm-eval tasks with --tasks TASK[,TASK]")
     names = short_names(paths)
+    warnings = tokenizer_warnings(paths)
     settings = {
         "mode": "graft" if options.graft else "search",
         "models": paths,
@@ -163,7 +166,36 @@ def prepare(models: list, options: SearchOptions) -> Setup:
     }
     if scorer is not None:
         settings.update(scorer.settings(), maximize=None, data=[], window=None, stride=None, max_tokens=None)
-    return Setup(paths, names, space, grafts, settings, scorer=scorer)
+    return Setup(paths, names, space, grafts, settings, scorer=scorer, warnings=warnings,
+                 tokenizer_source=paths[0] if warnings else None)
+
+
+def tokenizer_warnings(paths: list[str]) -> list[str]:
+    """Build's warning, for sources whose tokenizers differ from the first's (the one the
+    search tokenizes with): a warning, not a refusal, as in `dus build`.
+
+    Why consistent with build and not a refusal (as compare's perplexity check and heal's
+    teacher check are): every candidate a search scores is a recipe `dus build` builds with
+    this same warning, because the user may know the difference does not matter (added
+    tokens the text never uses, a few swapped ids); and the search's scores stay
+    comparable with one another, since every candidate is scored on the same token ids
+    from one tokenizer (compare refuses because it ranks perplexities of different
+    tokenizations). So that a ranked recipe builds into what was scored, the written
+    recipes then name the first model as `tokenizer_source` (else a path starting in
+    another model would take that model's tokenizer). vocab_size itself is a shape,
+    checked with the others (`check_compatible`)."""
+    from dus.tokenizer_check import first_tokenizer_difference
+
+    warnings = []
+    first = paths[0]
+    for other in paths[1:]:
+        difference = first_tokenizer_difference(Path(first), Path(other))
+        if difference:
+            warnings.append(
+                f"tokenizers of {first!r} and {other!r} differ ({difference}); the search scores with {first!r}'s "
+                f"tokenizer and its recipes name it as tokenizer_source, so {other!r}'s layers see token ids they "
+                "were not trained on")
+    return warnings
 
 
 def check_minutes(minutes: float | None) -> None:
@@ -316,6 +348,11 @@ def search(models: list, options: SearchOptions, console=None) -> dict | None:
 
     console = console or Console(stderr=True)
     setup = prepare(models, options)
+    if setup.warnings:
+        from rich.markup import escape
+
+        for warning in setup.warnings:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, as build prints it
     if options.dry_run:
         report.print_space(Console(), setup)
         return None
