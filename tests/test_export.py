@@ -104,6 +104,39 @@ def test_gguf_has_every_tensor_and_the_hyperparameters(models, tmp_path, arch):
         assert fields[f"{family.arch_name}.attention.sliding_window_pattern"] == expected
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_q8_0_stores_exactly_the_q8_0_rounding_of_the_checkpoint(models, tmp_path, arch):
+    """Every Q8_0 tensor is ggml's q8_0 of the checkpoint's own weight (q/k rows in llama.cpp's
+    order, Gemma's tied embedding included): what q8_0 costs is its rounding, nothing the
+    conversion adds (benchmarks/bench_q8_agreement.py, docs/export.md)."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dus.export.families import FAMILIES
+    from dus.export.tensors import permute_rotary
+
+    model = models(arch)
+    config, family = AutoConfig.from_pretrained(model), FAMILIES[arch]
+    names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
+    stored = {t.name: t for t in gguf.GGUFReader(export(model, tmp_path / "m.gguf", "q8_0").path).tensors}
+    weights = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).state_dict()
+    checked = 0
+    for name, weight in weights.items():
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target not in stored or stored[target].tensor_type != gguf.GGMLQuantizationType.Q8_0:
+            continue
+        expected = weight.numpy()
+        if family.permute_qk and ".q_proj." in name:
+            expected = permute_rotary(expected, config.num_attention_heads)
+        if family.permute_qk and ".k_proj." in name:
+            expected = permute_rotary(expected, config.num_key_value_heads)
+        quantized = gguf.quants.quantize(np.ascontiguousarray(expected), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(stored[target].data).reshape(quantized.shape), quantized), name
+        checked += 1
+    assert checked == 2 + 7 * 4 - (arch == "gemma3_text")  # embeddings, head (tied in Gemma), 7 matrices a layer
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llama_cpp_tokenizes_and_computes_like_transformers(models, tmp_path, arch):
