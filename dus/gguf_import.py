@@ -254,6 +254,45 @@ def _load(gguf_path: Path, dtype: str, metadata: dict):
     return model, tokenizer
 
 
+def _non_finite_warnings(model, gguf_path: Path, dtype: str) -> list[str]:
+    """The warning `dus export` gives for weights it writes as NaN or infinite, when the
+    GGUF holds them; values the GGUF holds finite that --dtype float16 would make infinite
+    are refused instead (one line naming the fix), before the output is renamed into place."""
+    import torch
+
+    from dus.export.tensors import non_finite_warning
+
+    bad = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            count = int((~torch.isfinite(param)).sum()) if param.is_floating_point() else 0
+            if count:
+                bad.append((name, count))
+    if not bad:
+        return []
+    if dtype == "float16":
+        held = _gguf_non_finite(gguf_path)
+        made = sum(count for _, count in bad) - held
+        if made > 0:
+            raise DusError(f"--dtype float16: {made} finite value{'s' if made > 1 else ''} of {gguf_path.name} lie "
+                           f"beyond float16's range (at most 65504) and would become infinite (first in {bad[0][0]} "
+                           "or after); import with --dtype float32 or bfloat16")
+    name, count = bad[0]
+    return [non_finite_warning(name, count, len(bad) - 1)]
+
+
+def _gguf_non_finite(gguf_path: Path) -> int:
+    """NaN or infinite values the GGUF's tensors hold, dequantized one at a time."""
+    import gguf
+    import numpy as np
+
+    total = 0
+    for tensor in gguf.GGUFReader(str(gguf_path)).tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        total += int(values.size - np.count_nonzero(np.isfinite(values)))
+    return total
+
+
 def _generation_config(metadata: dict, model_config):
     """bos/eos/pad as the GGUF states them; llama.cpp's end-of-turn token also ends generation."""
     from transformers import GenerationConfig
@@ -313,16 +352,21 @@ def import_gguf(
     force: bool = False,
     extra_files: dict[str, Path] | None = None,
     provenance: dict | None = None,
+    warnings: list[str] | None = None,
 ) -> Path:
     """Write `output`: a safetensors Hugging Face directory with the GGUF's weights
     (dequantized, in `dtype`), tokenizer, chat template, generation config, model card and
-    `dus-import.json`. `extra_files` ({name: path}) are copied in too (e.g. a LICENSE)."""
+    `dus-import.json`. `extra_files` ({name: path}) are copied in too (e.g. a LICENSE).
+    One-line warnings (weights the GGUF holds as NaN or infinite) are appended to `warnings`."""
     gguf_path, output = Path(gguf_path), Path(output)
     if dtype not in DTYPES:
         raise DusError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     metadata = check_gguf(gguf_path)
     with atomic_directory(output, replace_only_dus_outputs(force, [gguf_path.parent])) as temporary:
         model, tokenizer = _load(gguf_path, dtype, metadata)
+        found = _non_finite_warnings(model, gguf_path, dtype)
+        if warnings is not None:
+            warnings.extend(found)
         context = metadata.get(f"{metadata['general.architecture']}.context_length")
         if isinstance(context, int):
             tokenizer.model_max_length = context

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dus.checkpoint import INDEX_NAME
+from dus.errors import DusError
 from dus.plan import Blend, LayerPlan, NonLayerSource, scale_for
 from dus.safetensors_io import (
     DTYPE_ALIASES,
@@ -231,16 +232,66 @@ def _transformed(tensor: OutputTensor, out_dtype):
 
     if tensor.zero:
         return torch.zeros(tensor.shape, dtype=out_dtype)
-    value = read_tensor(tensor.source)
+    value = inputs = read_tensor(tensor.source)
     if tensor.compute_dtype:
         value = value.to(getattr(torch, TORCH_NAMES[tensor.compute_dtype]))
+    other = None
     if tensor.blend is not None:
         other_info, blend = tensor.blend
         other = read_tensor(other_info)
         value = blend_tensors(value, other, blend.t, blend.method).to(value.dtype)
     if tensor.scale is not None:
         value = value * tensor.scale
-    return value.to(out_dtype)
+    result = value.to(out_dtype)
+    check_no_overflow(tensor, inputs, other, result, value.dtype)
+    return result
+
+
+def check_no_overflow(tensor: OutputTensor, source, other, result, compute_dtype=None) -> None:
+    """A transform (scale, dtype conversion, blend) must not turn finite values infinite or
+    NaN: a finite scale of 1e39 on float32 weights, or 1e37 on float16, would otherwise
+    write a model that computes NaN. Values the source already held as NaN or infinite
+    pass as they are (a byte copy would keep them too). One line naming the tensor, the
+    transform, the largest value the output dtype holds and the fix; raised before the
+    output is renamed into place, so nothing is left at the output path."""
+    import torch
+
+    if not result.is_floating_point() or bool(torch.isfinite(result).all()):
+        return
+    finite = torch.isfinite(source) if source.is_floating_point() else torch.ones_like(result, dtype=torch.bool)
+    if other is not None and other.is_floating_point():
+        finite &= torch.isfinite(other)
+    broken = int((~torch.isfinite(result) & finite).sum())
+    if not broken:
+        return
+    dtype = str(result.dtype).removeprefix("torch.")
+    # The scale is applied in the compute dtype (itself a number of it), the result stored in the output dtype.
+    compute = compute_dtype if compute_dtype is not None and compute_dtype.is_floating_point else result.dtype
+    compute_max = float(torch.finfo(compute).max)
+    largest = min(float(torch.finfo(result.dtype).max), compute_max)
+    narrowest = str(compute if compute_max < float(torch.finfo(result.dtype).max) else result.dtype)
+    peak = float(source[finite].abs().max().float()) if source.is_floating_point() else 0.0
+    what, fix = [], []
+    if tensor.scale not in (None, 1.0):
+        what.append(f"scale {tensor.scale:g}")
+        if peak > 0:
+            fix.append(f"a scale of magnitude below {min(largest / peak, compute_max):.3g} (the tensor's largest value "
+                       f"is {peak:.3g})")
+        else:
+            fix.append("a smaller scale")
+    if tensor.blend is not None:
+        what.append(f"{tensor.blend[1].method} blend")
+    if tensor.dtype != tensor.source.dtype:
+        what.append(f"conversion from {TORCH_NAMES.get(tensor.source.dtype, tensor.source.dtype)} to {dtype}")
+    if compute_dtype is not None and compute_dtype.is_floating_point and compute_dtype != torch.float32 \
+            and tensor.compute_dtype:
+        fix.append("dtype: float32")
+    if dtype != "float32":
+        fix.append("out_dtype: float32")
+    s = "s" if broken > 1 else ""
+    raise DusError(f"{tensor.name}: the {' and '.join(what) or 'transform'} turns {broken} finite value{s} into "
+                   f"infinity or NaN ({narrowest.removeprefix('torch.')} holds at most {largest:.4g}); the model "
+                   f"would compute NaN: use {' or '.join(fix) or 'a smaller scale'}")
 
 
 def blend_tensors(a, b, t: float, method: str):

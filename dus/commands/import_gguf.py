@@ -26,6 +26,7 @@ def import_command(
 ) -> None:
     """Convert a GGUF file (or --smollm2) into a safetensors HF directory that dus build can use."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dus.gguf_import import DTYPES, SMOLLM2, check_gguf, import_gguf, packaged_import_inputs
 
@@ -47,7 +48,11 @@ def import_command(
         f"{metadata.get(metadata['general.architecture'] + '.block_count', '?')} layers, "
         f"license {metadata.get('general.license', 'not stated')}"
     )
-    result = import_gguf(gguf, output, dtype=dtype, force=force, extra_files=extra, provenance=provenance)
+    warnings: list[str] = []
+    result = import_gguf(gguf, output, dtype=dtype, force=force, extra_files=extra, provenance=provenance,
+                         warnings=warnings)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, taken literally
     size = sum(p.stat().st_size for p in result.glob("*.safetensors"))
     console.print(
         f"[green]imported[/] {result}: {size / 1e6:.0f} MB of {dtype} safetensors "

@@ -79,9 +79,8 @@ def non_finite_warnings(planned: list[PlannedTensor]) -> list[str]:
     bad = [t for t in planned if t.non_finite]
     if bad:
         first = bad[0]
-        warnings.append(f"{first.source or first.name} (GGUF {first.name}) holds {first.non_finite} NaN or "
-                        f"infinite value{_s(first.non_finite)}{_and_more(bad)}, written as they are: the model "
-                        "computes NaN; check the checkpoint (a diverged training or a damaged file?)")
+        warnings.append(non_finite_warning(f"{first.source or first.name} (GGUF {first.name})", first.non_finite,
+                                           len(bad) - 1))
     over = [t for t in planned if t.overflowed]
     if over:
         first = over[0]
@@ -89,6 +88,15 @@ def non_finite_warnings(planned: list[PlannedTensor]) -> list[str]:
                         f"{_s(first.overflowed)} beyond float16's range became infinite{_and_more(over)}; "
                         "export with --type bf16 or f32")
     return warnings
+
+
+def non_finite_warning(label: str, count: int, more: int) -> str:
+    """The one line said of weights written with NaN or infinite values (by dus export, and
+    by dus import of a GGUF that holds them): `label` names the first such tensor, which
+    holds `count` of them, and `more` other tensors hold some too."""
+    also = f", and {more} more tensor{_s(more)} too" if more else ""
+    return (f"{label} holds {count} NaN or infinite value{_s(count)}{also}, written as they are: the model computes "
+            "NaN; check the checkpoint (a diverged training or a damaged file?)")
 
 
 def _s(count: int) -> str:
