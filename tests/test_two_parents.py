@@ -301,3 +301,11 @@ def test_a_single_source_build_asked_to_route_is_refused(tmp_path):
     with pytest.raises(DusError, match="this heal has one teacher"):
         heal(tmp_path / "solar", tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_routed_evaluation_data_is_scored_against_its_own_teacher(family, tmp_path):
+    result = stack_heal(family, tmp_path / "route-eval", **{
+        "data.path": [f"{family / 'code.txt'}:A", f"{family / 'prose.txt'}:B"], "distill.combine": "route",
+        "data.eval_path": f"{family / 'prose.txt'}:B", "data.eval_max_samples": 8, "sft.eval_steps": 3})
+    evals = [entry["eval_loss"] for entry in result.record["loss_curve"] if "eval_loss" in entry]
+    assert evals and all(math.isfinite(value) for value in evals)

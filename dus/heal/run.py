@@ -138,8 +138,10 @@ def read_inputs(model_dir: ModelDir, cfg: HealConfig, teachers=None, mix=None) -
     eval_data, eval_set = None, None
     if data_cfg["eval_path"]:
         split = data_cfg["eval_split"] or data_cfg["split"]
-        eval_data = load_data(str(local_or_shipped(data_cfg["eval_path"])), data_cfg["format"], split,
-                              data_cfg["eval_max_samples"])
+        # routed like the training data: each evaluation example is scored against its own teacher
+        eval_cfg = {"path": data_cfg["eval_path"], "format": data_cfg["format"], "split": split,
+                    "max_samples": data_cfg["eval_max_samples"]}
+        eval_data = load_training_data(eval_cfg, teachers or [], mix, cfg.section("distill")["route_field"])
         eval_set, _ = fit_data_to_template(eval_data, tokenizer, wanted, [])
     return Inputs(tokenizer, train_data, train_set, eval_data, eval_set, assistant_only, notes)
 
