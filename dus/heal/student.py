@@ -159,6 +159,11 @@ def _in_memory_student(run, say) -> Student:
     if cfg.quantized:
         kwargs.update(quantized_loading(cfg))
     sources = load_sources(plan, dtype, **kwargs)
+    if cfg.quantized:
+        from dus.heal.qlora_cpu import keep_differentiable
+
+        for source in sources.models.values():  # before any forward (calibration, the teacher)
+            keep_differentiable(source)
     config = output_config(plan, sources)
     calibration = None
     if cfg.section("calibrate")["enabled"]:
@@ -219,7 +224,12 @@ def load_model(model_dir: ModelDir, cfg: HealConfig, use_cpu: bool):
     dtype, kwargs = _dtype_and_kwargs(cfg, use_cpu)
     if cfg.quantized:
         kwargs.update(quantized_loading(cfg))
-    return model_dir.load_model(dtype, **kwargs)
+    model = model_dir.load_model(dtype, **kwargs)
+    if cfg.quantized:
+        from dus.heal.qlora_cpu import keep_differentiable
+
+        keep_differentiable(model)  # before any forward: bitsandbytes' CPU repacking has no backward
+    return model
 
 
 def quantized_loading(cfg: HealConfig) -> dict:
