@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,17 +83,211 @@ def stage_parents(run: Path, steps: int, lr: float) -> None:
     wait_all(procs)
 
 
+HELD_OUT = {  # never trained on, never used for a choice
+    "A's kind (docstrings)": ["data/heldout/docstrings.txt"],
+    "B's kind (KJV)": ["data/heldout/bible.txt"],
+    "mixture": ["data/heldout/docstrings.txt", "data/heldout/bible.txt"],
+    "neither (licenses)": ["data/heldout/legal.txt"],
+}
+DEV = {  # the choices (ensemble average, which rule gets activation matching) are made here
+    "dev A (docstrings)": ["data/text/dev/docstrings.txt"],
+    "dev B (KJV, novel)": ["data/text/dev/bible.txt", "data/text/dev/novel.txt"],
+}
+HEALS = {  # name -> extra `dus heal` arguments; every heal reads the same two files
+    "one teacher (A)": ["--teacher", "A"],
+    "ensemble prob": ["--set", "distill.combine=ensemble", "--set", "distill.average=prob"],
+    "ensemble logprob": ["--set", "distill.combine=ensemble", "--set", "distill.average=logprob"],
+    "route": ["--set", "distill.combine=route"],
+    "best": ["--set", "distill.combine=best"],
+}
+
+
+def heal_args(run: Path, child: Path, out: Path, extra: list[str], steps: int) -> list[str]:
+    data = run / "data"
+    routed = "distill.combine=route" in extra
+    files = [f"{data / 'A.jsonl'}:A", f"{data / 'B.jsonl'}:B"] if routed else [str(data / "A.jsonl"), str(data / "B.jsonl")]
+    extra = [str(run / "A") if item == "A" else item for item in extra]
+    return [sys.executable, "-m", "dus", "heal", str(child), "-o", str(out), "--force", "--steps", str(steps),
+            "--report-to", "none", "--set", "calibrate.enabled=false", "--set", "sft.save_steps=1000",
+            *[arg for f in files for arg in ("--data", f)], *extra]
+
+
+def stage_builds(run: Path) -> None:
+    recipes = {
+        "stack": {"name": "two-parents-stack", "stack": {"models": [str(run / "A"), str(run / "B")], "trim": 8}},
+        "interleave": {"name": "two-parents-interleave",
+                       "interleave": {"models": [str(run / "A"), str(run / "B")], "block": 11, "step": 8}},
+    }
+    for name, recipe in recipes.items():
+        if (run / name / "model.safetensors").is_file():
+            continue
+        path = run / f"{name}.yaml"
+        path.write_text(json.dumps(recipe))
+        wait_all([sh([sys.executable, "-m", "dus", "build", str(path), "-o", str(run / name), "--force"],
+                     run / "logs" / f"build-{name}.log", threads=2)])
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def pending_heals(run: Path, child: str, names: dict[str, list[str]]) -> list[tuple[str, Path, list[str]]]:
+    return [(f"{child}-{slug(name)}", run / child, extra) for name, extra in names.items()
+            if not (run / f"{child}-{slug(name)}" / "model.safetensors").is_file()]
+
+
+def run_heals(run: Path, queue: list, steps: int, then=None) -> None:
+    """Heals two at a time, one thread each; `then()` is called once the stack's first heals
+    are done and may return more heals to queue (the activation-matching run)."""
+    running: list[tuple[str, subprocess.Popen]] = []
+    while queue or running:
+        while queue and len(running) < 2:
+            name, child, extra = queue.pop(0)
+            running.append((name, sh(heal_args(run, child, run / name, extra, steps), run / "logs" / f"heal-{name}.log")))
+        time.sleep(5)
+        for item in list(running):
+            if item[1].poll() is not None:
+                if item[1].returncode != 0:
+                    raise SystemExit(f"a heal failed: {item[0]} (see {run / 'logs'})")
+                running.remove(item)
+        stack_done = not any(name.startswith("stack-") and "hidden" not in name for name, *_ in queue + running)
+        if then is not None and stack_done:
+            queue += then()
+            then = None
+
+
+def read_texts(paths: list[str], tokenizer, tokens: int):
+    """The token stream of a text kind; several files alternate paragraph by paragraph."""
+    from dus.measure.text import read_text, tokenize_stream
+
+    parts = [read_text(ROOT / p).split("\n\n") for p in paths]
+    mixed = [paragraph for group in zip(*parts) for paragraph in group] if len(parts) > 1 else parts[0]
+    return tokenize_stream(tokenizer, "\n\n".join(mixed)[: tokens * 12], tokens)
+
+
+def score(models: dict[str, Path], texts: dict[str, list[str]], tokens: int, cache: Path) -> dict:
+    """Held-out perplexity of every model on every text (cached by model and text)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from dus.checkpoint import ModelDir
+    from dus.measure.perplexity import evaluate_stream
+
+    torch.set_num_threads(2)
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    streams = {name: read_texts(paths, tokenizer, tokens) for name, paths in texts.items()}
+    for label, path in models.items():
+        todo = [name for name in texts if f"{name}|{tokens}" not in results.get(label, {})]
+        if not todo:
+            continue
+        model = ModelDir(path).load_model(torch.float32)
+        model.eval()
+        for name in todo:
+            with torch.no_grad():
+                result = evaluate_stream(model, streams[name], 512, 384)
+            results.setdefault(label, {})[f"{name}|{tokens}"] = result.perplexity
+            print(f"  {label:34s} {name:26s} {result.perplexity:8.3f}", flush=True)
+            cache.write_text(json.dumps(results, indent=1))
+        del model
+    return {label: {name: results[label][f"{name}|{tokens}"] for name in texts} for label in models}
+
+
+def choose_and_match(run: Path, tokens: int) -> list:
+    """On dev text only: the best rule of several teachers; it is healed again with activation matching."""
+    dev_models = {name: run / f"stack-{slug(name)}" for name in HEALS}
+    dev = score(dev_models, DEV, tokens, run / "scores.json")
+    mean = {name: sum(math.log(v) for v in row.values()) / len(row) for name, row in dev.items()}
+    best = min((n for n in HEALS if n != "one teacher (A)"), key=mean.get)
+    print(f"best rule on dev text: {best}", flush=True)
+    (run / "choice.json").write_text(json.dumps({"dev": dev, "best": best}, indent=1))
+    return pending_heals(run, "stack", {f"{best} + hidden": [*HEALS[best], "--set", "distill.hidden=1.0"]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "two-parents")
-    parser.add_argument("--stage", default="all")
+    parser.add_argument("--stage", default="all", help="parents | builds | heals | score | all")
     parser.add_argument("--parent-steps", type=int, default=40)
     parser.add_argument("--parent-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-steps", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored per text and model")
+    parser.add_argument("--interleave", action="store_true", help="also heal the interleave (one teacher, ensemble)")
+    parser.add_argument("--table", action="store_true", help="print README's table from the results file and stop")
     args = parser.parse_args()
-    started = time.time()
+    if args.table:
+        print(markdown_table(json.loads((ROOT / "benchmarks" / "results" / "two-parents.json").read_text())))
+        return
+    started, run = time.time(), args.run
     if args.stage in ("parents", "all"):
-        stage_parents(args.run, args.parent_steps, args.parent_lr)
+        stage_parents(run, args.parent_steps, args.parent_lr)
+    if args.stage in ("builds", "all"):
+        stage_builds(run)
+    if args.stage in ("heals", "all"):
+        queue = pending_heals(run, "stack", HEALS)
+        if args.interleave:
+            queue += pending_heals(run, "interleave", {k: HEALS[k] for k in ("one teacher (A)", "ensemble prob")})
+        run_heals(run, queue, args.heal_steps, then=lambda: choose_and_match(run, args.tokens))
+    if args.stage in ("score", "heals", "all"):
+        report(run, args.tokens, args.interleave)
     print(f"done in {time.time() - started:.0f} s")
+
+
+def report(run: Path, tokens: int, interleave: bool) -> None:
+    choice = json.loads((run / "choice.json").read_text())
+    models = {"base": BASE, "A (docstrings)": run / "A", "B (prose)": run / "B", "stack unhealed": run / "stack"}
+    for name in [*HEALS, f"{choice['best']} + hidden"]:
+        models[f"stack, {name}"] = run / f"stack-{slug(name)}"
+    if interleave:
+        models["interleave unhealed"] = run / "interleave"
+        for name in ("one teacher (A)", "ensemble prob"):
+            models[f"interleave, {name}"] = run / f"interleave-{slug(name)}"
+    held = score(models, HELD_OUT, tokens, run / "scores.json")
+    better_parent = {text: min(held["A (docstrings)"][text], held["B (prose)"][text]) for text in HELD_OUT}
+    result = {"tokens_per_text": tokens, "held_out": HELD_OUT, "dev_choice": choice, "perplexity": held,
+              "vs_better_parent": {m: {t: row[t] / better_parent[t] - 1 for t in HELD_OUT} for m, row in held.items()},
+              "vs_base": {m: {t: row[t] / held["base"][t] - 1 for t in HELD_OUT} for m, row in held.items()}}
+    out = ROOT / "benchmarks" / "results" / "two-parents.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    plot(result, ROOT / "docs" / "two-parents.png")
+
+
+def markdown_table(result: dict) -> str:
+    """README's table: perplexity per held-out text, and the change against the better parent."""
+    texts = list(result["held_out"])
+    lines = ["| model | " + " | ".join(texts) + " |", "|---|" + "---:|" * len(texts)]
+    for model, row in result["perplexity"].items():
+        cells = []
+        for text in texts:
+            versus = result["vs_better_parent"][model][text]
+            cells.append(f"{row[text]:.2f} ({100 * versus:+.1f}%)")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = list(result["held_out"])
+    models = [m for m in result["perplexity"] if m not in ("base",)]
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 5), sharey=True)
+    for ax, text in zip(axes, texts):
+        values = [100 * result["vs_better_parent"][m][text] for m in models]
+        colors = ["#888" if m.startswith(("A ", "B ")) else "#c44" if "unhealed" in m else "#37a" for m in models]
+        ax.barh(range(len(models)), values, color=colors)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(text, fontsize=10)
+        ax.set_xlabel("perplexity vs the better parent (%)")
+        ax.set_xlim(min(-15, min(values) - 2), min(max(values) + 5, 80))
+    axes[0].set_yticks(range(len(models)), models, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Two parents, one child: SmolLM2-135M fine-tuned on docstrings (A) and prose (B), stacked 44 layers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,10 @@ def log_softmax_(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
 def mix_log_probs_(mix: TeacherMix, teacher_logits, target: torch.Tensor, route: torch.Tensor | None,
                    acc: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """The combined target's log-probabilities written into `acc` (rows x vocabulary, float32),
-    with `scratch` left holding its probabilities. `teacher_logits(k, out)` writes teacher k's
-    (temperature-scaled) logits into `out` and returns it; `work` is the buffer it writes to.
+    with `scratch` left holding its probabilities. `teacher_logits` (a TeacherLogits) writes
+    teacher k's (temperature-scaled) logits into `out` and returns it; `work` is that buffer.
     Three buffers whatever the number of teachers: each teacher's logits exist in turn."""
-    count = mix_count(teacher_logits)
+    count = teacher_logits.count
     weights = mix.weights_for(count)
     best = None
     for k in range(count):
@@ -97,10 +97,6 @@ def mix_log_probs_(mix: TeacherMix, teacher_logits, target: torch.Tensor, route:
     else:
         torch.exp(acc, out=scratch)
     return acc
-
-
-def mix_count(teacher_logits) -> int:
-    return teacher_logits.count
 
 
 class TeacherLogits:
