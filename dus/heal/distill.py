@@ -207,26 +207,39 @@ class _MixedChunkedDistillation(torch.autograd.Function):
             with torch.no_grad():
                 teachers = [head_logits(h, w, cap) for h, w, cap in zip(chunk_teachers, teacher_weights,
                                                                          teacher_softcaps)]
-            with torch.enable_grad():
-                h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
-                w = weight.detach().requires_grad_(grad_weight is not None)
-                loss, kl, nll = _mixed_loss_terms(head_logits(h, w, softcap), teachers, target[rows], chunk_route, mix,
-                                                  alpha, temperature)
-                wanted = [t for t, g in ((h, grad_hidden), (w, grad_weight)) if g is not None]
-                grads = list(torch.autograd.grad(loss, wanted) if wanted else ())
-            if grad_hidden is not None:
-                grad_hidden[rows] = grads.pop(0)
-            if grad_weight is not None:
-                grad_weight += grads.pop(0)
-            totals += torch.stack([loss.detach(), kl, nll])
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return totals[0], totals[1], totals[2]
+            terms = lambda logits: _mixed_loss_terms(logits, teachers, target[rows], chunk_route, mix,  # noqa: E731
+                                                     alpha, temperature)
+            totals += _autograd_chunk(hidden, weight, softcap, rows, terms, grad_hidden, grad_weight)
+        return _keep_gradients(ctx, totals, hidden, weight, grad_hidden, grad_weight)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_nll):
         return (*_scaled_grads(ctx, grad_loss), *([None] * 10))
+
+
+def _autograd_chunk(hidden, weight, softcap, rows, terms, grad_hidden, grad_weight) -> torch.Tensor:
+    """One chunk differentiated by autograd (a softcap, T != 1, a trained head): `terms` maps
+    the chunk's student logits to (loss, kl, nll); the gradients for the chunk's hidden states
+    and the head go into `grad_hidden[rows]` / `grad_weight`. Returns the three sums."""
+    with torch.enable_grad():
+        h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
+        w = weight.detach().requires_grad_(grad_weight is not None)
+        loss, kl, nll = terms(head_logits(h, w, softcap))
+        wanted = [t for t, g in ((h, grad_hidden), (w, grad_weight)) if g is not None]
+        grads = list(torch.autograd.grad(loss, wanted) if wanted else ())
+    if grad_hidden is not None:
+        grad_hidden[rows] = grads.pop(0)
+    if grad_weight is not None:
+        grad_weight += grads.pop(0)
+    return torch.stack([loss.detach(), kl, nll])
+
+
+def _keep_gradients(ctx, totals, hidden, weight, grad_hidden, grad_weight):
+    """Save the summed gradients for backward; return the loss, KL and NLL sums."""
+    ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+    ctx.has = (grad_hidden is not None, grad_weight is not None)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    return totals[0], totals[1], totals[2]
 
 
 def _scaled_grads(ctx, grad_loss) -> list:
@@ -265,28 +278,13 @@ class _ChunkedDistillation(torch.autograd.Function):
                 continue
             with torch.no_grad():
                 teacher = head_logits(teacher_hidden[rows], teacher_weight, teacher_softcap)
-            with torch.enable_grad():
-                h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
-                w = weight.detach().requires_grad_(grad_weight is not None)
-                loss, kl, nll = _loss_terms(head_logits(h, w, softcap), teacher, target[rows], alpha, temperature)
-                wanted = [t for t, g in ((h, grad_hidden), (w, grad_weight)) if g is not None]
-                grads = torch.autograd.grad(loss, wanted) if wanted else ()
-            grads = list(grads)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grads.pop(0)
-            if grad_weight is not None:
-                grad_weight += grads.pop(0)
-            totals += torch.stack([loss.detach(), kl, nll])
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return totals[0], totals[1], totals[2]
+            terms = lambda logits: _loss_terms(logits, teacher, target[rows], alpha, temperature)  # noqa: E731
+            totals += _autograd_chunk(hidden, weight, softcap, rows, terms, grad_hidden, grad_weight)
+        return _keep_gradients(ctx, totals, hidden, weight, grad_hidden, grad_weight)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_nll):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None)
-
-
 
 
 def chunked_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, alpha: float,
