@@ -140,8 +140,16 @@ def _fused_chunk(hidden, weight, teacher_hidden, teacher_weight, target, alpha, 
     log_p = _log_softmax_(buffers.head(teacher_hidden, teacher_weight, out=teacher), scratch)
     p = scratch
     nll = -log_q.gather(1, target.unsqueeze(1)).sum()
+    return _fused_kl_and_gradient(log_q, log_p, p, nll, target, weight, alpha, buffers, grad_hidden)
+
+
+def _fused_kl_and_gradient(log_q, log_p, p, nll, target, weight, alpha, buffers, grad_hidden):
+    """The KL from the student's log-probabilities (`log_q`) and the target's (`log_p`, `p`),
+    in place in their buffers, and the gradient for the hidden states written into
+    `grad_hidden` (None: none wanted, evaluation); returns (loss, kl, nll)."""
+    rows = log_q.shape[0]
     kl = log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); the teacher buffer is free after this
-    if grad_hidden is not None:  # None: no gradient wanted (evaluation)
+    if grad_hidden is not None:
         grad = log_q.exp_().sub_(p, alpha=alpha)
         if alpha < 1.0:
             grad[torch.arange(rows, device=grad.device), target] -= 1.0 - alpha
@@ -168,18 +176,7 @@ def _fused_mixed_chunk(hidden, weight, teacher_hiddens, teacher_weights, target,
         return buffers.head(teacher_hiddens[k], teacher_weights[k], out=out)
 
     log_p = mix_log_probs_(mix, TeacherLogits(teacher_logits, len(teacher_hiddens)), target, route, acc, work, scratch)
-    p = scratch
-    kl = log_p.sub_(log_q).mul_(p).sum()
-    if grad_hidden is not None:
-        grad = log_q.exp_().sub_(p, alpha=alpha)
-        if alpha < 1.0:
-            grad[torch.arange(rows, device=grad.device), target] -= 1.0 - alpha
-        if buffers.native is None:
-            torch.mm(grad, weight, out=grad_hidden)
-        else:
-            grad_hidden.copy_(torch.mm(buffers.native[:rows].copy_(grad), weight))
-    loss = alpha * kl + (1.0 - alpha) * nll if alpha < 1.0 else kl
-    return loss, kl, nll
+    return _fused_kl_and_gradient(log_q, log_p, scratch, nll, target, weight, alpha, buffers, grad_hidden)
 
 
 class _MixedChunkedDistillation(torch.autograd.Function):
