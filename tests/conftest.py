@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def changed_layers(before: Path, after: Path) -> dict[str, set[str]]:
             layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
             changed.setdefault(layer, set()).add(name)
     return changed
+
+
+def copy_with_two_token_ids_swapped(source: Path, target: Path, first_id: int = 65) -> tuple[Path, str, str]:
+    """A copy of a model whose tokenizer gives two ids (`first_id` and the next) to each
+    other's tokens: the same vocabulary size, a different tokenizer. Returns the copy and the
+    two tokens that were at those ids."""
+    import shutil
+
+    shutil.copytree(source, target)
+    tokenizer = json.loads((target / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[first_id:first_id + 2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return target, first, second

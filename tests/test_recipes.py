@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import copy_with_two_token_ids_swapped
+
 from dus.build import build_model
 from dus.tiny import ARCHITECTURES
 from reference import assemble, load, logits, sample_ids
@@ -170,15 +172,7 @@ def test_non_layer_tensors_from_a_named_source(tiny_models, tmp_path):
 
 def test_graft_warns_when_tokenizers_differ(tiny_models, tmp_path):
     base = tiny_models("llama", num_layers=N)
-    donor = tmp_path / "donor"
-    import shutil
-
-    shutil.copytree(tiny_models("llama", num_layers=N, seed=4), donor)
-    tokenizer = json.loads((donor / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[65:67]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (donor / "tokenizer.json").write_text(json.dumps(tokenizer))
+    donor, *_ = copy_with_two_token_ids_swapped(tiny_models("llama", num_layers=N, seed=4), tmp_path / "donor")
     result = build_model({"graft": {"base": str(base), "donor": str(donor), "layers": [1, 3]}}, tmp_path / "out")
     assert len(result.warnings) == 1
     assert "token id 65" in result.warnings[0] and "differ" in result.warnings[0]

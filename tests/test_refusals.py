@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_with_two_token_ids_swapped
+
 from dus.build import build_model
 
 FAST = ["--steps", "2", "--batch-size", "1", "--max-length", "32", "--report-to", "none", "--set", "sft.logging_steps=1",
@@ -466,13 +468,7 @@ def test_steps_zero_with_nothing_to_calibrate_is_refused_before_the_output(kind,
 def test_compare_build_and_heal_share_one_vocabulary_comparison(tiny_models, tmp_path, run_cli, no_measuring):
     """Two ids swapped: compare refuses, naming the same first difference build warns about."""
     model = tiny_models("llama", 4)
-    swapped = tmp_path / "swapped"
-    shutil.copytree(model, swapped)
-    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[70:72]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    swapped, first, second = copy_with_two_token_ids_swapped(model, tmp_path / "swapped", first_id=70)
     result = run_cli("compare", model, swapped, "--data", _text(tmp_path), "-o", tmp_path / "R", "--no-generate")
     _one_line(result, f"(token id 70 is {first!r} vs {second!r}); perplexity is only comparable")
     from dus.tokenizer_check import first_tokenizer_difference

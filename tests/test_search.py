@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import copy_with_two_token_ids_swapped
+
 from dus.errors import DusError
 from dus.search.space import Candidate, SearchSpace, Segment, apportion, canonical
 
@@ -652,20 +654,12 @@ def test_sources_that_tokenize_differently_get_builds_warning_and_recipes_that_t
     see dus.search.run.tokenizer_warnings), and every written recipe names the first
     model as tokenizer_source, so a graft whose path starts in the donor (the donor's
     embeddings) builds into a model that tokenizes, and scores, as the search did."""
-    import shutil
-
     from dus.checkpoint import ModelDir
     from dus.measure.text import read_text, tokenize_stream
     from dus.search.fitness import PerplexityScorer
 
     base = tiny_models("llama", num_layers=N)
-    donor = tmp_path / "donor"
-    shutil.copytree(tiny_models("llama", num_layers=N, seed=4), donor)
-    tokenizer = json.loads((donor / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[65:67]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (donor / "tokenizer.json").write_text(json.dumps(tokenizer))
+    donor, *_ = copy_with_two_token_ids_swapped(tiny_models("llama", num_layers=N, seed=4), tmp_path / "donor")
     out = tmp_path / "search"
     result = run_cli("search", "--graft", base, "--donor", donor, "--size", "2", "--data", text, "--window", "64",
                      "--max-tokens", "256", "--top", str(N - 1), "-o", out)
