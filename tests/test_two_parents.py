@@ -309,3 +309,18 @@ def test_routed_evaluation_data_is_scored_against_its_own_teacher(family, tmp_pa
         "data.eval_path": f"{family / 'prose.txt'}:B", "data.eval_max_samples": 8, "sft.eval_steps": 3})
     evals = [entry["eval_loss"] for entry in result.record["loss_curve"] if "eval_loss" in entry]
     assert evals and all(math.isfinite(value) for value in evals)
+
+
+def test_the_cli_takes_several_data_files_and_teachers_and_prints_them(family, tmp_path, run_cli):
+    args = ["heal", family / "stack", "-o", tmp_path / "out", "--steps", "2", "--batch-size", "2", "--max-length", "32",
+            "--report-to", "none", "--set", "calibrate.enabled=false", "--radius", "1"]
+    result = run_cli(*args, "--data", f"{family / 'code.txt'}:A", "--data", f"{family / 'prose.txt'}:B",
+                     "--set", "distill.combine=route")
+    assert result.code == 0, result.stderr[-2000:]
+    assert "each data file or example taught by the teacher it names" in result.stderr
+    named = run_cli(*args, "--force", "--data", family / "prose.txt", "--teacher", family / "B", "--teacher",
+                    family / "A", "--set", "distill.teacher_weights=[1,3]")
+    assert named.code == 0, named.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "dus-manifest.json").read_text())["history"][-1]
+    assert [t["path"] for t in record["teachers"]] == [str(family / "B"), str(family / "A")]
+    assert record["teacher_rule"]["weights"] == [1, 3]
