@@ -51,6 +51,20 @@ def trail(result: dict) -> list[tuple[str, float]]:
     return [(json.dumps(c["candidate"], sort_keys=True), c["value"]) for c in result["candidates"]]
 
 
+def trial_states(output) -> dict[str, int]:
+    """How many of the study's trials (in `output`'s journal) are in each state."""
+    from collections import Counter
+
+    from dus.search import journal
+
+    return dict(Counter(t.state.name for t in journal.study_trials(journal.open_storage(output, None, create=False))))
+
+
+def journal_line(lines: list[bytes], trial: int, what: bytes) -> int:
+    """The index of the journal line recording `what` (b'"values"', b'"dus"') of trial `trial`."""
+    return next(i for i, line in enumerate(lines) if f'"trial_id":{trial},'.encode() in line and what in line)
+
+
 # --- the encoding -------------------------------------------------------------------
 
 
@@ -296,11 +310,12 @@ def test_a_killed_search_resumes_and_ends_as_an_uninterrupted_one(tiny_models, t
     monkeypatch.setattr(fitness.Evaluator, "__call__", dies_after_seven)
     with pytest.raises(KeyboardInterrupt):
         run([model], options(tmp_path / "cut", text, evals=20))
-    journal = tmp_path / "cut" / "journal.jsonl"
-    assert len(journal.read_text().splitlines()) == 1 + 7
+    # the interrupted trial failed (never a score) and is queued again
+    assert trial_states(tmp_path / "cut") == {"COMPLETE": 7, "FAIL": 1, "WAITING": 1}
     assert not (tmp_path / "cut" / "search.json").exists() and not list((tmp_path / "cut").glob("rank-*.yaml"))
+    journal = tmp_path / "cut" / "optuna-journal.log"
     with journal.open("a") as handle:
-        handle.write('{"i": 7, "x": [0.1')  # a line torn by the kill
+        handle.write('{"op_code":6,"worker_id":"x","trial_id":8,"st')  # a line torn by a kill
 
     monkeypatch.setattr(fitness.Evaluator, "__call__", real)
     runs = {"n": 0}
@@ -314,7 +329,7 @@ def test_a_killed_search_resumes_and_ends_as_an_uninterrupted_one(tiny_models, t
     assert trail(resumed) == trail(whole)
     assert runs["n"] == 20 - 7  # the journalled evaluations are replayed, not run again
     assert (tmp_path / "cut" / "rank-1.yaml").read_text() == (tmp_path / "whole" / "rank-1.yaml").read_text()
-    assert len(journal.read_text().splitlines()) == 1 + 20
+    assert trial_states(tmp_path / "cut") == {"COMPLETE": 20, "FAIL": 1}
 
 
 def test_constraints_are_honoured(tiny_models, text, tmp_path):
@@ -412,7 +427,7 @@ def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, t
     result = run_cli("search", model, "--data", text, "--depth", "7:9", "--scale", "0.5:1", "--evals", "12",
                      "--window", "64", "--max-tokens", "256", "--top", "2", "-o", out)
     assert result.code == 0, result
-    assert sorted(p.name for p in out.iterdir()) == ["journal.jsonl", "rank-1.yaml", "rank-2.yaml", "search.json", "search.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["optuna-journal.log", "rank-1.yaml", "rank-2.yaml", "search.json", "search.png"]
     data = json.loads((out / "search.json").read_text())
     assert data["seed"] == 0 and data["settings"]["optimizer"] == "tpe" and len(data["candidates"]) == 12
     best = data["ranked"][0]
@@ -548,59 +563,69 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, message, tiny_models, 
         assert not out.exists()
 
 
-def test_a_journal_that_does_not_match_the_search_is_refused_in_one_line(tiny_models, text, tmp_path):
+def test_a_study_that_does_not_match_the_search_is_refused_in_one_line(tiny_models, text, tmp_path):
+    """cma replays the study's completed trials through the `cma` package: a recorded vector
+    that is not what it asks at that point is refused, as is a journal line that is not JSON."""
     model = tiny_models("llama", num_layers=N)
-    run([model], options(tmp_path / "out", text, evals=6))
-    journal = tmp_path / "out" / "journal.jsonl"
-    lines = journal.read_text().splitlines()
-    entry = json.loads(lines[3])
-    entry["x"] = [0.123] * len(entry["x"])  # not what the optimizer asks at that point
-    journal.write_text("\n".join(lines[:3] + [json.dumps(entry)] + lines[4:]) + "\n")
-    with pytest.raises(DusError, match=r"journal.jsonl:4: the journal does not match this search's candidate 2"):
-        run([model], options(tmp_path / "out", text, evals=8))
-    journal.write_text("\n".join(lines[:2] + ["{not json"] + lines[3:]) + "\n")
-    with pytest.raises(DusError, match=r"journal.jsonl:3: damaged journal line"):
-        run([model], options(tmp_path / "out", text, evals=8))
+    run([model], options(tmp_path / "out", text, evals=6, optimizer="cma"))
+    journal = tmp_path / "out" / "optuna-journal.log"
+    lines = journal.read_bytes().split(b"\n")
+    at = journal_line(lines, 2, b'"user_attr":{"dus":')
+    record = json.loads(lines[at])
+    record["user_attr"]["dus"]["x"] = [0.123] * len(record["user_attr"]["dus"]["x"])  # not what cma asks there
+    journal.write_bytes(b"\n".join(lines[:at] + [json.dumps(record).encode()] + lines[at + 1:]))
+    with pytest.raises(DusError, match=r"optuna-journal.log: trial 2 does not match this search's candidate 2"):
+        run([model], options(tmp_path / "out", text, evals=8, optimizer="cma"))
+    journal.write_bytes(b"\n".join(lines[:2] + [b"{not json"] + lines[3:]))
+    with pytest.raises(DusError, match=r"optuna-journal.log:3: damaged journal line"):
+        run([model], options(tmp_path / "out", text, evals=8, optimizer="cma"))
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("nan", r"journal.jsonl:3: the journalled score is nan, not a finite number"),
-    ("infinity", r"journal.jsonl:3: the journalled score is inf, not a finite number"),
-    ("minus-infinity", r"journal.jsonl:3: the journalled score is -inf, not a finite number"),
-    ("not-utf8", r"journal.jsonl:3: byte 0xff is not UTF-8 text"),
-    ("not-utf8-header", r"journal.jsonl:1: byte 0xe9 is not UTF-8 text"),
-    ("not-an-entry", r"journal.jsonl:3: damaged journal line \(not an evaluation"),
-    ("string-score", r"journal.jsonl:3: damaged journal line \(value is not a number\)"),
-    ("damaged-last-line", r"journal.jsonl:7: damaged journal line"),
+    ("nan", r"optuna-journal.log: trial 2's recorded score is nan, not a finite number"),
+    ("infinity", r"optuna-journal.log: trial 2's recorded score is inf, not a finite number"),
+    ("minus-infinity", r"optuna-journal.log: trial 2's recorded score is -inf, not a finite number"),
+    ("not-utf8", r"optuna-journal.log:3: byte 0xff is not UTF-8 text"),
+    ("not-utf8-header", r"optuna-journal.log:1: byte 0xe9 is not UTF-8 text"),
+    ("not-a-record", r"optuna-journal.log:{line}: damaged journal line \(not a record of Optuna's journal\)"),
+    ("not-dus-record", r"optuna-journal.log: trial 2 is not an evaluation dus search recorded"),
+    ("string-score", r"optuna-journal.log: trial 2: damaged record \(its score is not a number\)"),
+    ("damaged-last-line", r"optuna-journal.log:{last}: damaged journal line"),
 ])
-def test_a_damaged_or_non_finite_journal_is_refused_in_one_line_never_ranked(damage, message, tiny_models, text, tmp_path, run_cli):
+def test_a_damaged_or_non_finite_study_is_refused_in_one_line_never_ranked(damage, message, tiny_models, text, tmp_path, run_cli):
     """What a resumed search reads back is checked like any input: a NaN or infinite score
-    (json reads NaN and Infinity) is refused, never replayed into the ranking; bytes that
-    are not UTF-8 and lines that are not evaluations are one line naming the line. Only a
-    last line a kill left without its newline is dropped (and evaluated again)."""
+    (json reads NaN and Infinity) is refused, never ranked; bytes that are not UTF-8 and
+    lines that are not records of Optuna's journal are one line naming the line, and a
+    trial dus did not record is refused. Only a last line a kill left without its newline
+    is dropped (and its evaluation made again)."""
     model = tiny_models("llama", num_layers=N)
     out = tmp_path / "out"
     args = lambda evals: ["search", model, "--data", text, "--depth", "8", "--scale", "0.5:1", "--evals", evals,
                           "--window", "64", "--max-tokens", "256", "--population", "4", "-o", out]
     assert run_cli(*args(6)).code == 0
-    journal = out / "journal.jsonl"
-    lines = journal.read_bytes().splitlines()
-    entry = json.loads(lines[2])
+    journal = out / "optuna-journal.log"
+    lines = journal.read_bytes().split(b"\n")[:-1]
+    told = journal_line(lines, 2, b'"values":[')
+    record = json.loads(lines[told])
     if damage in ("nan", "infinity", "minus-infinity"):
-        entry["value"] = {"nan": math.nan, "infinity": math.inf, "minus-infinity": -math.inf}[damage]
-        lines[2] = json.dumps(entry).encode()
+        record["values"] = [{"nan": math.nan, "infinity": math.inf, "minus-infinity": -math.inf}[damage]]
+        lines[told] = json.dumps(record).encode()
     elif damage == "not-utf8":
         lines[2] = lines[2][:20] + b"\xff" + lines[2][20:]
     elif damage == "not-utf8-header":
-        lines[0] = lines[0].replace(b'"settings"', b'"s\xe9ttings"')
-    elif damage == "not-an-entry":
-        lines[2] = b"[1, 2]"
+        lines[0] = lines[0].replace(b'"study_name"', b'"study_n\xe9me"')
+    elif damage == "not-a-record":
+        lines[told] = b"[1, 2]"
+    elif damage == "not-dus-record":
+        at = journal_line(lines, 2, b'"user_attr":{"dus":')
+        lines[at] = lines[at].replace(b'"user_attr":{"dus":', b'"user_attr":{"mine":')
     elif damage == "string-score":
-        entry["value"] = "2.5"
-        lines[2] = json.dumps(entry).encode()
+        record["values"] = ["2.5"]
+        lines[told] = json.dumps(record).encode()
     else:
         lines[-1] = lines[-1][: len(lines[-1]) // 2]  # cut, but with its newline: not a torn tail
     journal.write_bytes(b"\n".join(lines) + b"\n")
+    message = message.format(line=told + 1, last=len(lines))
     before = sorted(p.name for p in out.iterdir())
     result = run_cli(*args(8))
     assert result.code == 2, result
@@ -610,17 +635,19 @@ def test_a_damaged_or_non_finite_journal_is_refused_in_one_line_never_ranked(dam
 
 
 def test_a_complete_last_line_without_its_newline_is_evaluated_again(tiny_models, text, tmp_path):
-    """The journal's reader drops what the appender cuts: a last line with no newline, even
-    when it parses (a kill between the line and its newline), so replay and file agree."""
+    """What the reader drops, the writer cuts: a last line with no newline, even when it
+    parses (a kill between the line and its newline); here the last trial's score, so that
+    trial is found running with no worker, failed, and its candidate evaluated again."""
     model = tiny_models("llama", num_layers=N)
     whole = run([model], options(tmp_path / "whole", text, evals=8))
     run([model], options(tmp_path / "cut", text, evals=8))
-    journal = tmp_path / "cut" / "journal.jsonl"
-    journal.write_text(journal.read_text()[:-1])  # the last evaluation loses its newline
+    journal = tmp_path / "cut" / "optuna-journal.log"
+    assert b'"values":[' in journal.read_bytes().split(b"\n")[-2]
+    journal.write_bytes(journal.read_bytes()[:-1])  # the last evaluation's score loses its newline
     resumed = run([model], options(tmp_path / "cut", text, evals=10))
-    again = run([model], options(tmp_path / "cut", text, evals=10))  # the journal it left resumes too
+    again = run([model], options(tmp_path / "cut", text, evals=10))  # the study it left resumes too
     assert trail(resumed)[:8] == trail(whole) and trail(again) == trail(resumed)
-    assert len(journal.read_text().splitlines()) == 1 + 10
+    assert trial_states(tmp_path / "cut") == {"COMPLETE": 10, "FAIL": 1}
 
 
 def test_a_non_finite_score_stops_the_search_in_one_line(tiny_models):

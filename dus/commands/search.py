@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def search(
     models: list[Path] = typer.Argument(None, help="Source model directories (one family and shape)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for the ranked recipes, search.json, the journal and the plot; a search started again on it continues."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the ranked recipes, search.json, the study's journal and the plot; a search started again on it continues."),
     data: list[Path] = typer.Option([], "--data", help="Text to score on, one file per domain (repeat --data; .txt, or .jsonl with a 'text' field): perplexity over all is minimised."),
     depth: Optional[str] = typer.Option(None, "--depth", help="Output depth N, or a range MIN:MAX."),
     segments: int = typer.Option(3, "--segments", help="Contiguous source ranges in a path (SOLAR's trim is 2, a duplicated range 3)."),
@@ -48,6 +48,8 @@ def search(
     prefix_cache: int = typer.Option(512, "--prefix-cache", help="MB of hidden states kept after shared path prefixes, so a candidate runs only its layers after them (scores unchanged, bit for bit); 0: off."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the search's study, each with its share of the CPU threads and its own GPU where there are GPUs (tpe and random; cma runs in one)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Database URL holding the search's study (sqlite:///search.db, postgresql://user@host/db): the same command on other machines joins it. Default: a journal file in -o."),
 ) -> None:
     """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
     from dus.compare.lm_eval_hook import parse_tasks
@@ -70,6 +72,6 @@ def search(
         evals=evals, minutes=minutes, seed=seed, window=window, stride=stride, max_tokens=max_tokens, score=score,
         maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
         prefix_cache_mb=prefix_cache, tasks=parse_tasks(tasks), tasks_metric=tasks_metric, tasks_limit=tasks_limit,
-        tasks_include=tasks_include, tasks_batch_size=tasks_batch_size,
+        tasks_include=tasks_include, tasks_batch_size=tasks_batch_size, workers=workers, storage=storage,
     )
     run_search(list(models or []), options)

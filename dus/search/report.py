@@ -69,7 +69,9 @@ def best_so_far(history: list[dict]) -> list[float | None]:
     return curve
 
 
-def result(setup, options, history: list[dict]) -> dict:
+def result(setup, options, history: list[dict], prefix_cache: dict | None = None) -> dict:
+    """search.json: `prefix_cache` is the counts of the prefix cache of this command's
+    worker(s), summed."""
     ranked = ranking(history)
     return {
         "settings": setup.settings,
@@ -78,7 +80,7 @@ def result(setup, options, history: list[dict]) -> dict:
         "distinct_candidates": len({e["key"] for e in history}),
         "model_runs": sum(1 for e in history if e["feasible"] and not e["cached"]),
         "seconds_scoring": round(sum(e["seconds"] for e in history), 2),
-        "prefix_cache": setup.evaluator.prefix.stats() if getattr(setup.evaluator, "prefix", None) else None,
+        "prefix_cache": prefix_cache,
         "best_so_far": best_so_far(history),
         "ranked": [{"rank": i + 1, "file": f"rank-{i + 1}.yaml" if i < options.top else None, **_public(e)}
                    for i, e in enumerate(ranked)],
@@ -87,7 +89,7 @@ def result(setup, options, history: list[dict]) -> dict:
 
 
 def _public(entry: dict) -> dict:
-    return {k: entry[k] for k in ("i", "value", "metrics", "candidate", "feasible", "missing", "cached", "seconds", "x")}
+    return {k: entry[k] for k in ("i", "trial", "value", "metrics", "candidate", "feasible", "missing", "cached", "seconds", "x")}
 
 
 def write(output: Path, setup, result_data: dict, top: int) -> None:

@@ -1,5 +1,6 @@
 """`dus search` as functions: check every input, load the sources once, run the
-optimizer (or the exhaustive graft scan) against the journal, write the results."""
+optimizer (or the exhaustive graft scan) as one or several workers on the search's
+Optuna study (journal.py), write the results from the study."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dus.errors import DusError
-from dus.search.journal import Journal, read_journal
+from dus.search import journal
 from dus.search.space import Candidate, SearchSpace, Segment, canonical
 
 INFEASIBLE = 1e9  # a path that drops a kept layer: never run, ranked below every real score
@@ -51,6 +52,8 @@ class SearchOptions:
     progress: bool = True
     wandb: bool = False
     notes: list[str] = field(default_factory=list)
+    workers: int = 1  # worker processes on this machine sharing the study (1: this process)
+    storage: str | None = None  # a database URL holding the study; None: a journal file in `output`
 
 
 @dataclass
@@ -137,7 +140,9 @@ def prepare(models: list, options: SearchOptions) -> Setup:
             raise DusError(f"--evals {options.evals}: give at least 1 evaluation")
         from dus.search.optimizers import check_optimizer
 
-        check_optimizer(options.optimizer)
+        check_optimizer(options.optimizer, options.workers)
+    if options.workers < 1:
+        raise DusError(f"--workers {options.workers}: give at least 1 worker process")
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
     check_minutes(options.minutes)
@@ -226,8 +231,10 @@ def short_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def load(setup: Setup, options: SearchOptions) -> None:
-    """Read the text, load every source once, and make the evaluator."""
+def load(setup: Setup, options: SearchOptions, sources: bool = True) -> None:
+    """Read the text, load every source once, and make the evaluator. Without `sources`
+    (the parent of several workers), only what completes the settings and checks the
+    scorer: the text, the window, the dtype, the user's function, lm-eval's task data."""
     from dus.assemble import load_sources
     from dus.checkpoint import ModelDir, resolve_device, resolve_dtype
     from dus.compare.run import choose_window
@@ -257,91 +264,239 @@ def load(setup: Setup, options: SearchOptions) -> None:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, first, device)
     setup.settings["dtype"] = str(dtype).removeprefix("torch.")
+    if not sources:
+        return
     whole = {"merge_method": "passthrough", "slices": [{"sources": [{"model": p, "layer_range": [0, 1]}]} for p in setup.models]}
     plan = resolve(load_recipe(whole)).plan
     sources = load_sources(plan, dtype, device)
     setup.evaluator = Evaluator(sources, tokenizer, scorer, prefix_budget=options.prefix_cache_mb * 2**20)
 
 
-def entry_for(index: int, x, candidate: Candidate, value: float, metrics: dict, seconds: float, cached: bool, missing: list[int]) -> dict:
-    return {
-        "i": index, "x": x, "key": candidate.key(), "candidate": candidate.to_dict(), "value": value,
-        "metrics": metrics, "seconds": round(seconds, 4), "cached": cached, "feasible": not missing, "missing": missing,
-    }
+def record_for(x, candidate: Candidate, metrics: dict, seconds: float, cached: bool, missing: list[int]) -> dict:
+    """What a trial's `dus` attribute records about its evaluation (the score is the trial's value)."""
+    return {"x": x, "key": candidate.key(), "candidate": candidate.to_dict(), "metrics": metrics,
+            "seconds": round(seconds, 4), "cached": cached, "feasible": not missing, "missing": missing}
 
 
-class Loop:
-    """Evaluates candidates in order, replaying journalled ones (checking they are the
-    same) and appending new ones; stops at the evaluation budget or the deadline."""
+class Worker:
+    """One process's part of a search: it asks the study for trials, scores them and tells
+    the scores; it fails the running trials of workers that are gone (and queues tpe's and
+    random's again), and keeps every completed score for its evaluator's cache."""
 
-    def __init__(self, setup: Setup, journal: Journal, replay: list[dict], evals: int, minutes: float | None, on_entry=None):
-        self.setup, self.journal, self.replay = setup, journal, replay
-        self.evals, self.on_entry = evals, on_entry
-        self.deadline = time.monotonic() + 60 * minutes if minutes else None
-        self.history: list[dict] = []
+    def __init__(self, setup: Setup, options: SearchOptions, study, where: str, total: int, on_entry=None):
+        self.setup, self.options, self.study, self.where, self.total = setup, options, study, where, total
+        self.on_entry = on_entry
+        self.deadline = time.monotonic() + 60 * options.minutes if options.minutes else None
+        self.retry = setup.space is not None and options.optimizer != "cma"
+        self.shown: set[int] = set()
+        self.dropped = 0  # scores told too late: another worker had failed the trial (no beat for too long)
 
-    @property
-    def out_of_time(self) -> bool:
-        """Past the deadline, once the journal is replayed and at least one candidate was
-        evaluated (a search never ends with nothing to rank because of --minutes alone)."""
-        index = len(self.history)
-        return index >= max(1, len(self.replay)) and self.deadline is not None and time.monotonic() > self.deadline
+    def sync(self) -> list:
+        """The study's trials, once the trials of gone workers are failed; completed trials
+        not seen before are shown and their scores kept."""
+        from optuna.trial import TrialState
 
-    @property
-    def done(self) -> bool:
-        return len(self.history) >= self.evals or self.out_of_time
-
-    def evaluate(self, candidate: Candidate, x=None) -> float:
         from dus.search.fitness import Score
 
-        index = len(self.history)
-        if index < len(self.replay):
-            entry = self.replay[index]
-            if entry.get("x") != x or entry.get("key") != candidate.key():
-                raise DusError(f"{self.journal.path}:{index + 2}: the journal does not match this search's candidate "
-                               f"{index}; it was written by another version or settings: choose a new -o directory")
-            if entry["feasible"] and not entry["cached"]:
-                self.setup.evaluator.cache[entry["key"]] = Score(entry["value"], entry["metrics"], entry["seconds"])
-        else:
+        trials = self.study.get_trials(deepcopy=False)
+        now = time.time()
+        gone = [t for t in trials if t.state == TrialState.RUNNING and journal.stale(t, now)]
+        for trial in gone:
+            journal.fail_trial(self.study, trial, self.retry, "its worker is gone (killed, or no beat for "
+                               f"{journal.GRACE_SECONDS:g} s)")
+        if gone:
+            trials = self.study.get_trials(deepcopy=False)
+        for entry in journal.entries(trials, self.where):
+            if entry["trial"] in self.shown:
+                continue
+            self.shown.add(entry["trial"])
+            if entry["feasible"] and not entry["cached"] and self.setup.evaluator is not None:
+                self.setup.evaluator.cache.setdefault(entry["key"], Score(entry["value"], entry["metrics"], entry["seconds"]))
+            if self.on_entry:
+                self.on_entry(entry)
+        return trials
+
+    def out_of_time(self, completed: int) -> bool:
+        """Past --minutes, once the study holds at least one evaluation (a search never ends
+        with nothing to rank because of --minutes alone)."""
+        return completed >= 1 and self.deadline is not None and time.monotonic() > self.deadline
+
+    def evaluate(self, trial, candidate: Candidate, x) -> float:
+        """Score `trial`'s candidate and tell the study; the trial is failed (and queued again
+        where the optimizer allows) if anything, an interrupt included, stops it."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            trial.set_user_attr("dus_worker", journal.me())
             missing = self.setup.space.missing(candidate) if self.setup.space else []
             if missing:
-                entry = entry_for(index, x, candidate, INFEASIBLE + len(missing), {}, 0.0, False, missing)
+                value, record = INFEASIBLE + len(missing), record_for(x, candidate, {}, 0.0, False, missing)
             else:
-                score, cached = self.setup.evaluator(candidate)
-                entry = entry_for(index, x, candidate, score.value, score.metrics, 0.0 if cached else score.seconds, cached, [])
-            self.journal.append(entry)
-        self.history.append(entry)
-        if self.on_entry:
-            self.on_entry(entry)
-        return entry["value"]
+                with journal.heartbeat(trial):
+                    score, cached = self.setup.evaluator(candidate)
+                value = score.value
+                record = record_for(x, candidate, score.metrics, 0.0 if cached else score.seconds, cached, [])
+            try:
+                trial.set_user_attr("path", candidate.describe(self.setup.names))
+                trial.set_user_attr("dus", record)
+                self.study.tell(trial, value)
+            except UpdateFinishedTrialError:
+                self.dropped += 1  # failed by another worker meanwhile, and queued again there
+        except BaseException:
+            journal.fail_trial(self.study, trial, self.retry, "its worker stopped scoring it (an error or an interrupt)")
+            raise
+        return value
+
+    def wait(self) -> None:
+        """Other workers hold the last trials: wait for them to finish (or to be found gone)."""
+        time.sleep(1.0)
 
 
-def run_optimizer(setup: Setup, options: SearchOptions, loop: Loop) -> None:
-    from dus.search.optimizers import make_optimizer
+def _counts(trials) -> tuple[int, int, int]:
+    from optuna.trial import TrialState
 
-    optimizer = make_optimizer(options.optimizer, setup.space.centre(), options.seed, options.population)
-    while not loop.done:
+    states = [t.state for t in trials]
+    return states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+
+
+def run_sampled(worker: Worker) -> None:
+    """tpe and random: ask the study until it holds the budget (or --minutes pass)."""
+    from optuna.distributions import FloatDistribution
+
+    space = worker.setup.space
+    distributions = {f"g{i}": FloatDistribution(0.0, 1.0) for i in range(space.dimension)}
+    while True:
+        complete, running, _ = _counts(worker.sync())
+        if complete >= worker.total or worker.out_of_time(complete):
+            return
+        if complete + running >= worker.total:
+            worker.wait()
+            continue
+        trial = worker.study.ask(distributions)
+        x = [trial.params[f"g{i}"] for i in range(space.dimension)]
+        worker.evaluate(trial, space.decode(x), x)
+
+
+def run_cma(worker: Worker) -> None:
+    """CMA-ES in this process: the study's completed trials are replayed through it (each
+    vector checked against what it asks), then each new vector is a trial with fixed
+    parameters. A partial generation is never told: a resumed search asks it again."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from dus.search.optimizers import CmaOptimizer
+
+    setup, study, where = worker.setup, worker.study, worker.where
+    space = setup.space
+    trials = worker.sync()
+    others = [t for t in trials if t.state == TrialState.RUNNING]
+    if others:
+        owner = others[0].user_attrs.get("dus_worker") or {}
+        raise DusError(f"{where}: another worker ({owner.get('host', '?')} pid {owner.get('pid', '?')}) is searching this "
+                       "study, and --optimizer cma runs in one worker; wait for it to finish, or stop it")
+    for trial in trials:
+        if trial.state == TrialState.WAITING:  # queued by a cma worker killed before it asked it: asked again below
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    replay = journal.entries(trials, where)
+    distributions = {f"g{i}": FloatDistribution(0.0, 1.0) for i in range(space.dimension)}
+    optimizer = CmaOptimizer(space.centre(), worker.options.seed, worker.options.population)
+    done = 0
+    while True:
         xs = optimizer.ask()
         values = []
         for x in xs:
-            if loop.done:
-                return  # a partial generation is never told: a resumed search asks it again
-            values.append(loop.evaluate(setup.space.decode(x), x))
+            candidate = space.decode(x)
+            if done < len(replay):
+                entry = replay[done]
+                if entry["x"] != x or entry["key"] != candidate.key():
+                    raise DusError(f"{where}: trial {entry['trial']} does not match this search's candidate {done}; it was "
+                                   "written by another version or settings: choose a new -o directory")
+                values.append(entry["value"])
+            else:
+                if done >= worker.total or worker.out_of_time(done):
+                    return
+                study.enqueue_trial({f"g{i}": min(1.0, max(0.0, v)) for i, v in enumerate(x)}, user_attrs={"dus_queued": "cma"})
+                values.append(worker.evaluate(study.ask(distributions), candidate, x))
+                worker.sync()
+            done += 1
         optimizer.tell(xs, values)
 
 
-def run_grafts(setup: Setup, loop: Loop) -> None:
-    if len(loop.replay) < len(setup.grafts):  # the base's own path first: each graft then runs from its start on
-        base = setup.grafts[0].segments[-1]
-        setup.evaluator.warm(canonical([Segment(base.model, 0, base.end)]))
-    for candidate in setup.grafts:
-        if loop.out_of_time:
+def run_grafts(worker: Worker) -> None:
+    """Every graft once: each is a queued trial with its index, taken by whichever worker
+    asks first; a graft whose trial failed is queued again."""
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState
+
+    setup, study = worker.setup, worker.study
+    distributions = {"graft": IntDistribution(0, len(setup.grafts) - 1)}
+    warmed = False
+    while True:
+        trials = worker.sync()
+        complete, running, waiting = _counts(trials)
+        if worker.out_of_time(complete):
             return
-        loop.evaluate(candidate)
+        held = {t.system_attrs.get("fixed_params", t.params).get("graft") for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+        missing = [i for i in range(len(setup.grafts)) if i not in held]
+        for index in missing:
+            study.enqueue_trial({"graft": index}, user_attrs={"dus_queued": "graft"})
+        if not waiting and not missing:
+            if not running:
+                return
+            worker.wait()
+            continue
+        if not warmed:  # the base's own path first: each graft then runs from its start on
+            base = setup.grafts[0].segments[-1]
+            setup.evaluator.warm(canonical([Segment(base.model, 0, base.end)]))
+            warmed = True
+        trial = study.ask(distributions)
+        if trial.user_attrs.get("dus_queued") != "graft":  # another worker took the last queued graft first
+            journal.fail_trial(study, trial, False, "sampled after the queue of grafts emptied; not a graft")
+            continue
+        worker.evaluate(trial, setup.grafts[trial.params["graft"]], None)
+
+
+def start_trials(setup: Setup, options: SearchOptions) -> list:
+    """What a new study queues first: the centre of the space for tpe and random."""
+    if setup.space is None or options.optimizer == "cma":
+        return []
+    return [({f"g{i}": v for i, v in enumerate(setup.space.centre())}, {"dus_queued": "start"})]
+
+
+def work(setup: Setup, options: SearchOptions, storage, where: str, total: int, on_entry=None) -> Worker:
+    """Be one worker of the search: make or join its study and search until it is done."""
+    from dus.search.optimizers import make_sampler
+
+    sampler = make_sampler(options.optimizer if setup.space is not None else "graft", options.seed)
+    study, _ = journal.open_study(storage, setup.settings, where, sampler, start_trials(setup, options))
+    worker = Worker(setup, options, study, where, total, on_entry)
+    if options.graft:
+        run_grafts(worker)
+    elif options.optimizer == "cma":
+        run_cma(worker)
+    else:
+        run_sampled(worker)
+    return worker
+
+
+def work_alone(models: list, options: SearchOptions) -> None:
+    """A worker process of `--workers N`: check, load, join the study, search; leave this
+    process's prefix-cache counts on the study for the results."""
+    setup = prepare(models, options)
+    load(setup, options)
+    storage = journal.open_storage(options.output, options.storage, create=True)
+    where = journal.describe_storage(options.output, options.storage)
+    total = len(setup.grafts) if options.graft else options.evals
+    worker = work(setup, options, storage, where, total)
+    prefix = getattr(setup.evaluator, "prefix", None)
+    host, pid = journal.me().values()
+    worker.study.set_user_attr(f"dus_prefix_cache:{host}:{pid}", prefix.stats() if prefix else None)
 
 
 def search(models: list, options: SearchOptions, console=None) -> dict | None:
-    """Run (or continue) a search; returns the result written to search.json, or None for --dry-run."""
+    """Run (or continue, or join) a search; returns the result written to search.json, or
+    None for --dry-run."""
     from rich.console import Console
 
     from dus.search import report
@@ -356,23 +511,40 @@ def search(models: list, options: SearchOptions, console=None) -> dict | None:
     if options.dry_run:
         report.print_space(Console(), setup)
         return None
-    read_journal(options.output, None)  # refuse a directory that is not a search's before loading anything
-    load(setup, options)
-    replay = read_journal(options.output, setup.settings)  # the settings are complete now (tokens, window)
-    journal = Journal(options.output, setup.settings, replay)
+    # refuse a directory that is not a search's, and a database that cannot be opened, before loading anything
+    journal.check_output(options.output, options.storage)
+    where = journal.describe_storage(options.output, options.storage)
+    storage = journal.open_storage(options.output, options.storage, create=False)
+    several = options.workers > 1
+    load(setup, options, sources=not several)
+    if options.storage is not None:
+        journal.check_results(options.output, setup.settings)
     total = len(setup.grafts) if options.graft else options.evals
-    if replay and len(replay) >= total and not options.graft:
-        console.print(f"{options.output}: the journal already holds {len(replay)} evaluations; writing the results")
-    with report.progress(console, total, options.progress) as tick:
-        loop = Loop(setup, journal, replay, total, options.minutes, tick)
+    done = 0
+    if storage is not None and journal.stored_settings(storage, where, setup.settings):  # the settings are complete now
+        done = len(journal.entries(journal.study_trials(storage), where))
+    if done >= total:
+        console.print(f"{where}: the study already holds {done} evaluations; writing the results")
+    else:
+        journal.clear_results(options.output)
+    made = journal.made_by_now(options.output, options.storage)
+    storage = journal.open_storage(options.output, options.storage, create=True) if options.storage is None else storage
+    prefix = None
+    if done < total:
         try:
-            if options.graft:
-                run_grafts(setup, loop)
-            else:
-                run_optimizer(setup, options, loop)
-        finally:
-            journal.close()
-    result = report.result(setup, options, loop.history)
+            with report.progress(console, total, options.progress) as tick:
+                if several:
+                    from dus.search import workers
+
+                    prefix = workers.run(models, options, storage, where, total, tick, console)
+                else:
+                    work(setup, options, storage, where, total, tick)
+                    prefix = setup.evaluator.prefix.stats() if setup.evaluator.prefix else None
+        except DusError:
+            made.undo(storage)  # an error before the first evaluation leaves nothing behind, as bad input does
+            raise
+    history = journal.entries(journal.study_trials(storage), where)
+    result = report.result(setup, options, history, prefix)
     if options.wandb:
         result["wandb"] = report.log_wandb(options.output, setup, result)
     report.write(options.output, setup, result, options.top)
