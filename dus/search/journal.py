@@ -258,7 +258,7 @@ def _open_database(url: str):
 # --- the study ------------------------------------------------------------------------
 
 
-def stored_settings(storage, where: str, settings: dict | None, wait: float = SETTINGS_WAIT) -> bool:
+def stored_settings(storage, where: str, settings: dict | None, wait: float | None = None) -> bool:
     """Whether the storage holds the search's study; refuse one of other settings (or one
     dus did not make). A study found without its settings is waited for a moment: its
     creator records them right after creating it."""
@@ -266,7 +266,7 @@ def stored_settings(storage, where: str, settings: dict | None, wait: float = SE
         study_id = storage.get_study_id_from_name(STUDY_NAME)
     except KeyError:
         return False
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + (SETTINGS_WAIT if wait is None else wait)
     while True:
         record = storage.get_study_user_attrs(study_id).get("dus")
         if record is not None or time.monotonic() > deadline:
