@@ -25,7 +25,7 @@ def search(
     keep: Optional[str] = typer.Option(None, "--keep", help="Source layers every path must contain, e.g. 0,1,28:30."),
     max_params: Optional[str] = typer.Option(None, "--max-params", help="Parameter budget of the output model, e.g. 200M."),
     optimizer: str = typer.Option("tpe", "--optimizer", help="tpe (optuna's TPE; ahead of CMA-ES on a 120-evaluation budget, see docs/search.md) | cma (CMA-ES) | random."),
-    population: Optional[int] = typer.Option(None, "--population", help="Candidates per generation (default: the optimizer's)."),
+    population: Optional[int] = typer.Option(None, "--population", help="CMA-ES's candidates per generation (cma only; default 4 + 3 ln genes). tpe and random ask one trial at a time per worker."),
     evals: int = typer.Option(100, "--evals", help="Evaluations to run (cached repeats count)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Also stop after this many minutes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the optimizer: the same seed gives the same search."),
