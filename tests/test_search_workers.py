@@ -221,6 +221,8 @@ def test_a_storage_url_is_shared_and_a_study_of_other_settings_is_refused(settin
     ("cma-workers", "--optimizer cma runs in one worker (the cma package's CMA-ES is told each generation in order); "
                     "use --workers 1, or --optimizer tpe or random for --workers 2"),
     ("no-workers", "--workers 0: give at least 1 worker process"),
+    ("earlier-journal", "holds the journal.jsonl of a search by an earlier dus (before searches were Optuna studies)"),
+    ("results-elsewhere", "holds the results of a search whose study is in a database (--storage); give that --storage"),
 ])
 def test_bad_storage_or_workers_get_one_line_and_write_nothing(case, message, setting, tmp_path, run_cli):
     model, score, _ = setting
@@ -232,12 +234,18 @@ def test_bad_storage_or_workers_get_one_line_and_write_nothing(case, message, se
         "unreachable-server": ["--storage", "postgresql://user:secret@127.0.0.1:9/db"],
         "cma-workers": ["--optimizer", "cma", "--workers", "2"],
         "no-workers": ["--workers", "0"],
+        "earlier-journal": [],
+        "results-elsewhere": [],
     }[case]
+    if case in ("earlier-journal", "results-elsewhere"):
+        out.mkdir()
+        (out / ("journal.jsonl" if case == "earlier-journal" else "search.json")).write_text("{}\n")
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     line = one_line(run_cli(*args(model, score, out, 3, *more)))
     assert message in line and "secret" not in line  # a password is never printed
     if case == "unreachable-server":  # no driver here, or no server: either way one line saying which
         assert "driver is not installed" in line or "cannot open the database" in line
-    assert not out.exists()
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
 
 
 def test_a_foreign_journal_in_the_directory_is_refused(setting, tmp_path, run_cli):
