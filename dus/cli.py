@@ -3,7 +3,9 @@
 Each subcommand lives in its own module under `dus/commands/` and exposes
 `register(app)`; this file only discovers them, so adding a command touches one file.
 Heavy libraries (torch, transformers, trl) are imported inside the commands, keeping
-`dus --help` fast.
+`dus --help` fast. A plain `dus build` (the options written out, nothing for click to
+resolve) does not even build the typer app: its arguments are read here and the same
+command runs (dus.commands.build.run), a small build's start-up being mostly imports.
 """
 
 from __future__ import annotations
@@ -12,22 +14,38 @@ import errno
 import importlib
 import os
 import pkgutil
+import re
 import sys
-
-import typer
 
 from dus.errors import DusError
 
-app = typer.Typer(
-    name="dus",
-    help="Depth up-scaling for Hugging Face decoder-only models: build, heal, compare.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+_APP = None
 
 
-def _register_commands() -> None:
+def _app():
+    """The typer app with every command registered (typer and its imports only now)."""
+    global _APP
+    if _APP is None:
+        import typer
+
+        _APP = typer.Typer(
+            name="dus",
+            help="Depth up-scaling for Hugging Face decoder-only models: build, heal, compare.",
+            no_args_is_help=True,
+            add_completion=False,
+            pretty_exceptions_enable=False,
+        )
+        _register_commands(_APP)
+    return _APP
+
+
+def __getattr__(name: str):
+    if name == "app":  # `from dus.cli import app`, as before
+        return _app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_commands(app) -> None:
     import dus.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -35,7 +53,66 @@ def _register_commands() -> None:
         module.register(app)
 
 
-_register_commands()
+# `dus build`'s options that the fast path reads: option -> (parameter, takes a value)
+_BUILD_OPTIONS = {
+    "-o": ("output", True), "--output": ("output", True), "--solar": ("solar", True), "--trim": ("trim", True),
+    "--force": ("force", False), "--shard-size": ("shard_size", True), "--dtype": ("dtype", True),
+    "--dry-run": ("dry_run", False), "--quiet": ("quiet", False), "-q": ("quiet", False),
+}
+
+
+def _plain_build(argv: list[str]) -> dict | None:
+    """The arguments of `dus build` when the command line is plain: known options, each at
+    most once, `--opt VALUE` or `--opt=VALUE` with a value that is not empty and does not
+    start with '-', --trim in digits, at most one RECIPE. Anything else (help, an unknown
+    or repeated option, a value click would have to judge) is None: typer parses it,
+    with its messages."""
+    if not argv or argv[0] != "build":
+        return None
+    values: dict = {}
+    recipe = None
+    rest = argv[1:]
+    index = 0
+    while index < len(rest):
+        token = rest[index]
+        index += 1
+        if not token or token == "-":
+            return None
+        if not token.startswith("-"):
+            if recipe is not None:
+                return None
+            recipe = token
+            continue
+        name, equals, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in _BUILD_OPTIONS:
+            return None
+        parameter, takes_value = _BUILD_OPTIONS[name]
+        if parameter in values:
+            return None
+        if takes_value:
+            if not equals:
+                if index >= len(rest):
+                    return None
+                value = rest[index]
+                index += 1
+            if not value or value.startswith("-"):
+                return None
+            values[parameter] = value
+        elif equals:
+            return None
+        else:
+            values[parameter] = True
+    if "trim" in values:
+        if not re.fullmatch(r"[0-9]{1,9}", values["trim"]):
+            return None
+        values["trim"] = int(values["trim"])
+    from pathlib import Path
+
+    if recipe is not None:
+        values["recipe"] = Path(recipe)
+    if "output" in values:
+        values["output"] = Path(values["output"])
+    return values
 
 
 ERRNO_FIXES = {
@@ -83,6 +160,49 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DUS_DEBUG") == "1"
     argv = [arg for arg in argv if arg != "--debug"]
+    plain = _plain_build(argv)
+    try:
+        if plain is not None:
+            _run_plain_build(plain)
+            return
+        _run_typer(argv)
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"dus: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_plain_build(arguments: dict) -> None:
+    """dus build, ended as typer ends a command: Ctrl-C is exit 130, end of input
+    "Aborted!", a closed stdout a quiet exit 1."""
+    from dus.commands.build import run
+
+    try:
+        run(**arguments)
+    except EOFError:
+        print(file=sys.stderr)
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as error:
+        if error.errno != errno.EPIPE:
+            raise
+        try:
+            from typer._click.utils import PacifyFlushWrapper
+        except ImportError:  # typer built on the click package
+            from click.utils import PacifyFlushWrapper
+
+        sys.stdout = PacifyFlushWrapper(sys.stdout)
+        sys.stderr = PacifyFlushWrapper(sys.stderr)
+        sys.exit(1)
+
+
+def _run_typer(argv: list[str]) -> None:
+    import typer
+
+    app = _app()
     clicks = _click_exceptions()
     no_args = getattr(clicks, "NoArgsIsHelpError", ())
     try:
@@ -96,11 +216,6 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("Aborted!", file=sys.stderr)
         sys.exit(1)
-    except _user_errors() as error:
-        if debug:
-            raise
-        print(f"dus: error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
     if isinstance(code, int) and code:  # click's Exit(code), returned when not standalone
         sys.exit(code)
 

@@ -7,23 +7,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import typer
-
 from dus.errors import DusError
 
 
-def build(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (mergekit passthrough or a dus preset)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output model directory."),
-    solar: Optional[str] = typer.Option(None, "--solar", help="Shortcut: SOLAR build of this model directory."),
-    trim: int = typer.Option(None, "--trim", help="With --solar: layers dropped from each copy (SOLAR used n/4)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard, like 5GB or 500MB."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); overrides the recipe."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan and write nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (shown only on a terminal) or summary."),
+def run(
+    recipe: Optional[Path] = None,
+    output: Optional[Path] = None,
+    solar: Optional[str] = None,
+    trim: Optional[int] = None,
+    force: bool = False,
+    shard_size: str = "5GB",
+    dtype: Optional[str] = None,
+    dry_run: bool = False,
+    quiet: bool = False,
 ) -> None:
-    """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
+    """`dus build` itself, with its arguments parsed (by typer, or by dus.cli for a plain
+    command line, without importing typer)."""
     from dus.build import build_model
     from dus.recipe import dtype_name, load_recipe
 
@@ -83,5 +82,21 @@ def print_plan(plan, console) -> None:
         console.print(f"note: {note}")
 
 
-def register(app: typer.Typer) -> None:
+def register(app) -> None:
+    import typer
+
+    def build(
+        recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (mergekit passthrough or a dus preset)."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output model directory."),
+        solar: Optional[str] = typer.Option(None, "--solar", help="Shortcut: SOLAR build of this model directory."),
+        trim: int = typer.Option(None, "--trim", help="With --solar: layers dropped from each copy (SOLAR used n/4)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard, like 5GB or 500MB."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); overrides the recipe."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan and write nothing."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (shown only on a terminal) or summary."),
+    ) -> None:
+        """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
+        run(recipe, output, solar, trim, force, shard_size, dtype, dry_run, quiet)
+
     app.command("build")(build)
