@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
 from dus.hashing import sha256_file
-from dus.manifest import Manifest, build_manifest, model_card, write_manifest
 from dus.plan import LayerPlan
 from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
@@ -27,6 +27,9 @@ from dus.safetensors_io import parse_size
 from dus.sources import SourceModel, read_license
 from dus.tokenizer_check import check_tokenizer_file, check_tokenizer_files
 from dus.writer import layout, write_shards
+
+if TYPE_CHECKING:
+    from dus.manifest import Manifest
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -86,6 +89,7 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         checks = [config_future]
         if tokenizer_json.is_file():  # a damaged one stops the build before anything is at the output
             checks.append(helpers.submit(check_tokenizer_file, tokenizer_json))
+        helpers.submit(_import_manifest)  # written after the copy; its imports (yaml) go beside it
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
             with _progress_bar(total, show_progress) as advance:
@@ -117,6 +121,8 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
             }
             for name, source in sources.items()
         }
+    from dus.manifest import build_manifest, model_card, write_manifest
+
     manifest = build_manifest(
         recipe.raw, str(recipe.source_file) if recipe.source_file else None, plan, config, source_records,
         output_files, warnings,
@@ -124,6 +130,10 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     write_manifest(manifest, directory)
     (directory / "README.md").write_text(model_card(manifest, plan))
     return manifest, total
+
+
+def _import_manifest() -> None:
+    import dus.manifest  # noqa: F401
 
 
 def _stop_on_error(futures, advance):

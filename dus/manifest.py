@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from dus import __version__
 from dus.cards import card_text
 from dus.checkpoint import read_json
@@ -195,6 +193,8 @@ def _span(a: int, b: int) -> str:
 
 
 def model_card(manifest: Manifest, plan: LayerPlan) -> str:
+    import yaml
+
     licenses = sorted({source["license"] for source in manifest.sources.values()})
     license_id = licenses[0] if len(licenses) == 1 and licenses[0] != "unknown" else "other"
     lines: list[str] = []

@@ -6,9 +6,8 @@ user with a 40-line recipe does not have to hunt for the mistake.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
-
-import yaml
 
 from dus.errors import DusError, read_user_text
 
@@ -35,10 +34,6 @@ def _mark(loader, node) -> str:
     return f"{loader.source_name}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
 
 
-class _Loader(yaml.SafeLoader):
-    source_name = "<recipe>"
-
-
 def _construct_mapping(loader, node):
     loader.flatten_mapping(node)
     result = LocatedDict()
@@ -63,8 +58,18 @@ def _construct_sequence(loader, node):
     return result
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+@lru_cache(maxsize=None)
+def _loader_class():
+    """yaml's SafeLoader building located values (yaml is imported on the first recipe
+    file read: a build from a preset given on the command line never needs it)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        source_name = "<recipe>"
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+    return _Loader
 
 
 # A recipe is a few hundred lines; these bounds refuse what would only exhaust memory or
@@ -77,6 +82,8 @@ MAX_DEPTH = 50
 def _check_bounds(node, source_name: str) -> None:
     """The values the document expands to (aliases counted at every use) and its depth,
     computed once per node, before anything is constructed."""
+    import yaml
+
     sizes: dict[int, tuple[int, int]] = {}
 
     def measure(current, seen) -> tuple[int, int]:
@@ -111,7 +118,9 @@ def load_located(text: str, source_name: str = "<recipe>"):
     too large or too deep once its aliases are expanded, is a DusError."""
     if len(text) > MAX_BYTES:
         raise DusError(f"{source_name}: {len(text):,} characters is not a recipe (at most {MAX_BYTES:,})")
-    loader = type("Loader", (_Loader,), {"source_name": source_name})(text)
+    import yaml
+
+    loader = type("Loader", (_loader_class(),), {"source_name": source_name})(text)
     try:
         node = loader.get_single_node()
         if node is None:
