@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HASH_BUFFER = 1 << 20
 _lock = threading.Lock()
 
 
@@ -59,9 +60,13 @@ def sha256_file(path: Path) -> str:
     if cached:
         return cached
     digest = hashlib.sha256()
+    # One buffer, reused: 1 MiB stays in the core's cache between the read that fills it
+    # and the hash that reads it (a new 16 MiB bytes per read went through memory twice).
+    buffer = bytearray(HASH_BUFFER)
+    view = memoryview(buffer)
     with open(real, "rb", buffering=0) as handle:
-        while chunk := handle.read(16 << 20):
-            digest.update(chunk)
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
     result = digest.hexdigest()
     _store(key, result)
     return result
