@@ -82,14 +82,18 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     total = sum(tensor.nbytes for tensor in tensors)
     used = _files_read(plan, sources)
     with ThreadPoolExecutor(max_workers=2) as helpers:
-        # While the kernel copies: the config is rewritten (importing transformers and torch
-        # for it takes seconds, most of a small build), and the sources are hashed.
+        # While the kernel copies: the config is rewritten, tokenizer.json is parsed (a
+        # damaged one stops the build before anything is at the output) and copied with
+        # the other tokenizer files, the sources' records for the manifest are gathered
+        # (licenses: model cards' YAML), and the sources are hashed.
         config_future = helpers.submit(output_config, plan, sources)
         tokenizer_json = sources[plan.tokenizer_from].path / "tokenizer.json"
         checks = [config_future]
-        if tokenizer_json.is_file():  # a damaged one stops the build before anything is at the output
+        if tokenizer_json.is_file():
             checks.append(helpers.submit(check_tokenizer_file, tokenizer_json))
-        helpers.submit(_import_manifest)  # written after the copy; its imports (yaml) go beside it
+        checks.append(helpers.submit(_copy_tokenizer, sources[plan.tokenizer_from].path, directory))
+        records_future = helpers.submit(_source_records, sources, directory)
+        checks.append(records_future)
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
             with _progress_bar(total, show_progress) as advance:
@@ -103,24 +107,11 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
             raise
         plan.notes.extend(config_notes)
         write_config(config, directory, validate=has_layer_fields(config, sources[plan.config_from]))
-        _copy_tokenizer(sources[plan.tokenizer_from].path, directory)
-        source_records = {
-            name: {
-                "path": str(source.path),
-                # found again from the model's own place, wherever a later command runs
-                "from_output": os.path.relpath(source.path.resolve(), directory.resolve()),
-                "absolute": str(source.path.resolve()),
-                "architecture": (source.config.get("architectures") or ["?"])[0],
-                "model_type": source.model_type,
-                "num_layers": source.num_layers,
-                "license": read_license(source.path),
-                "files": {
-                    str(path.relative_to(source.path)): digests[path].result()
-                    for path in used if path.parent == source.path
-                },
+        source_records = records_future.result()
+        for name, source in sources.items():
+            source_records[name]["files"] = {
+                str(path.relative_to(source.path)): digests[path].result() for path in used if path.parent == source.path
             }
-            for name, source in sources.items()
-        }
     from dus.manifest import build_manifest, model_card, write_manifest
 
     manifest = build_manifest(
@@ -132,8 +123,23 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     return manifest, total
 
 
-def _import_manifest() -> None:
-    import dus.manifest  # noqa: F401
+def _source_records(sources: dict[str, SourceModel], directory: Path) -> dict[str, dict]:
+    """What the manifest says of each source, but its files' sha256 (added after the copy)."""
+    import dus.manifest  # noqa: F401  (imported here, beside the copy: it writes the manifest after it)
+
+    return {
+        name: {
+            "path": str(source.path),
+            # found again from the model's own place, wherever a later command runs
+            "from_output": os.path.relpath(source.path.resolve(), directory.resolve()),
+            "absolute": str(source.path.resolve()),
+            "architecture": (source.config.get("architectures") or ["?"])[0],
+            "model_type": source.model_type,
+            "num_layers": source.num_layers,
+            "license": read_license(source.path),
+        }
+        for name, source in sources.items()
+    }
 
 
 def _stop_on_error(futures, advance):
