@@ -331,7 +331,7 @@ def teacher_pairs(args) -> None:
     runs = {"one teacher": [], "two teachers": []}
     for pair in range(args.pairs):
         for name, teachers in (("one teacher", parents[:1]), ("two teachers", parents)):
-            spec = {**heal_spec(args, stack, name.replace(" ", "-")), "teachers": teachers}
+            spec = {**heal_spec(args, stack, name.replace(" ", "-")), "teachers": teachers, "in_memory": True}
             result = run_child(spec, args.threads)
             runs[name].append(result)
             print(f"pair {pair} {name}: peak {result['peak_rss_mb']:.0f} MB, step {result['step_s']:.2f} s", flush=True)
