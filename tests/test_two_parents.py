@@ -205,7 +205,7 @@ def test_a_stack_of_two_parents_is_taught_by_both(family, tmp_path):
     result = stack_heal(family, tmp_path / "ensemble")
     record = result.record
     assert [t["name"].rsplit("/", 1)[-1] for t in record["teachers"]] == ["A", "B"]
-    assert record["teacher_rule"] == {"rule": "ensemble", "average": "prob", "weights": None}
+    assert record["teacher_rule"] == {"rule": "ensemble", "average": "logprob", "weights": None}
     assert record["in_memory"] is True and math.isfinite(result.final_loss)
     one = stack_heal(family, tmp_path / "one", teacher=[str(family / "A")])
     assert [t["name"].rsplit("/", 1)[-1] for t in one.record["teachers"]] == ["A"]
