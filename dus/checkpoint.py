@@ -320,15 +320,20 @@ def atomic_directory(output: Path, replaceable):
 def _remove_stale_temporaries(output: Path) -> None:
     for candidate in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
         pid_text = candidate.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """A process of this host that runs (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2] != "Z"
+    except (OSError, IndexError):
+        return True

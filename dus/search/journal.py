@@ -44,6 +44,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dus.checkpoint import process_alive
 from dus.errors import DusError
 
 STUDY_NAME = "dus-search"
@@ -358,21 +359,6 @@ def me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def pid_alive(pid: int) -> bool:
-    """A process of this host that runs (a zombie, killed and not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rfind(")") + 2] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def stale(trial, now: float) -> bool:
     """A running trial whose worker is gone: a dead process on this host (or this process,
     which asks only when it holds no trial), or no beat for GRACE_SECONDS (its last beat,
@@ -381,7 +367,7 @@ def stale(trial, now: float) -> bool:
     if isinstance(owner, dict) and owner.get("host") == socket.gethostname():
         if owner.get("pid") == os.getpid():
             return True  # asked by an earlier search of this process, which stopped (a worker syncs between its trials only)
-        if isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
+        if isinstance(owner.get("pid"), int) and not process_alive(owner["pid"]):
             return True
     beat = trial.user_attrs.get("dus_beat")
     if not isinstance(beat, (int, float)):
