@@ -25,6 +25,7 @@ from dus.safetensors_io import (
     TensorInfo,
     copy_range,
     encode_header,
+    preallocate,
     read_tensor,
     tensor_bytes,
     tensor_nbytes,
@@ -160,12 +161,17 @@ def write_shards(tensors: list[OutputTensor], directory: Path, max_bytes: int, p
 
 
 def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int], progress) -> None:
-    header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], {"format": "pt"})
+    runs = _runs(group)
+    header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], {"format": "pt"},
+                           data_start=_aligned_start(runs))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        data_bytes = sum(tensor.nbytes for tensor in group)
+        if data_bytes >= PREALLOCATE_AT_LEAST:
+            preallocate(fd, len(header) + data_bytes)
         os.write(fd, header)
         offset = len(header)
-        for run in _runs(group):
+        for run in runs:
             first = run[0]
             nbytes = sum(tensor.nbytes for tensor in run)
             if first.is_byte_copy:
@@ -188,6 +194,32 @@ def _write_one(path: Path, group: list[OutputTensor], source_fds: dict[Path, int
                 progress(nbytes)
     finally:
         os.close(fd)
+
+
+ALIGN_MODULUS = 4096  # the block of most filesystems: what a reflink needs
+ALIGN_AT_LEAST = 1 << 24  # pad the header (by < 4 KiB) only for at least 16 MiB of byte copies so aligned
+PREALLOCATE_AT_LEAST = 1 << 24  # shards this large have their blocks reserved before the copy
+
+
+def _aligned_start(runs: list[list[OutputTensor]]) -> tuple[int, int] | None:
+    """Where (modulo 4 KiB) the shard's data should start so that the most bytes copied
+    from sources sit at the same offset modulo the block size in the output as in their
+    source: a filesystem with reflinks (Btrfs, XFS) then shares those blocks instead of
+    copying them. None (the header as short as it can be, the layout of small shards
+    unchanged) when that aligns under 16 MiB."""
+    aligned: dict[int, int] = {}
+    offset = 0
+    for run in runs:
+        nbytes = sum(tensor.nbytes for tensor in run)
+        if run[0].is_byte_copy:
+            residue = (run[0].source.start - offset) % ALIGN_MODULUS
+            if residue % 8 == 0:
+                aligned[residue] = aligned.get(residue, 0) + nbytes
+        offset += nbytes
+    if not aligned:
+        return None
+    residue, nbytes = max(aligned.items(), key=lambda item: (item[1], -item[0]))
+    return (residue, ALIGN_MODULUS) if nbytes >= ALIGN_AT_LEAST else None
 
 
 def _runs(group: list[OutputTensor]) -> list[list[OutputTensor]]:

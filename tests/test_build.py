@@ -235,3 +235,141 @@ def test_manifest_reads_back_typed_and_version_1_still_reads(tiny_models, tmp_pa
         with pytest.raises(DusError, match=expected) as error:
             read_manifest(out)
         assert "\n" not in str(error.value) and "dus-manifest.json" in str(error.value)
+
+
+def _copy_with(tmp_path, monkeypatch, src_offset, dst_offset, length, calls):
+    """copy_range of `length` random bytes from src_offset of one file to dst_offset of
+    another (after a prefix of ones), counting the kernel calls made."""
+    import os
+
+    import dus.safetensors_io as io
+
+    data = os.urandom(src_offset + length + 4096)
+    source, output = tmp_path / "source.bin", tmp_path / "output.bin"
+    source.write_bytes(data)
+    output.write_bytes(b"\1" * dst_offset)
+    for name in ("copy_file_range", "splice"):
+        real = getattr(os, name, None)
+        if real is not None:
+            def counted(*args, _real=real, _name=name, **kwargs):
+                calls.append(_name)
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(os, name, counted)
+    src_fd, dst_fd = os.open(source, os.O_RDONLY), os.open(output, os.O_WRONLY)
+    try:
+        io.copy_range(src_fd, src_offset, dst_fd, dst_offset, length)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    assert output.read_bytes() == b"\1" * dst_offset + data[src_offset:src_offset + length]
+
+
+@pytest.mark.parametrize("src_offset, dst_offset, kernel_call", [
+    (1704, 1704 + 65536, "copy_file_range"),  # offsets agree modulo 64 KiB: one copy_file_range
+    (1704, 3528, "splice"),  # they do not: spliced through the pipe, 1 MiB a step
+    (0, 8, "splice"),
+])
+def test_copy_range_moves_the_same_bytes_each_way(src_offset, dst_offset, kernel_call, tmp_path, monkeypatch):
+    import os
+
+    if not hasattr(os, kernel_call):
+        pytest.skip(f"no os.{kernel_call} here")
+    calls: list[str] = []
+    _copy_with(tmp_path, monkeypatch, src_offset, dst_offset, (3 << 20) + 12345, calls)
+    assert calls and set(calls) == {kernel_call}
+
+
+def test_copy_range_without_splice_or_kernel_copy_falls_back(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EINVAL, "not here")
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(os, "splice", unsupported, raising=False)
+    _copy_with(tmp_path / "a", monkeypatch, 1704, 3528, 3 << 20, [])  # by copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", unsupported, raising=False)
+    _copy_with(tmp_path / "b", monkeypatch, 1704, 3528, 3 << 20, [])  # through a buffer
+
+
+def test_copy_range_of_a_truncated_source_is_one_clear_error(tmp_path):
+    import os
+
+    from dus.errors import DusError
+    from dus.safetensors_io import copy_range
+
+    (tmp_path / "source.bin").write_bytes(b"x" * (2 << 20))
+    src_fd = os.open(tmp_path / "source.bin", os.O_RDONLY)
+    dst_fd = os.open(tmp_path / "output.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(DusError, match="shorter than its safetensors header says"):
+            copy_range(src_fd, 100, dst_fd, 7, 3 << 20)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def test_large_shards_start_their_data_aligned_with_the_source(tiny_models, tmp_path, monkeypatch):
+    """A shard with enough byte copies pads its header (spaces, < 4 KiB) so that more
+    copied bytes sit at the same offset modulo the 4 KiB block as in their source (a
+    reflink can share them); the tensors are the same and the file still reads."""
+    import dus.writer as writer
+
+    def tensors(path: Path) -> dict[str, tuple[int, bytes]]:
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + length])
+        header.pop("__metadata__", None)
+        return {name: (8 + length + entry["data_offsets"][0],
+                       raw[8 + length + entry["data_offsets"][0]:8 + length + entry["data_offsets"][1]])
+                for name, entry in header.items()}
+
+    def aligned_bytes(output: Path) -> int:
+        where = {data: start for start, data in tensors(source_dir / "model.safetensors").values()}
+        return sum(len(data) for start, data in tensors(output).values()
+                   if data in where and (start - where[data]) % 4096 == 0)
+
+    source_dir = tiny_models("llama", num_layers=4)
+    recipe = {"solar": {"model": str(source_dir), "trim": 1}}
+    build_model(recipe, tmp_path / "plain")
+    monkeypatch.setattr(writer, "ALIGN_AT_LEAST", 1)
+    build_model(recipe, tmp_path / "aligned")
+    plain, aligned = tmp_path / "plain" / "model.safetensors", tmp_path / "aligned" / "model.safetensors"
+    assert int.from_bytes(aligned.read_bytes()[:8], "little") % 8 == 0
+    assert 0 < aligned.stat().st_size - plain.stat().st_size < 4096  # spaces at the end of the header
+    assert {n: d for n, (_, d) in tensors(plain).items()} == {n: d for n, (_, d) in tensors(aligned).items()}
+    assert aligned_bytes(aligned) > aligned_bytes(plain)
+    with safe_open(aligned, "pt") as handle:
+        assert len(handle.keys()) == len(tensors(plain))
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DUS_REFLINK_DIR"),
+                    reason="set DUS_REFLINK_DIR to a directory on Btrfs or XFS (reflink=1) to test shared extents")
+def test_copy_range_shares_blocks_on_a_reflink_filesystem(tmp_path, monkeypatch):
+    """On a filesystem with reflinks the block-aligned middle of a copy is shared
+    (FICLONERANGE), the bytes either side are copied; the output reads the same."""
+    import fcntl
+    import os
+    import shutil
+
+    import dus.safetensors_io as io
+
+    where = Path(os.environ["DUS_REFLINK_DIR"]) / f"dus-test-{os.getpid()}"
+    where.mkdir(parents=True)
+    try:
+        clones = []
+        real = fcntl.ioctl
+
+        def ioctl(fd, request, *args):
+            result = real(fd, request, *args)
+            clones.append(request)
+            return result
+
+        monkeypatch.setattr(fcntl, "ioctl", ioctl)
+        calls: list[str] = []
+        _copy_with(where, monkeypatch, 4096 + 100, 8192 + 100, (8 << 20) + 5, calls)  # agree modulo the block
+        assert clones == [io.FICLONERANGE]
+    finally:
+        shutil.rmtree(where)

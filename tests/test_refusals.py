@@ -361,10 +361,12 @@ def _disk_full(*args, **kwargs):
 def test_a_full_disk_during_build_names_the_output_not_the_source(how, space, tmp_path, run_cli, monkeypatch):
     import os
 
-    if how == "kernel copy fails":
+    if how == "kernel copy fails":  # both kernel copies: copy_file_range and splice
         monkeypatch.setattr(os, "copy_file_range", _disk_full, raising=False)
+        monkeypatch.setattr(os, "splice", _disk_full, raising=False)
     else:  # a full destination may answer a kernel copy with 0 bytes, as the end of the source does
         monkeypatch.setattr(os, "copy_file_range", lambda *args: 0, raising=False)
+        monkeypatch.setattr(os, "splice", lambda *args, **kwargs: 0, raising=False)
         monkeypatch.setattr(os, "pwrite", _disk_full)
     out = tmp_path / "models" / "B"
     out.parent.mkdir()
