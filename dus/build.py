@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
-from dus.hashing import sha256_file
+from dus.hashing import checked_before, remember_checked, sha256_file
 from dus.plan import LayerPlan
 from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
@@ -90,13 +90,13 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         tokenizer_json = sources[plan.tokenizer_from].path / "tokenizer.json"
         checks = [config_future]
         if tokenizer_json.is_file():
-            checks.append(helpers.submit(check_tokenizer_file, tokenizer_json))
+            checks.append(helpers.submit(_check_tokenizer_json, tokenizer_json))
         checks.append(helpers.submit(_copy_tokenizer, sources[plan.tokenizer_from].path, directory))
         records_future = helpers.submit(_source_records, sources, directory)
         checks.append(records_future)
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
-            with _progress_bar(total, show_progress) as advance:
+            with _progress_bar(total, show_progress) as advance, _switch_interval(SWITCH_INTERVAL):
                 output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(checks, advance))
             for check in checks[1:]:
                 check.result()
@@ -123,6 +123,16 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     return manifest, total
 
 
+def _check_tokenizer_json(path: Path) -> None:
+    """tokenizer.json parses as a JSON object (else the build stops), parsed once per
+    version of the file: megabytes of JSON parsed in C hold the interpreter's lock for
+    tens of milliseconds, stalling the copy thread beside it."""
+    if checked_before(path, "tokenizer-json"):
+        return
+    check_tokenizer_file(path)
+    remember_checked(path, "tokenizer-json")
+
+
 def _source_records(sources: dict[str, SourceModel], directory: Path) -> dict[str, dict]:
     """What the manifest says of each source, but its files' sha256 (added after the copy)."""
     import dus.manifest  # noqa: F401  (imported here, beside the copy: it writes the manifest after it)
@@ -140,6 +150,24 @@ def _source_records(sources: dict[str, SourceModel], directory: Path) -> dict[st
         }
         for name, source in sources.items()
     }
+
+
+# The copy thread takes the GIL back after each kernel call (two per MiB spliced); while a
+# helper runs Python code it would wait up to the interpreter's 5 ms switch interval each
+# time, copying a MiB per 5 ms for as long as the helper has Python work.
+SWITCH_INTERVAL = 0.0005
+
+
+@contextmanager
+def _switch_interval(seconds: float):
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _stop_on_error(futures, advance):

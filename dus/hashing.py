@@ -1,7 +1,8 @@
 """sha256 of source files, for provenance, without paying for it twice.
 
 Hashes are cached by (path, size, mtime), and a file in the Hugging Face hub cache is a
-symlink to a blob named by its sha256, which is used as is. The build hashes in a
+symlink to a blob named by its sha256, which is used as is. The same cache remembers
+checks a file passed (a tokenizer.json that parses), keyed alike. The build hashes in a
 background thread while the kernel copies bytes, so on two cores the two overlap.
 """
 
@@ -47,6 +48,28 @@ def _store(key: str, digest: str) -> None:
             pass  # a read-only home only costs a re-hash next time
 
 
+def _key(path: Path) -> str:
+    real = Path(path).resolve()
+    stat = real.stat()
+    return f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def checked_before(path: Path, check: str) -> bool:
+    """Whether `check` passed on this file as it is now (same size and mtime), as recorded
+    by remember_checked: the same trust as the sha256 cache's."""
+    try:
+        return _load_cache().get(f"{check}|{_key(path)}") == "ok"
+    except OSError:
+        return False
+
+
+def remember_checked(path: Path, check: str) -> None:
+    try:
+        _store(f"{check}|{_key(path)}", "ok")
+    except OSError:
+        pass
+
+
 def sha256_file(path: Path) -> str:
     path = Path(path)
     if path.is_symlink():
@@ -54,8 +77,7 @@ def sha256_file(path: Path) -> str:
         if HEX64.match(target):
             return target
     real = path.resolve()
-    stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = _key(real)
     cached = _load_cache().get(key)
     if cached:
         return cached

@@ -410,6 +410,22 @@ def test_build_refuses_a_corrupt_tokenizer_before_writing(name, damage, fragment
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_tokenizer_json_damaged_after_a_build_is_refused_by_the_next(tiny_models, tmp_path, run_cli, monkeypatch):
+    """The parse of an unchanged tokenizer.json is remembered (by size and mtime, beside
+    the sha256 cache); a file changed since is parsed again."""
+    monkeypatch.setenv("DUS_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama", 4), model)
+    assert run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "first").code == 0
+    assert "tokenizer-json|" in (tmp_path / "cache" / "sha256.json").read_text()
+    assert run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "second").code == 0
+    path = model / "tokenizer.json"
+    path.write_text(path.read_text()[:-2])
+    result = run_cli("build", "--solar", model, "--trim", 1, "-o", tmp_path / "out")
+    _one_line(result, f"{path}: the tokenizer file tokenizer.json is not valid JSON")
+    assert not (tmp_path / "out").exists()
+
+
 def test_build_copies_a_remote_code_tokenizer_with_a_one_line_warning(tiny_models, tmp_path, run_cli, monkeypatch):
     import importlib
 
