@@ -8,7 +8,6 @@ background thread while the kernel copies bytes, so on two cores the two overlap
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -81,6 +80,8 @@ def sha256_file(path: Path) -> str:
     cached = _load_cache().get(key)
     if cached:
         return cached
+    import hashlib  # only now: a build whose sources are all cached never loads OpenSSL
+
     digest = hashlib.sha256()
     # One buffer, reused: 1 MiB stays in the core's cache between the read that fills it
     # and the hash that reads it (a new 16 MiB bytes per read went through memory twice).

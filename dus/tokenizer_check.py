@@ -7,7 +7,6 @@ difference so the user can judge it.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from dus.checkpoint import read_json
@@ -32,6 +31,8 @@ def _vocab(path: Path) -> dict[str, int] | None:
 
 
 def _file_digest(path: Path) -> str | None:
+    import hashlib
+
     for name in ("tokenizer.model", "tokenizer.json", "vocab.json"):
         if (path / name).is_file():
             return hashlib.sha256((path / name).read_bytes()).hexdigest()
