@@ -602,8 +602,10 @@ def main(argv: list[str] | None = None) -> None:
         print("mergekit-yaml not found: skipping mergekit (pip install mergekit==0.1.5 to compare)")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    # One untimed build: learns the output size (for the same-bytes copy) and leaves
-    # Python's bytecode caches warm for every contender alike.
+    # dus's bytecode compiled, as pip install does (with PYTHONDONTWRITEBYTECODE=1 set no
+    # run writes it), then one untimed build: it learns the output size (for the
+    # same-bytes copy) and warms the caches for every contender alike.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "dus")], check=True, stdout=subprocess.DEVNULL)
     print("untimed warm-up build ...")
     warm = timed("warm-up dus build", [sys.executable, "-m", "dus", "build", "--solar", str(model), "--trim", str(trim),
                                        "-o", str(args.work_dir / "dus-out"), "-q"],
@@ -632,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": [
             "each contender is a separate child process; peak RSS is that child's ru_maxrss (wait4)",
             "page cache warmed by reading the source once; `sync` before each run; sync_s is the flush after it",
+            "dus's bytecode compiled first (python -m compileall dus), as pip install does",
             "references: 'cp -r of dus output' copies exactly the bytes and files dus wrote; 'cp of source, same bytes' "
             "writes the same number of bytes read from the source files only (cp -r of the source, whole shards again, "
             "the last cut with head -c), so its page-cache footprint is the same as the build's",

@@ -6,8 +6,10 @@ checks. This times `python -m dus build --solar MODEL --trim T -o OUT` (SmolLM2-
 `cp -r` of an output of the same build, in N pairs whose order alternates (build first in
 even pairs, cp first in odd ones), each run after a `sync` (not timed) into a new
 directory. The sha256 cache of the sources is warm (an untimed build fills it first, in a
-scratch DUS_CACHE), as it is for anyone building from a model twice. Then
-`python -X importtime` on the same build lists the imports that cost the most.
+scratch DUS_CACHE), as it is for anyone building from a model twice, and dus's bytecode is
+compiled first (`python -m compileall dus`, as `pip install` does; --no-compile leaves
+it as found). Then `python -X importtime` on the same build lists the imports that cost
+the most.
 
     python benchmarks/bench_startup.py                       # 7 pairs on models/SmolLM2-135M-Instruct
     python benchmarks/bench_startup.py --model DIR --trim 8 --pairs 11
@@ -95,11 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--top", type=int, default=15, help="imports listed")
     parser.add_argument("--quiet", action="store_true", help="time `dus build -q` (no progress bar, no summary)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave dus's bytecode as it is (by default `python -m compileall dus` runs first, as pip "
+                             "install does: with PYTHONDONTWRITEBYTECODE=1 set, nothing else writes it)")
     args = parser.parse_args(argv)
     QUIET[:] = ["-q"] if args.quiet else []
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no model there; pass --model DIR (a local SmolLM2-135M-Instruct, say)")
 
+    bytecode = "as found (--no-compile)"
+    if not args.no_compile:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "dus")], check=True,
+                       stdout=subprocess.DEVNULL)
+        bytecode = "compiled first (python -m compileall dus), as pip install does"
     scratch = args.scratch
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_1min_during": [round(x, 2) for x in load],
                     "note": "shared machine: other jobs ran beside these runs (see the load averages)"},
         "model": str(args.model), "trim": args.trim, "bytes_written": written, "pairs": args.pairs,
+        "dus_bytecode": bytecode, "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
         "warmup_build_s": round(warmup, 3),
         "python_alone_s": round(python_alone, 3), "import_dus_cli_s": round(cli_import, 3),
         "build_s": [round(x, 3) for x in builds], "cp_r_s": [round(x, 3) for x in copies],
