@@ -54,8 +54,11 @@ def build_model(
     shard_size: str | int = "5GB",
     dry_run: bool = False,
     show_progress: bool = False,
+    beside_copy: tuple = (),
 ) -> BuildResult:
-    """Resolve `recipe` and, unless `dry_run`, write the model into `output`."""
+    """Resolve `recipe` and, unless `dry_run`, write the model into `output`.
+    `beside_copy`: functions (of no arguments) the caller needs run later, run by the
+    helper threads while the kernel copies (the CLI imports its printer there)."""
     try:
         max_shard = parse_size(shard_size)
     except ValueError as error:
@@ -73,11 +76,12 @@ def build_model(
     output = Path(output)
     sources_read = [source.path for source in sources.values()]
     with atomic_directory(output, replace_only_dus_outputs(force, sources_read)) as temporary:
-        manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress)
+        manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress,
+                                   beside_copy)
     return BuildResult(plan=plan, output=output, warnings=resolved.warnings, manifest=manifest, bytes_written=written)
 
 
-def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool):
+def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool, beside_copy=()):
     tensors = layout(plan, sources)
     total = sum(tensor.nbytes for tensor in tensors)
     used = _files_read(plan, sources)
@@ -94,6 +98,7 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         checks.append(helpers.submit(_copy_tokenizer, sources[plan.tokenizer_from].path, directory))
         records_future = helpers.submit(_source_records, sources, directory)
         checks.append(records_future)
+        checks += [helpers.submit(function) for function in beside_copy]
         digests = {path: helpers.submit(sha256_file, path) for path in used}
         try:
             with _progress_bar(total, show_progress) as advance, _switch_interval(SWITCH_INTERVAL):

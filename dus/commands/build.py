@@ -37,9 +37,17 @@ def run(
     if dtype is not None:
         parsed.out_dtype = dtype_name(dtype, "--dtype")
     started = time.perf_counter()
-    result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run, show_progress=not quiet and sys.stderr.isatty())
+    plain = _plain_stdout()
+    result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run,
+                         show_progress=not quiet and sys.stderr.isatty(),
+                         beside_copy=() if quiet or plain else (_import_rich,))
     if quiet and not result.warnings and not dry_run:
         return  # nothing to print: rich is not even imported
+    if plain and not result.warnings and not dry_run:
+        # To a pipe or file: the summary as one plain line (rich would only wrap it at 80
+        # columns; importing it takes longer than a small build's tail).
+        print(_summary(result, time.perf_counter() - started))
+        return
     from rich.console import Console
     from rich.markup import escape
 
@@ -50,12 +58,29 @@ def run(
         print_plan(result.plan, console)
         return
     if not quiet:
-        seconds = time.perf_counter() - started
-        gigabytes = result.bytes_written / 1e9
-        console.print(
-            f"[green]built[/] {result.output}: {result.plan.num_layers} layers, seams at "
-            f"{result.plan.seams or 'none'}, {gigabytes:.2f} GB in {seconds:.1f} s"
-        )
+        console.print(f"[green]built[/] {escape(_summary(result, time.perf_counter() - started)[len('built '):])}")
+
+
+def _summary(result, seconds: float) -> str:
+    return (f"built {result.output}: {result.plan.num_layers} layers, seams at {result.plan.seams or 'none'}, "
+            f"{result.bytes_written / 1e9:.2f} GB in {seconds:.1f} s")
+
+
+def _plain_stdout() -> bool:
+    """stdout is a pipe or a file and nothing asks for rich's terminal output there."""
+    import os
+
+    forced = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
+    try:
+        return not sys.stdout.isatty() and not any(os.environ.get(name) for name in forced)
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return False
+
+
+def _import_rich() -> None:
+    """The summary's printer, imported beside the copy rather than after it."""
+    import rich.console  # noqa: F401
+    import rich.markup  # noqa: F401
 
 
 def print_plan(plan, console) -> None:
