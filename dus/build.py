@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,16 +100,17 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         records_future = helpers.submit(_source_records, sources, directory)
         checks.append(records_future)
         checks += [helpers.submit(function) for function in beside_copy]
-        digests = {path: helpers.submit(sha256_file, path) for path in used}
+        hashes = _Hashes(used)
+        digests = hashes.futures
         try:
             with _progress_bar(total, show_progress) as advance, _switch_interval(SWITCH_INTERVAL):
                 output_files = write_shards(tensors, directory, max_shard, progress=_stop_on_error(checks, advance))
+            hashes.join_in()
             for check in checks[1:]:
                 check.result()
             config, config_notes = config_future.result()
         except BaseException:
-            for digest in digests.values():
-                digest.cancel()  # do not hash the rest of the sources for a failed build
+            hashes.stop()  # do not hash the rest of the sources for a failed build
             raise
         plan.notes.extend(config_notes)
         write_config(config, directory, validate=has_layer_fields(config, sources[plan.config_from]))
@@ -126,6 +128,52 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
     write_manifest(manifest, directory)
     (directory / "README.md").write_text(model_card(manifest, plan))
     return manifest, total
+
+
+class _Hashes:
+    """sha256 of the files a build read, largest first: one helper thread hashes while the
+    kernel copies (the copy has the other core to itself), and the build's own thread
+    takes the files still waiting once its copy is done. Two hashing threads beside the
+    copy left three busy threads on two cores, each slowed by the others."""
+
+    def __init__(self, paths: list[Path]):
+        def size(path: Path) -> int:
+            try:
+                return path.stat().st_size
+            except OSError:
+                return 0  # hashing it reports the error
+
+        self._waiting = sorted(paths, key=size, reverse=True)
+        self._lock = threading.Lock()
+        self.futures: dict[Path, Future] = {path: Future() for path in paths}
+        self._thread = threading.Thread(target=self._hash_waiting, name="dus-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash_waiting(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                path = self._waiting.pop(0)
+            future = self.futures[path]
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(sha256_file(path))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
+                future.set_exception(error)
+
+    def join_in(self) -> None:
+        """Hash what is still waiting in this thread too, then wait for the helper."""
+        self._hash_waiting()
+        self._thread.join()
+
+    def stop(self) -> None:
+        """Start no other file (the one being hashed is finished)."""
+        with self._lock:
+            for path in self._waiting:
+                self.futures[path].cancel()
+            self._waiting.clear()
+        self._thread.join()
 
 
 def _check_tokenizer_json(path: Path) -> None:
