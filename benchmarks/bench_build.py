@@ -443,6 +443,9 @@ def medians(runs: list[Run]) -> dict[str, dict]:
 
 
 REFERENCES = ("cp -r of dus output", "cp of source, same bytes")
+# issue 35: with the sha256 cache warm at least the faster cp's throughput; a first build,
+# which also hashes every source file, at least 0.85x of it
+THROUGHPUT_AIMS = {"cached": 1.0, "cold": 0.85}
 
 
 def ratios(runs: list[Run], summary: dict) -> dict:
@@ -493,8 +496,9 @@ def ratios(runs: list[Run], summary: dict) -> dict:
             entry["mergekit_wall_over_dus"] = mergekit
             entry["mergekit_rss_over_dus"] = paired(rss("mergekit-yaml passthrough"), rss(label))
         worst_cp = min((v["median"] for k, v in entry.items() if k.startswith("throughput_vs")), default=0)
+        aim = THROUGHPUT_AIMS["cold" if "cold" in label else "cached"]
         entry["aims_met"] = {
-            "throughput >= 0.7x cp (the faster cp)": worst_cp >= 0.7,
+            f"throughput >= {aim}x cp (the faster cp)": worst_cp >= aim,
             "rss < 1 GB above baseline": entry["rss_above_baseline_mb"] < 1000,
             "faster than mergekit": (mergekit["median"] > 1) if mergekit else None,
         }
