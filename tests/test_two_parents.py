@@ -161,7 +161,7 @@ def family(tmp_path_factory):
     build_model({"stack": {"models": [str(a), str(b)], "trim": 1}}, root / "stack")
     # byte-level tokens: the code has '#' and no letter, the prose has letters and no '#'
     (root / "code.txt").write_text("\n\n".join(f"# {i} + {i} = ({2 * i})" for i in range(120)) + "\n")
-    (root / "prose.txt").write_text("\n\n".join(f"once upon a time there were dogs." for i in range(120)) + "\n")
+    (root / "prose.txt").write_text("\n\n".join("once upon a time there were dogs." for _ in range(120)) + "\n")
     return root
 
 

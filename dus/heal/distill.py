@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from dus.errors import DusError
+from dus.heal.mix import TeacherLogits, mix_log_probs_, mixed_log_probs
 from dus.heal.mix import log_softmax_ as _log_softmax_
+from dus.heal.routes import ROUTE_COLUMN, prepare_routed
 
 
 def _loss_terms(student, teacher, target, alpha: float, temperature: float):
@@ -50,8 +52,6 @@ def _terms_from_log_p(student, scaled_student, log_p, target, alpha: float, temp
 
 def _mixed_loss_terms(student, teachers: list, target, route, mix, alpha: float, temperature: float):
     """`_loss_terms` against several teachers' float logits, combined by `mix`."""
-    from dus.heal.mix import mixed_log_probs
-
     with torch.no_grad():
         log_p = mixed_log_probs(mix, teachers, target, route, temperature)
     scaled_student = student / temperature if temperature != 1.0 else student
@@ -165,8 +165,6 @@ def _fused_mixed_chunk(hidden, weight, teacher_hiddens, teacher_weights, target,
                        grad_hidden):
     """`_fused_chunk` against several teachers combined by `mix` (dus.heal.mix), in four
     reused buffers however many teachers there are: each teacher's logits exist in turn."""
-    from dus.heal.mix import TeacherLogits, mix_log_probs_
-
     rows = hidden.shape[0]
     student, work, scratch, acc = (buffer[:rows] for buffer in buffers.float)
     log_q = _log_softmax_(buffers.head(hidden, weight, out=student), scratch)
@@ -409,8 +407,6 @@ class DistillSFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """Routed data (a `dus_teacher` column) is prepared one teacher at a time, so a packed
         sequence holds one teacher's tokens; each sequence keeps its teacher's index."""
-        from dus.heal.routes import ROUTE_COLUMN, prepare_routed
-
         names = getattr(dataset, "column_names", None) or []
         if ROUTE_COLUMN not in names:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
@@ -418,8 +414,6 @@ class DistillSFTTrainer(SFTTrainer):
             part, processing_class, args, packing, formatting_func, dataset_name), args.seed)
 
     def _set_signature_columns_if_needed(self):
-        from dus.heal.routes import ROUTE_COLUMN
-
         super()._set_signature_columns_if_needed()
         if ROUTE_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ROUTE_COLUMN]
@@ -430,8 +424,6 @@ class DistillSFTTrainer(SFTTrainer):
             causal_lm(self.model).set_output_embeddings(self.original_head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from dus.heal.routes import ROUTE_COLUMN
-
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         route = inputs.get(ROUTE_COLUMN)

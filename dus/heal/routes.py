@@ -65,7 +65,6 @@ class RoutedCollator:
     """TRL's collator, plus each token's teacher index (`dus_teacher`, shaped like input_ids:
     one row per example, or one flattened row when TRL packs padding-free)."""
 
-
     def __init__(self, inner):
         self.inner = inner
 
@@ -80,7 +79,6 @@ class RoutedCollator:
         routes = [int(example.pop(ROUTE_COLUMN)) for example in examples]
         batch = self.inner(examples)
         ids = batch["input_ids"]
-        lengths = [len(example["input_ids"]) for example in examples]
         if ids.shape[0] == len(examples):  # one row per example; its padding has no label, so any index does
             per_token = torch.tensor(routes, dtype=ids.dtype).unsqueeze(1).expand_as(ids).clone()
         else:  # padding-free: the examples' tokens one after another in one row

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from dus.checkpoint import ModelDir, accelerator_type
 from dus.errors import DusError
 from dus.heal.config import HealConfig, build_sft_config
-from dus.heal.data import LoadedData, load_data
+from dus.heal.data import LoadedData
 from dus.heal.distributed import (
     check_supported,
     describe,
@@ -120,7 +120,8 @@ class Inputs:
 
     @cached_property
     def data_sha256(self) -> str | None:
-        """The training data file's sha256 (None for a hub name or a directory), read once."""
+        """The training data's sha256 (one over each file's for several files; None for a hub
+        name or a directory), read once."""
         from dus.heal.routes import data_digest
 
         return data_digest(self.train_data)

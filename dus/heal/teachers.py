@@ -24,7 +24,7 @@ class Teacher:
     path: Path
 
 
-def _plan_source_path(model_dir: Path, raw: str) -> Path | None:
+def _plan_source_path(raw: str) -> Path | None:
     """A plan source's directory (read_manifest has already found it from the model's own
     place, dus.manifest.locate_source), or None when it is gone."""
     path = Path(raw).expanduser()
@@ -48,10 +48,15 @@ def check_built_from(manifest, name: str, path: Path) -> None:
                            f"distil from it anyway with --teacher {path}, or rebuild from it")
 
 
-def _named(model_dir: Path, plan, text: str) -> Teacher:
+def _other_tokenizer(model_dir: Path, path: Path, difference: str) -> DusError:
+    return DusError(f"the teacher {path} does not tokenize as {model_dir} does ({difference}); distillation "
+                    "compares token distributions, so give a teacher with the same tokenizer (--teacher)")
+
+
+def _named(plan, text: str) -> Teacher:
     """A teacher given by the user: a plan source's name, or a model directory."""
     if plan is not None and text in plan.models:
-        path = _plan_source_path(model_dir, plan.models[text])
+        path = _plan_source_path(plan.models[text])
         if path is None:
             raise DusError(f"teacher '{text}' from the manifest is not at {plan.models[text]} any more; "
                            "pass --teacher PATH to its directory")
@@ -62,7 +67,7 @@ def _named(model_dir: Path, plan, text: str) -> Teacher:
         raise DusError(f"teacher {text}: not a model directory (no config.json){known}")
     if plan is not None:  # a path that is one of the plan's sources keeps the plan's name (shares its layers)
         for name, raw in plan.models.items():
-            source = _plan_source_path(model_dir, raw)
+            source = _plan_source_path(raw)
             if source is not None and source.resolve() == path.resolve():
                 return Teacher(name, path)
     return Teacher(text, path)
@@ -90,15 +95,13 @@ def resolve_teachers(model_dir: Path, manifest, distill: dict, cli: list[str] | 
     named = requested_teachers(distill, cli)
     notes: list[str] = []
     if named is not None:
-        teachers = [_named(model_dir, plan, text) for text in named]
+        teachers = [_named(plan, text) for text in named]
         if len({t.path.resolve() for t in teachers}) != len(teachers):
             raise DusError(f"teachers {', '.join(named)}: a teacher is named twice; name each once")
         for teacher in teachers:
             difference = tokenizes_alike(teacher.path)
             if difference:
-                raise DusError(f"the teacher {teacher.path} does not tokenize as {model_dir} does ({difference}); "
-                               "distillation compares token distributions, so give a teacher with the same tokenizer "
-                               "(--teacher)")
+                raise _other_tokenizer(model_dir, teacher.path, difference)
         return teachers, notes
     if plan is None:
         raise DusError(f"distill needs a teacher: {model_dir} has no dus-manifest.json naming its source; "
@@ -112,15 +115,14 @@ def resolve_teachers(model_dir: Path, manifest, distill: dict, cli: list[str] | 
     for name in order:
         if name != plan.config_from and name not in used:
             continue  # a source that gives the child no layer (a tokenizer or config source) is no parent
-        path = _plan_source_path(model_dir, plan.models[name])
+        path = _plan_source_path(plan.models[name])
         if path is None:
             raise DusError(f"teacher '{name}' from the manifest is not at {plan.models[name]} any more; "
                            "pass --teacher PATH to its directory")
         check_built_from(manifest, name, path)
         difference = tokenizes_alike(path)
         if difference and name == plan.config_from:
-            raise DusError(f"the teacher {path} does not tokenize as {model_dir} does ({difference}); distillation "
-                           "compares token distributions, so give a teacher with the same tokenizer (--teacher)")
+            raise _other_tokenizer(model_dir, path, difference)
         if difference:
             notes.append(f"source {name!r} does not tokenize as the model does ({difference}); it does not teach")
             continue
