@@ -50,10 +50,16 @@ def search(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the search's study, each with its share of the CPU threads and its own GPU where there are GPUs (tpe and random; cma runs in one)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Database URL holding the search's study (sqlite:///search.db, postgresql://user@host/db): the same command on other machines joins it. Default: a journal file in -o."),
+    heal_steps: int = typer.Option(0, "--heal-steps", help="Healed fitness: score promising candidates again after a heal of this many steps in memory (successive halving decides which; 0: the unhealed score only)."),
+    heal_rungs: int = typer.Option(1, "--heal-rungs", help="Healed rungs above the unhealed score: rung k heals --heal-steps / halving^(rungs-k) steps."),
+    halving: int = typer.Option(3, "--halving", help="Successive halving's factor: 1 in this many trials goes on to the next rung."),
+    heal_config: str = typer.Option("heal", "--heal-config", help="The heal config of the healed fitness (as dus heal -c; its max_steps is the rung's)."),
+    heal_set: list[str] = typer.Option([], "--heal-set", help="KEY=VALUE over the heal config (as dus heal --set), repeatable."),
 ) -> None:
     """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
     from dus.compare.lm_eval_hook import parse_tasks
     from dus.errors import DusError
+    from dus.heal.config import parse_set_option
     from dus.search.run import SearchOptions
     from dus.search.run import search as run_search
     from dus.search.space import parse_count, parse_depth, parse_keep, parse_scale
@@ -73,5 +79,7 @@ def search(
         maximize=maximize, top=top, dry_run=dry_run, wandb=wandb, dtype=dtype, device=device, graft=graft_spec,
         prefix_cache_mb=prefix_cache, tasks=parse_tasks(tasks), tasks_metric=tasks_metric, tasks_limit=tasks_limit,
         tasks_include=tasks_include, tasks_batch_size=tasks_batch_size, workers=workers, storage=storage,
+        heal_steps=heal_steps, heal_rungs=heal_rungs, halving=halving, heal_config=heal_config,
+        heal_set=dict(parse_set_option(item) for item in heal_set),
     )
     run_search(list(models or []), options)

@@ -148,7 +148,10 @@ def _dtype_and_kwargs(cfg: HealConfig, use_cpu: bool) -> tuple[object, dict]:
     return kwargs.pop("dtype", "float32" if use_cpu else "auto"), kwargs
 
 
-def _in_memory_student(run, say) -> Student:
+def _in_memory_student(run, say, sources=None) -> Student:
+    """The plan assembled over its sources (loaded here, or `sources` already loaded: a
+    search heals its candidates over the copy it scores them on), calibrated, its trainable
+    layers private copies; each teacher a loaded source sharing the student's prefix."""
     from dus.assemble import assemble, decoder, load_sources, output_config
     from dus.heal.gated_mlp import recompute_activations
     from dus.heal.norms import recompute_norms
@@ -158,7 +161,8 @@ def _in_memory_student(run, say) -> Student:
     dtype, kwargs = _dtype_and_kwargs(cfg, run.use_cpu)
     if cfg.quantized:
         kwargs.update(quantized_loading(cfg))
-    sources = load_sources(plan, dtype, **kwargs)
+    if sources is None:
+        sources = load_sources(plan, dtype, **kwargs)
     if cfg.quantized:
         from dus.heal.qlora_cpu import keep_differentiable
 

@@ -177,7 +177,7 @@ class made_by_now:
         if self.journal is None:
             return
         try:
-            if any(t.state.name == "COMPLETE" for t in study_trials(storage)):
+            if any(t.state.name in ("COMPLETE", "PRUNED") for t in study_trials(storage)):
                 return
         except KeyError:
             pass
@@ -286,17 +286,18 @@ def stored_settings(storage, where: str, settings: dict | None, wait: float | No
     return True
 
 
-def open_study(storage, settings: dict, where: str, sampler, first_trials=()):
+def open_study(storage, settings: dict, where: str, sampler, first_trials=(), pruner=None):
     """(study, created): the search's study, made with its settings and `first_trials`
     queued (the start point), or joined when it is there with the same settings."""
     import optuna
 
     stored_settings(storage, where, settings)
     try:
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize", sampler=sampler)
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize", sampler=sampler,
+                                    pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:  # made by another worker since the look above
         stored_settings(storage, where, settings)
-        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler), False
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner), False
     for params, attrs in first_trials:  # queued before the settings, so a joining worker finds them
         study.enqueue_trial(params, user_attrs=attrs)
     study.set_user_attr("dus", {"format": FORMAT, "settings": settings})
@@ -312,11 +313,12 @@ ENTRY_TYPES = {"key": str, "candidate": dict, "metrics": dict, "feasible": bool,
 
 
 def entries(trials, where: str) -> list[dict]:
-    """The completed trials as evaluations, in the order they were asked (trial number);
-    a trial dus did not record or a score that is not a finite number is refused."""
+    """The completed (and pruned: the healed fitness stopped them at a lower rung) trials as
+    evaluations, in the order they were asked (trial number); a trial dus did not record or
+    a score that is not a finite number is refused."""
     from optuna.trial import TrialState
 
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    done = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number)
     found = []
     for index, trial in enumerate(done):
         record = trial.user_attrs.get("dus")
@@ -336,8 +338,23 @@ def entries(trials, where: str) -> list[dict]:
                            "never ranks it: choose a new -o directory or --storage (the study was edited or damaged)")
         found.append({"i": index, "trial": trial.number, "x": record.get("x"), "key": record["key"],
                       "candidate": record["candidate"], "value": value, "metrics": record["metrics"], "seconds": seconds,
-                      "cached": record["cached"], "feasible": record["feasible"], "missing": record["missing"]})
+                      "cached": record["cached"], "feasible": record["feasible"], "missing": record["missing"],
+                      **_rungs(record, value, trial, where)})
     return found
+
+
+def _rungs(record: dict, value: float, trial, where: str) -> dict:
+    """A healed-fitness evaluation's rungs: every rung's value (0: unhealed), the highest
+    reached (`rung`), and whether the pruner stopped it there; nothing for other searches."""
+    rungs = record.get("rungs")
+    if rungs is None:
+        return {}
+    if not isinstance(rungs, list) or not rungs or rungs[-1] != value or \
+            any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in rungs):
+        raise DusError(f"{where}: trial {trial.number}: damaged record (its rungs do not end at its score); "
+                       "choose a new -o directory or --storage")
+    return {"rungs": rungs, "rung": len(rungs) - 1, "rung_metrics": record.get("rung_metrics"),
+            "pruned": trial.state.name == "PRUNED"}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -25,12 +25,12 @@ def progress(console, total: int, enabled: bool = True):
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("search", total=total)
-        best = [math.inf, {}]
+        best = [(0, math.inf), {}]
 
         def tick(entry: dict) -> None:
-            if entry["feasible"] and entry["value"] < best[0]:
-                best[:] = [entry["value"], entry["metrics"]]
-            shown = best_text(best[0], best[1])
+            if entry["feasible"] and order(entry) < best[0]:
+                best[:] = [order(entry), entry["metrics"]]
+            shown = best_text(best[0][1], best[1])
             bar.update(task, advance=1, description=f"search (best {shown})")
 
         try:
@@ -50,10 +50,16 @@ def best_text(value: float, metrics: dict) -> str:
     return f"{value:.4g}"
 
 
+def order(entry: dict) -> tuple:
+    """How two evaluations compare: with the healed fitness, one that reached a higher rung
+    (a longer heal) comes first, as successive halving ranks them; then the score."""
+    return (-entry.get("rung", 0), entry["value"])
+
+
 def ranking(history: list[dict]) -> list[dict]:
     """Distinct feasible candidates, best first (ties: the first evaluated)."""
     seen, ranked = set(), []
-    for entry in sorted((e for e in history if e["feasible"]), key=lambda e: (e["value"], e["i"])):
+    for entry in sorted((e for e in history if e["feasible"]), key=lambda e: (*order(e), e["i"])):
         if entry["key"] not in seen:
             seen.add(entry["key"])
             ranked.append(entry)
@@ -61,11 +67,13 @@ def ranking(history: list[dict]) -> list[dict]:
 
 
 def best_so_far(history: list[dict]) -> list[float | None]:
-    best, curve = math.inf, []
+    """The best score after each evaluation (with the healed fitness: at the highest rung
+    reached so far, so the curve can step up when the first longer heal lands)."""
+    best, curve = (0, math.inf), []
     for entry in history:
         if entry["feasible"]:
-            best = min(best, entry["value"])
-        curve.append(None if math.isinf(best) else best)
+            best = min(best, order(entry))
+        curve.append(None if math.isinf(best[1]) else best[1])
     return curve
 
 
@@ -89,7 +97,9 @@ def result(setup, options, history: list[dict], prefix_cache: dict | None = None
 
 
 def _public(entry: dict) -> dict:
-    return {k: entry[k] for k in ("i", "trial", "value", "metrics", "candidate", "feasible", "missing", "cached", "seconds", "x")}
+    keys = ("i", "trial", "value", "metrics", "candidate", "feasible", "missing", "cached", "seconds", "x",
+            "rungs", "rung", "rung_metrics", "pruned")
+    return {k: entry[k] for k in keys if k in entry}
 
 
 def write(output: Path, setup, result_data: dict, top: int) -> None:
@@ -235,7 +245,10 @@ def print_best(console, setup, result_data: dict, top: int) -> None:
         table.add_column(name, justify=justify)
     for entry in result_data["ranked"][:top]:
         candidate = Candidate.from_dict(entry["candidate"])
-        if "perplexity" in entry["metrics"]:
+        if "rungs" in entry and "perplexity" in entry["metrics"]:
+            steps = entry["metrics"].get("heal_steps", 0)
+            score = f"ppl {entry['metrics']['perplexity']:.4f}" + (f" after {steps} heal steps" if steps else " unhealed")
+        elif "perplexity" in entry["metrics"]:
             score = f"ppl {entry['metrics']['perplexity']:.4f}"
         elif "tasks" in entry["metrics"]:
             score = best_text(entry["value"], entry["metrics"])

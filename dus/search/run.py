@@ -54,6 +54,11 @@ class SearchOptions:
     notes: list[str] = field(default_factory=list)
     workers: int = 1  # worker processes on this machine sharing the study (1: this process)
     storage: str | None = None  # a database URL holding the study; None: a journal file in `output`
+    heal_steps: int = 0  # the healed fitness (healed.py): heal steps at the top rung; 0: the unhealed score only
+    heal_rungs: int = 1  # healed rungs above the unhealed score
+    halving: int = 3  # successive halving's factor: 1 in `halving` trials goes on at each rung
+    heal_config: str = "heal"  # the heal config of the healed fitness (dus heal -c)
+    heal_set: dict = field(default_factory=dict)  # its overrides (--heal-set KEY=VALUE)
 
 
 @dataclass
@@ -69,6 +74,8 @@ class Setup:
     scorer: object = None  # made while checking the inputs when it has its own checks (lm-eval's tasks)
     warnings: list[str] = field(default_factory=list)
     tokenizer_source: str | None = None  # named in the written recipes when the sources tokenize differently
+    schedule: object = None  # healed.HealSchedule when the fitness is measured after a heal
+    healer: object = None  # healed.CandidateHealer (made with the evaluator)
 
 
 def model_paths(models: list) -> list[str]:
@@ -146,6 +153,7 @@ def prepare(models: list, options: SearchOptions) -> Setup:
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
     check_minutes(options.minutes)
+    schedule = heal_schedule(options)
     from dus.measure.text import check_max_tokens
 
     check_max_tokens(options.max_tokens)
@@ -169,10 +177,37 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         "window": options.window, "stride": options.stride, "max_tokens": options.max_tokens,
         "dtype": options.dtype,
     }
+    if schedule is not None:
+        settings["healed"] = schedule.describe()
     if scorer is not None:
         settings.update(scorer.settings(), maximize=None, data=[], window=None, stride=None, max_tokens=None)
     return Setup(paths, names, space, grafts, settings, scorer=scorer, warnings=warnings,
-                 tokenizer_source=paths[0] if warnings else None)
+                 tokenizer_source=paths[0] if warnings else None, schedule=schedule)
+
+
+def heal_schedule(options: SearchOptions):
+    """The healed fitness's schedule (None without --heal-steps), checked in one line each:
+    the numbers, an optimizer that cannot take pruned trials, a heal config that cannot run
+    over the search's loaded sources."""
+    if not options.heal_steps:
+        if options.heal_set or options.heal_config != "heal":
+            raise DusError("--heal-config and --heal-set set the healed fitness's heal; add --heal-steps N to use it")
+        return None
+    from dus.search.healed import HealSchedule, check_schedule
+
+    check_schedule(options.heal_steps, options.heal_rungs, options.halving)
+    if options.optimizer == "cma" and not options.graft:
+        raise DusError("--heal-steps with --optimizer cma: a pruned candidate has only its unhealed score, which CMA-ES "
+                       "cannot rank with healed ones; use --optimizer tpe or random")
+    if options.score or options.tasks:
+        raise DusError("--heal-steps heals candidates and scores perplexity on --data; --score and --tasks are not "
+                       "supported with it yet: drop one")
+    from dus.heal.config import load_config
+
+    schedule = HealSchedule(options.heal_steps, options.heal_rungs, options.halving, options.heal_config,
+                            tuple(sorted(options.heal_set.items())))
+    load_config(schedule.config, dict(schedule.overrides))  # a bad config or override: one line before anything loads
+    return schedule
 
 
 def tokenizer_warnings(paths: list[str]) -> list[str]:
@@ -270,12 +305,37 @@ def load(setup: Setup, options: SearchOptions, sources: bool = True) -> None:
     plan = resolve(load_recipe(whole)).plan
     sources = load_sources(plan, dtype, device)
     setup.evaluator = Evaluator(sources, tokenizer, scorer, prefix_budget=options.prefix_cache_mb * 2**20)
+    if setup.schedule is not None:
+        from dus.search.healed import CandidateHealer
+
+        setup.healer = CandidateHealer(setup.evaluator, setup.schedule, Path(setup.models[0]))
 
 
 def record_for(x, candidate: Candidate, metrics: dict, seconds: float, cached: bool, missing: list[int]) -> dict:
     """What a trial's `dus` attribute records about its evaluation (the score is the trial's value)."""
     return {"x": x, "key": candidate.key(), "candidate": candidate.to_dict(), "metrics": metrics,
             "seconds": round(seconds, 4), "cached": cached, "feasible": not missing, "missing": missing}
+
+
+def climb(worker: "Worker", trial, candidate: Candidate, score, record: dict) -> tuple[float, bool]:
+    """The healed fitness's rungs (healed.py): report the unhealed score, then heal and
+    report each rung while the pruner lets the trial go on. Returns (value, pruned); the
+    record gains every rung's value and metrics."""
+    schedule, healer = worker.setup.schedule, worker.setup.healer
+    rungs, metrics = [score.value], [score.metrics]
+    trial.report(score.value, schedule.resource(0))
+    pruned = False
+    for rung in range(1, schedule.rungs + 1):
+        if trial.should_prune():
+            pruned = True
+            break
+        value, rung_metrics, seconds = healer(candidate, rung)
+        rungs.append(value)
+        metrics.append(rung_metrics)
+        record["seconds"] = round(record["seconds"] + seconds, 4)
+        trial.report(value, schedule.resource(rung))
+    record.update(rungs=rungs, rung_metrics=metrics, metrics=metrics[-1])
+    return rungs[-1], pruned
 
 
 class Worker:
@@ -296,8 +356,6 @@ class Worker:
         not seen before are shown and their scores kept."""
         from optuna.trial import TrialState
 
-        from dus.search.fitness import Score
-
         trials = self.study.get_trials(deepcopy=False)
         now = time.time()
         gone = [t for t in trials if t.state == TrialState.RUNNING and journal.stale(t, now)]
@@ -311,10 +369,25 @@ class Worker:
                 continue
             self.shown.add(entry["trial"])
             if entry["feasible"] and not entry["cached"] and self.setup.evaluator is not None:
-                self.setup.evaluator.cache.setdefault(entry["key"], Score(entry["value"], entry["metrics"], entry["seconds"]))
+                self.keep_scores(entry)
             if self.on_entry:
                 self.on_entry(entry)
         return trials
+
+    def keep_scores(self, entry: dict) -> None:
+        """An evaluation of the study (this worker's or another's) is not run again here:
+        its unhealed score, and each healed rung's, are kept for a repeat of its candidate."""
+        from dus.search.fitness import Score
+
+        rungs = entry.get("rungs")
+        if rungs is None:
+            self.setup.evaluator.cache.setdefault(entry["key"], Score(entry["value"], entry["metrics"], entry["seconds"]))
+            return
+        metrics = entry.get("rung_metrics") or [entry["metrics"]] * len(rungs)
+        self.setup.evaluator.cache.setdefault(entry["key"], Score(rungs[0], metrics[0], entry["seconds"]))
+        if self.setup.healer is not None:
+            for rung in range(1, len(rungs)):
+                self.setup.healer.cache.setdefault((entry["key"], rung), (rungs[rung], metrics[rung], 0.0))
 
     def out_of_time(self, completed: int) -> bool:
         """Past --minutes, once the study holds at least one evaluation (a search never ends
@@ -329,17 +402,28 @@ class Worker:
         try:
             trial.set_user_attr("dus_worker", journal.me())
             missing = self.setup.space.missing(candidate) if self.setup.space else []
+            pruned = False
             if missing:
                 value, record = INFEASIBLE + len(missing), record_for(x, candidate, {}, 0.0, False, missing)
+                if self.setup.schedule is not None:  # never healed; below every healed trial for the sampler too
+                    trial.report(value, self.setup.schedule.resource(0))
+                    record["rungs"], pruned = [value], True
             else:
                 with journal.heartbeat(trial):
                     score, cached = self.setup.evaluator(candidate)
-                value = score.value
-                record = record_for(x, candidate, score.metrics, 0.0 if cached else score.seconds, cached, [])
+                    value = score.value
+                    record = record_for(x, candidate, score.metrics, 0.0 if cached else score.seconds, cached, [])
+                    if self.setup.schedule is not None:
+                        value, pruned = climb(self, trial, candidate, score, record)
             try:
                 trial.set_user_attr("path", candidate.describe(self.setup.names))
                 trial.set_user_attr("dus", record)
-                self.study.tell(trial, value)
+                if pruned:
+                    from optuna.trial import TrialState
+
+                    self.study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    self.study.tell(trial, value)
             except UpdateFinishedTrialError:
                 self.dropped += 1  # failed by another worker meanwhile, and queued again there
         except BaseException:
@@ -356,7 +440,8 @@ def _counts(trials) -> tuple[int, int, int]:
     from optuna.trial import TrialState
 
     states = [t.state for t in trials]
-    return states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+    done = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)  # a pruned trial is an evaluation too
+    return done, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
 def run_sampled(worker: Worker) -> None:
@@ -437,7 +522,7 @@ def run_grafts(worker: Worker) -> None:
         if worker.out_of_time(complete):
             return
         held = {t.system_attrs.get("fixed_params", t.params).get("graft") for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)}
         missing = [i for i in range(len(setup.grafts)) if i not in held]
         for index in missing:
             study.enqueue_trial({"graft": index}, user_attrs={"dus_queued": "graft"})
@@ -469,7 +554,8 @@ def work(setup: Setup, options: SearchOptions, storage, where: str, total: int, 
     from dus.search.optimizers import make_sampler
 
     sampler = make_sampler(options.optimizer if setup.space is not None else "graft", options.seed)
-    study, _ = journal.open_study(storage, setup.settings, where, sampler, start_trials(setup, options))
+    pruner = setup.schedule.pruner() if setup.schedule is not None else None
+    study, _ = journal.open_study(storage, setup.settings, where, sampler, start_trials(setup, options), pruner)
     worker = Worker(setup, options, study, where, total, on_entry)
     if options.graft:
         run_grafts(worker)
