@@ -71,6 +71,18 @@ def check_schedule(steps: int, rungs: int, factor: int) -> None:
                        "or fewer rungs")
 
 
+def check_heal_config(schedule: HealSchedule) -> None:
+    """The heal config and overrides read and validated, and one that cannot heal over the
+    search's loaded sources refused, each in one line before anything is loaded."""
+    cfg = load_heal_config(schedule, 1)
+    if cfg.quantized or cfg.trains == "full":
+        raise DusError(f"--heal-config {schedule.config}: a search heals over the sources it loaded once "
+                       f"(in --dtype), so {cfg.mode} ({cfg.trains}) cannot run there; use heal, distill, "
+                       "lora-seam or a config with a band or LoRA student")
+    if not cfg.in_memory:
+        raise DusError(f"--heal-config {schedule.config} sets in_memory: false; the search heals in memory only")
+
+
 class _PlannedModel:
     """What the heal reads of a model directory, for a candidate that exists only as a plan
     over the loaded sources: its manifest (the plan), its tokenizer, its dtype."""
@@ -107,13 +119,7 @@ class CandidateHealer:
         self.evaluator, self.schedule = evaluator, schedule
         self.first = ModelDir(first_model)
         self.cache: dict[tuple[str, int], tuple[float, dict, float]] = {}
-        cfg = load_heal_config(schedule, 1)
-        if cfg.quantized or cfg.trains == "full":
-            raise DusError(f"--heal-config {schedule.config}: a search heals over the sources it loaded once "
-                           f"(in --dtype), so {cfg.mode} ({cfg.trains}) cannot run there; use heal, distill, "
-                           "lora-seam or a config with a band or LoRA student")
-        if not cfg.in_memory:
-            raise DusError(f"--heal-config {schedule.config} sets in_memory: false; the search heals in memory only")
+        check_heal_config(schedule)
         self._inputs = None
 
     def inputs(self, cfg, teachers, mix):

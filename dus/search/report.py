@@ -149,7 +149,8 @@ def log_wandb(output: Path, setup, result_data: dict) -> str:
 
 def _metrics_text(metrics: dict) -> str:
     if "perplexity" in metrics:
-        return f"perplexity {metrics['perplexity']:.4f} on {metrics['tokens_scored']} tokens"
+        healed = f", after {metrics['heal_steps']} heal steps" if metrics.get("heal_steps") else ""
+        return f"perplexity {metrics['perplexity']:.4f} on {metrics['tokens_scored']} tokens{healed}"
     if "tasks" in metrics:
         each = ", ".join(f"{task} {metrics['metric']} {_task_value(values, metrics['metric']):.4f}" for task, values in metrics["tasks"].items())
         return f"mean {metrics['metric']} {metrics['mean']:.4f} over lm-eval tasks: {each}"
@@ -241,18 +242,18 @@ def print_best(console, setup, result_data: dict, top: int) -> None:
         legend = f"of {setup.names[setup.models[0]]}"
     console.print(f"paths as [start:end) source layers ({legend}); xS: o_proj/down_proj scaled by S", soft_wrap=True)
     table = Table(title=f"dus search: best of {result_data['distinct_candidates']} candidates ({result_data['evaluations']} evaluations)")
-    for name, justify in (("rank", "right"), ("path", "left"), ("layers", "right"), ("score", "right"), ("file", "left")):
+    healed = any("rungs" in entry for entry in result_data["ranked"])
+    columns = (("rank", "right"), ("path", "left"), ("layers", "right"), ("score", "right"))
+    for name, justify in (*columns, *((("heal steps", "right"),) if healed else ()), ("file", "left")):
         table.add_column(name, justify=justify)
     for entry in result_data["ranked"][:top]:
         candidate = Candidate.from_dict(entry["candidate"])
-        if "rungs" in entry and "perplexity" in entry["metrics"]:
-            steps = entry["metrics"].get("heal_steps", 0)
-            score = f"ppl {entry['metrics']['perplexity']:.4f}" + (f" after {steps} heal steps" if steps else " unhealed")
-        elif "perplexity" in entry["metrics"]:
+        if "perplexity" in entry["metrics"]:
             score = f"ppl {entry['metrics']['perplexity']:.4f}"
         elif "tasks" in entry["metrics"]:
             score = best_text(entry["value"], entry["metrics"])
         else:
             score = f"{entry['value']:.6g}"
-        table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, entry["file"] or "")
+        steps = (str(entry["metrics"].get("heal_steps") or "0 (pruned)"),) if healed else ()
+        table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, *steps, entry["file"] or "")
     console.print(table)

@@ -202,11 +202,11 @@ def heal_schedule(options: SearchOptions):
     if options.score or options.tasks:
         raise DusError("--heal-steps heals candidates and scores perplexity on --data; --score and --tasks are not "
                        "supported with it yet: drop one")
-    from dus.heal.config import load_config
+    from dus.search.healed import check_heal_config
 
     schedule = HealSchedule(options.heal_steps, options.heal_rungs, options.halving, options.heal_config,
                             tuple(sorted(options.heal_set.items())))
-    load_config(schedule.config, dict(schedule.overrides))  # a bad config or override: one line before anything loads
+    check_heal_config(schedule)
     return schedule
 
 
