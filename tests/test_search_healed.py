@@ -168,6 +168,9 @@ def test_the_cli_runs_a_healed_search(space, tmp_path, run_cli):
     ({"heal_set": {"sft.learnin_rate": 1}}, "learnin_rate"),
     ({"heal_steps": 0, "heal_set": {"sft.learning_rate": 1e-3}}, "add --heal-steps N to use it"),
     ({"score": "x.py:f"}, "--score and --tasks are not supported with it"),
+    ({"heal_set": {"data.path": "/nonexistent/heal.jsonl"}}, "/nonexistent/heal.jsonl"),
+    ({"heal_set": {"data.path": "/nonexistent/heal.jsonl"}, "workers": 2}, "/nonexistent/heal.jsonl"),
+    ({"heal_set": {"distill.combine": "route"}}, "a search's candidates have no named teachers"),
 ])
 def test_a_healed_fitness_that_cannot_run_is_one_line_and_writes_nothing(space, tmp_path, overrides, message):
     from dus.search.run import search

@@ -71,6 +71,14 @@ def check_schedule(steps: int, rungs: int, factor: int) -> None:
                        "or fewer rungs")
 
 
+def read_heal_inputs(schedule: HealSchedule, tokenizer):
+    """The heal's data in TRL's shape (dus.heal.run.Inputs), read once per search, before the
+    first candidate: a missing or unreadable data file is one line before any trial."""
+    from dus.heal.run import read_inputs
+
+    return read_inputs(_PlannedModel(None, tokenizer, "float32", Path(".")), load_heal_config(schedule, 1))
+
+
 def check_heal_config(schedule: HealSchedule) -> None:
     """The heal config and overrides read and validated, and one that cannot heal over the
     search's loaded sources refused, each in one line before anything is loaded."""
@@ -81,6 +89,9 @@ def check_heal_config(schedule: HealSchedule) -> None:
                        "lora-seam or a config with a band or LoRA student")
     if not cfg.in_memory:
         raise DusError(f"--heal-config {schedule.config} sets in_memory: false; the search heals in memory only")
+    if cfg.section("distill")["combine"] == "route":
+        raise DusError(f"--heal-config {schedule.config}: distill.combine route sends data to teachers by name, and a "
+                       "search's candidates have no named teachers; use ensemble or best")
 
 
 class _PlannedModel:
@@ -119,16 +130,8 @@ class CandidateHealer:
         self.evaluator, self.schedule = evaluator, schedule
         self.first = ModelDir(first_model)
         self.cache: dict[tuple[str, int], tuple[float, dict, float]] = {}
-        check_heal_config(schedule)
-        self._inputs = None
-
-    def inputs(self, cfg, teachers, mix):
-        """The tokenizer and the data in TRL's shape, read once per search."""
-        if self._inputs is None:
-            from dus.heal.run import read_inputs
-
-            self._inputs = read_inputs(self._planned(None), cfg, teachers, mix)
-        return self._inputs
+        self.inputs = read_heal_inputs(schedule, evaluator.tokenizer)
+        self.fits_checked = False  # some example fits max_length: checked on the first heal (it needs TRL's args)
 
     def _planned(self, plan) -> _PlannedModel:
         return _PlannedModel(plan, self.evaluator.tokenizer, self.first.stored_dtype or "float32", self.first.path)
@@ -177,14 +180,14 @@ def heal_in_memory(healer: CandidateHealer, plan, steps: int, folder: Path):
     cfg = load_heal_config(healer.schedule, steps)
     teachers = plan_teachers(plan) if cfg.mode == "distill" else []
     mix = teacher_mix(cfg.section("distill"), teachers) if teachers else None
-    inputs = healer.inputs(cfg, teachers, mix)
+    inputs = healer.inputs
     use_cpu = accelerator_type() is None
     args = build_sft_config(cfg, folder, "dus-search-heal", use_cpu, extra={"assistant_only_loss": inputs.assistant_only_loss})
-    if not getattr(healer, "_fits_checked", False):
+    if not healer.fits_checked:
         check_some_example_fits(inputs.train_set, inputs.tokenizer, inputs.assistant_only_loss, args.max_length,
                                 args.packing, args.truncation_mode, f"data {inputs.train_data.source}",
                                 getattr(args, "packing_strategy", "bfd"))
-        healer._fits_checked = True
+        healer.fits_checked = True
     run = HealRun(healer._planned(plan), folder, cfg, False, False, None, inputs, args, "dus-search-heal", use_cpu,
                   teachers, mix, [])
     student = _in_memory_student(run, _quiet, sources=healer.evaluator.sources)

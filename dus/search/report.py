@@ -77,11 +77,26 @@ def best_so_far(history: list[dict]) -> list[float | None]:
     return curve
 
 
+# What a ranking of unhealed scores says about healed models, measured (docs/search.md#healed-fitness)
+UNHEALED_NOTE = ("ranked by the unhealed score; healing reorders candidates (SmolLM2 30 -> 44: {measured}), so to choose "
+                 "a recipe you will heal, search with --heal-steps N")
+UNHEALED_MEASURED = "MEASURED"
+
+
+def ranking_note(setup) -> str | None:
+    """The warning a ranking of unhealed perplexities carries (None with the healed fitness,
+    or a score of the user's, which dus cannot speak for)."""
+    if setup.schedule is not None or setup.settings.get("score") != "perplexity":
+        return None
+    return UNHEALED_NOTE.format(measured=UNHEALED_MEASURED)
+
+
 def result(setup, options, history: list[dict], prefix_cache: dict | None = None) -> dict:
     """search.json: `prefix_cache` is the counts of the prefix cache of this command's
     worker(s), summed."""
     ranked = ranking(history)
     return {
+        "note": ranking_note(setup),
         "settings": setup.settings,
         "seed": options.seed,
         "evaluations": len(history),
@@ -257,3 +272,5 @@ def print_best(console, setup, result_data: dict, top: int) -> None:
         steps = (str(entry["metrics"].get("heal_steps") or "0 (pruned)"),) if healed else ()
         table.add_row(str(entry["rank"]), candidate.describe(letters), str(candidate.depth), score, *steps, entry["file"] or "")
     console.print(table)
+    if result_data.get("note"):
+        console.print(f"note: {result_data['note']}", soft_wrap=True, highlight=False)

@@ -300,6 +300,10 @@ def load(setup: Setup, options: SearchOptions, sources: bool = True) -> None:
     dtype = resolve_dtype(options.dtype, first, device)
     setup.settings["dtype"] = str(dtype).removeprefix("torch.")
     if not sources:
+        if setup.schedule is not None:  # the workers read the heal's data; a bad file is one line here first
+            from dus.search.healed import read_heal_inputs
+
+            read_heal_inputs(setup.schedule, tokenizer)
         return
     whole = {"merge_method": "passthrough", "slices": [{"sources": [{"model": p, "layer_range": [0, 1]}]} for p in setup.models]}
     plan = resolve(load_recipe(whole)).plan
