@@ -202,3 +202,11 @@ def test_two_workers_share_one_healed_search(space, tmp_path, run_cli):
     assert len({t.user_attrs["dus_worker"]["pid"] for t in found}) == 2
     data = json.loads((out / "search.json").read_text())
     assert len({c["trial"] for c in data["candidates"]}) == len(data["candidates"]) == states["COMPLETE"] + states["PRUNED"]
+
+
+def test_dry_run_shows_the_heal_schedule(space, tmp_path, run_cli):
+    result = run_cli("search", space / "source", "--data", space / "score.txt", "--depth", "8", "--heal-steps", "9",
+                     "--heal-rungs", "2", "--dry-run", "-o", tmp_path / "dry")
+    assert result.code == 0, result
+    assert "healed fitness" in result.stdout and "heal steps 3, 9" in result.stdout
+    assert not (tmp_path / "dry").exists()

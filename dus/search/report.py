@@ -243,6 +243,10 @@ def print_space(console, setup) -> None:
     table.add_row("genes", f"{space.dimension}: " + ", ".join(space.gene_names()))
     table.add_row("candidates", f"at most {space.size():,}")
     table.add_row("optimizer", f"{setup.settings['optimizer']} (seed {setup.settings['seed']})")
+    if setup.schedule is not None:
+        steps = ", ".join(str(setup.schedule.heal_steps(k)) for k in range(1, setup.schedule.rungs + 1))
+        table.add_row("healed fitness", f"heal steps {steps} ({setup.schedule.config}); 1 in {setup.schedule.factor} "
+                                        "trials goes on at each rung (successive halving)")
     console.print(table)
 
 
