@@ -100,7 +100,8 @@ def test_a_healed_score_equals_the_candidate_built_and_healed_on_disk(space, sea
     assert value != best["rungs"][0]  # the heal changed the score: the comparison is not of two unhealed models
 
 
-def test_the_sources_come_out_of_a_heal_as_they_went_in(space):
+@pytest.mark.parametrize("config", ["heal", "lora-seam"])
+def test_the_sources_come_out_of_a_heal_as_they_went_in(space, config):
     """A candidate's unhealed score after another candidate was healed over the same loaded
     sources is bitwise its score before; no source tensor changed."""
     from dus.assemble import load_sources
@@ -119,7 +120,7 @@ def test_the_sources_come_out_of_a_heal_as_they_went_in(space):
     tokenizer = ModelDir(source).tokenizer()
     ids = tokenize_stream(tokenizer, read_text(space / "score.txt"), 256)
     evaluator = Evaluator(sources, tokenizer, PerplexityScorer([ids], 64, 64), prefix_budget=0)
-    schedule = HealSchedule(3, 1, 2, "heal", tuple(sorted({**HEAL, "data.path": str(space / "prose.txt")}.items())))
+    schedule = HealSchedule(3, 1, 2, config, tuple(sorted({**HEAL, "data.path": str(space / "prose.txt")}.items())))
     healer = CandidateHealer(evaluator, schedule, space / "source")
     solar = canonical([Segment(source, 0, 4), Segment(source, 2, 6)])
     other = canonical([Segment(source, 0, 3), Segment(source, 1, 6, 0.7)])
