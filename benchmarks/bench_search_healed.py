@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--winner", default=TPE_WINNER, help="the searched path, as search-heldout.json writes it")
     parser.add_argument("--name", default="search tpe best (20 minutes)", help="the winner's row name")
     parser.add_argument("--skip-solar", action="store_true", help="keep SOLAR's row from the results file")
+    parser.add_argument("--skip-winner", action="store_true", help="keep the winner's row from the results file")
     parser.add_argument("--steps", type=int, default=None, help="heal steps (default: the default heal's)")
     parser.add_argument("--tokens", type=int, default=512, help="held-out tokens per file (bench_search heldout's)")
     parser.add_argument("--window", type=int, default=1024)
@@ -95,6 +96,8 @@ def main(argv=None) -> None:
     kept = json.loads(out_file.read_text())["rows"] if out_file.is_file() else []
     if args.skip_solar:
         recipes.pop("solar trim 8")
+    if args.skip_winner:
+        recipes.pop(args.name)
     rows = [row for row in kept if row["model"] not in recipes]
     for name, candidate in recipes.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name)
