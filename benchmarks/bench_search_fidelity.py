@@ -9,12 +9,19 @@ the README, and --random draws of the space (optuna's random sampler, --seed).
 
 Writes benchmarks/results/search-fidelity.json (every candidate's two scores, Spearman's
 and Kendall's rank correlations) and docs/search-fidelity.png (healed against unhealed).
+With --search DIR (a `dus search --heal-steps` run on the same tokens and heal), the
+candidates that search healed are added as a second set with their own correlation: the
+question there is whether the unhealed score orders the promising candidates, the ones a
+pruner lets heal. --replot redoes the file and plot from the results already written.
+
+    python benchmarks/bench_search_fidelity.py --replot --search runs/healed
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -43,7 +50,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=768)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=RESULTS / "search-fidelity.json")
+    parser.add_argument("--search", type=Path, help="a `dus search --heal-steps` output directory (or its search.json) to add")
+    parser.add_argument("--replot", action="store_true", help="no measuring: rewrite from --out's rows")
     args = parser.parse_args(argv)
+    if args.replot:
+        old = json.loads(args.out.read_text())
+        args.heal_steps, args.heal_set = old["heal"]["steps"], [f"{k}={v}" for k, v in old["heal"]["overrides"].items()]
+        print(json.dumps(write(args, old["rows"])["correlation"]))
+        return
 
     import optuna
     import torch
@@ -95,38 +109,87 @@ def main(argv=None) -> None:
                      "healed_perplexity": metrics["perplexity"], "calibration": metrics["calibration"],
                      "final_loss": metrics["final_loss"], "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(rows[-1]), flush=True)
-        write(args, schedule, rows)
-    print(json.dumps(write(args, schedule, rows)["correlation"]))
+        write(args, rows)
+    print(json.dumps(write(args, rows)["correlation"]))
 
 
-def write(args, schedule, rows: list[dict]) -> dict:
+def searched_rows(directory: Path, args) -> list[dict]:
+    """The candidates a healed-fitness search healed (rung 1), as rows: only a search of the
+    same heal (steps and overrides) on the same tokens measures the same thing."""
+    data = json.loads((directory if directory.is_file() else directory / "search.json").read_text())
+    healed = data["settings"].get("healed") or {}
+    overrides = {k: str(v) for k, v in dict(healed.get("overrides") or {}).items()}
+    wanted = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in args.heal_set}
+    if healed.get("steps", [None])[-1] != args.heal_steps or overrides != wanted or data["settings"]["max_tokens"] != args.tokens:
+        raise SystemExit(f"{directory}: its heal ({healed}) or tokens differ from this benchmark's; add a search of the same ones")
+    rows = []
+    for entry in data["candidates"]:
+        if len(entry.get("rungs") or []) > 1:
+            unhealed, value = entry["rungs"][0], entry["rungs"][1]
+            rows.append({"name": f"searched {entry['i']}", "unhealed": unhealed, "unhealed_perplexity": math.exp(unhealed),
+                         "healed": value, "healed_perplexity": math.exp(value)})
+    return rows
+
+
+def write(args, rows: list[dict]) -> dict:
     result = {"model": str(args.model.name), "tokens": args.tokens, "window": args.window, "text": "data/text/dev/*.txt",
-              "heal": {"steps": args.heal_steps, "config": "heal (the default)", "overrides": dict(schedule.overrides)},
-              "rows": rows}
+              "heal": {"steps": args.heal_steps, "config": "heal (the default)",
+                       "overrides": dict(parse_pair(item) for item in args.heal_set)}, "rows": rows}
+    searched = searched_rows(args.search, args) if args.search else []
+    if searched:
+        result["searched"] = {"search": str(args.search.resolve().relative_to(REPO)) if args.search.resolve().is_relative_to(REPO)
+                              else str(args.search), "rows": searched,
+                              "correlation": rank_correlations([r["unhealed"] for r in searched],
+                                                               [r["healed"] for r in searched])}
     if len(rows) >= 3:
         result["correlation"] = rank_correlations([r["unhealed"] for r in rows], [r["healed"] for r in rows])
-        plot(rows, result["correlation"], args.heal_steps)
+        plot(rows, result["correlation"], args.heal_steps, result.get("searched"))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def plot(rows: list[dict], correlation: dict, steps: int) -> None:
+def parse_pair(item: str) -> tuple[str, object]:
+    key, value = item.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def plot(rows: list[dict], correlation: dict, steps: int, searched: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    figure, panels = plt.subplots(1, 2 if searched else 1, figsize=(11 if searched else 6, 4.5), squeeze=False)
+    axes = panels[0][0]
     for row in rows:
         colour = "C3" if row["name"].startswith("solar") else ("C1" if row["name"].startswith("tpe") else "C0")
         axes.scatter(row["unhealed_perplexity"], row["healed_perplexity"], color=colour, s=22)
-        axes.annotate(row["name"].replace("random ", "r"), (row["unhealed_perplexity"], row["healed_perplexity"]),
+        axes.annotate(row["name"].replace("random ", "r").replace(" evaluations", ""),
+                      (row["unhealed_perplexity"], row["healed_perplexity"]),
                       fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xscale("log")
     axes.set_xlabel("unhealed perplexity (dev tokens)")
     axes.set_ylabel(f"perplexity after {steps} heal steps")
-    axes.set_title(f"SmolLM2 30 -> 44: Spearman {correlation['spearman']:.2f}, Kendall {correlation['kendall']:.2f}")
+    axes.set_title(f"named and random paths: Spearman {correlation['spearman']:.2f}, Kendall {correlation['kendall']:.2f}",
+                   fontsize=10)
     axes.grid(alpha=0.3)
+    if searched:
+        zoom = panels[0][1]
+        points = searched["rows"]
+        zoom.scatter([r["unhealed_perplexity"] for r in points], [r["healed_perplexity"] for r in points], color="C2", s=22,
+                     label="healed by the search (its top third)")
+        for row in points:
+            zoom.annotate(row["name"].replace("searched ", "#"), (row["unhealed_perplexity"], row["healed_perplexity"]),
+                          fontsize=7, xytext=(3, 3), textcoords="offset points")
+        zoom.set_xlabel("unhealed perplexity (dev tokens)")
+        zoom.set_ylabel(f"perplexity after {steps} heal steps")
+        found = searched["correlation"]
+        zoom.set_title(f"the candidates a --heal-steps search healed: Spearman {found['spearman']:.2f}", fontsize=10)
+        zoom.grid(alpha=0.3)
+    figure.suptitle("SmolLM2 30 -> 44: does the unhealed score predict the healed one?", fontsize=11)
     figure.tight_layout()
     figure.savefig(REPO / "docs" / "search-fidelity.png", dpi=110)
     plt.close(figure)

@@ -154,6 +154,7 @@ def test_the_cli_runs_a_healed_search(space, tmp_path, run_cli):
     assert result.code == 0, result
     data = json.loads((out / "search.json").read_text())
     assert data["settings"]["healed"]["steps"] == [2] and data["ranked"][0]["rung"] == 1
+    assert data["note"] is None and "note:" not in result.stdout  # a healed ranking needs no warning
     assert "heal steps" in result.stdout  # the table's column of how long each ranked candidate healed
     assert ("(pruned)" in result.stdout) == any(entry["rung"] == 0 for entry in data["ranked"])
 

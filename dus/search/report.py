@@ -80,7 +80,9 @@ def best_so_far(history: list[dict]) -> list[float | None]:
 # What a ranking of unhealed scores says about healed models, measured (docs/search.md#healed-fitness)
 UNHEALED_NOTE = ("ranked by the unhealed score; healing reorders candidates (SmolLM2 30 -> 44: {measured}), so to choose "
                  "a recipe you will heal, search with --heal-steps N")
-UNHEALED_MEASURED = "MEASURED"
+UNHEALED_MEASURED = ("Spearman 0.90 between unhealed and 10-step-healed perplexity over 10 paths scoring 50 to 3,122, "
+                     "but -0.04 over the 7 best of 27 that a --heal-steps search healed; "
+                     "benchmarks/results/search-fidelity.json")
 
 
 def ranking_note(setup) -> str | None:
