@@ -78,11 +78,12 @@ def best_so_far(history: list[dict]) -> list[float | None]:
 
 
 # What a ranking of unhealed scores says about healed models, measured (docs/search.md#healed-fitness)
-UNHEALED_NOTE = ("ranked by the unhealed score; healing reorders candidates (SmolLM2 30 -> 44: {measured}), so to choose "
-                 "a recipe you will heal, search with --heal-steps N")
+UNHEALED_NOTE = ("ranked by the unhealed score, which does not predict the healed one among good candidates "
+                 "(SmolLM2 30 -> 44: {measured}); for a model you will heal, the cheapest sensible recipe healed did as "
+                 "well, or search with --heal-steps N")
 UNHEALED_MEASURED = ("Spearman 0.90 between unhealed and 10-step-healed perplexity over 10 paths scoring 50 to 3,122, "
-                     "but -0.04 over the 7 best of 27 that a --heal-steps search healed; "
-                     "benchmarks/results/search-fidelity.json")
+                     "but -0.04 over the 7 best of 27 that a --heal-steps search healed; after the default heal "
+                     "SOLAR's trim and three searched paths ended within 0.8% of one another: docs/search.md#healed-fitness")
 
 
 def ranking_note(setup) -> str | None:
