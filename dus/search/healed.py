@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dus.errors import DusError
 
+
 @dataclass(frozen=True)
 class HealSchedule:
     """The rungs of the healed fitness: `steps` heal steps at the top rung, `rungs` healed
