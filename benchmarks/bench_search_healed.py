@@ -43,11 +43,13 @@ def parse_path(text: str, model: str):
     return canonical(segments)
 
 
-def heal(built: Path, out: Path, steps: int | None, threads: int) -> dict:
+def heal(built: Path, out: Path, steps: int | None, threads: int, seed: int | None = None) -> dict:
     """The default heal as a user runs it, in its own process (its own memory, one thread)."""
     command = [sys.executable, "-m", "dus", "heal", str(built), "-o", str(out), "--force", "--report-to", "none"]
     if steps:
         command += ["--steps", str(steps)]
+    if seed is not None:  # the trainer's seed: the order of the heal's batches
+        command += ["--set", f"sft.seed={seed}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=REPO)
@@ -68,7 +70,11 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="held-out tokens per file (bench_search heldout's)")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the heal's seed (sft.seed; default the config's): rows are named NAME (seed N), "
+                             "to measure how much a heal's batch order alone moves the result")
     parser.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-search-healed")
+    parser.add_argument("--out", type=Path, default=RESULTS / "search-healed.json", help="the results file (rows kept)")
     args = parser.parse_args(argv)
 
     import torch
@@ -92,18 +98,20 @@ def main(argv=None) -> None:
 
     base = perplexity(model_dir.path)
     recipes = {"solar trim 8": solar(model, model_dir.num_layers, 8), args.name: parse_path(args.winner, model)}
-    out_file = RESULTS / "search-healed.json"
+    out_file = args.out
     kept = json.loads(out_file.read_text())["rows"] if out_file.is_file() else []
     if args.skip_solar:
         recipes.pop("solar trim 8")
     if args.skip_winner:
         recipes.pop(args.name)
+    if args.seed is not None:
+        recipes = {f"{name} (seed {args.seed})": candidate for name, candidate in recipes.items()}
     rows = [row for row in kept if row["model"] not in recipes]
     for name, candidate in recipes.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name)
         built, healed = args.workdir / f"{slug}-built", args.workdir / f"{slug}-healed"
         build_model(candidate.recipe(), built, force=True)
-        record = heal(built, healed, args.steps, args.threads)
+        record = heal(built, healed, args.steps, args.threads, args.seed)
         unhealed_ppl, healed_ppl = perplexity(built), perplexity(healed)
         rows.append({"model": name, "path": candidate.describe({model: "S"}), "unhealed": unhealed_ppl,
                      "healed": healed_ppl, "seam_cost_unhealed": unhealed_ppl / base - 1,
