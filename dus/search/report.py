@@ -83,7 +83,8 @@ UNHEALED_NOTE = ("ranked by the unhealed score, which does not predict the heale
                  "well, or search with --heal-steps N")
 UNHEALED_MEASURED = ("Spearman 0.90 between unhealed and 10-step-healed perplexity over 10 paths scoring 50 to 3,122, "
                      "but -0.04 over the 7 best of 27 that a --heal-steps search healed; after the default heal "
-                     "SOLAR's trim and three searched paths ended within 0.8% of one another: docs/search.md#healed-fitness")
+                     "SOLAR's trim and three searched paths ended within 0.8% of one another, about as far as a heal's seed moves one (0.6-1.0%): "
+                     "docs/search.md#healed-fitness")
 
 
 def ranking_note(setup) -> str | None:
