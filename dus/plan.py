@@ -10,7 +10,6 @@ read the seams and new blocks back from the manifest.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 MANIFEST_NAME = "dus-manifest.json"
 

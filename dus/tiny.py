@@ -8,7 +8,6 @@ license) that `dus build` treats exactly like a downloaded checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dus.architectures import ADAPTERS

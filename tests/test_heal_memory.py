@@ -154,7 +154,7 @@ def test_a_healed_model_heals_again_from_its_checkpoint(space, tmp_path):
 
 def test_a_resumed_in_memory_band_heal_ends_where_an_uninterrupted_one_does(space, tmp_path):
     settings = {"sft.lr_scheduler_type": "constant", "sft.save_steps": 2, "calibrate.factors": [0.7]}
-    whole = run(space, tmp_path / "whole", **settings, **{"sft.max_steps": 4})
+    run(space, tmp_path / "whole", **settings, **{"sft.max_steps": 4})
     run(space, tmp_path / "resumed", **settings, **{"sft.max_steps": 2})
     checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_dir()
