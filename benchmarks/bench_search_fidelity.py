@@ -118,9 +118,9 @@ def searched_rows(directory: Path, args) -> list[dict]:
     same heal (steps and overrides) on the same tokens measures the same thing."""
     data = json.loads((directory if directory.is_file() else directory / "search.json").read_text())
     healed = data["settings"].get("healed") or {}
-    overrides = {k: str(v) for k, v in dict(healed.get("overrides") or {}).items()}
-    wanted = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in args.heal_set}
-    if healed.get("steps", [None])[-1] != args.heal_steps or overrides != wanted or data["settings"]["max_tokens"] != args.tokens:
+    wanted = heal_overrides(args)
+    if healed.get("steps", [None])[-1] != args.heal_steps or dict(healed.get("overrides") or {}) != wanted \
+            or data["settings"]["max_tokens"] != args.tokens:
         raise SystemExit(f"{directory}: its heal ({healed}) or tokens differ from this benchmark's; add a search of the same ones")
     rows = []
     for entry in data["candidates"]:
@@ -134,7 +134,7 @@ def searched_rows(directory: Path, args) -> list[dict]:
 def write(args, rows: list[dict]) -> dict:
     result = {"model": str(args.model.name), "tokens": args.tokens, "window": args.window, "text": "data/text/dev/*.txt",
               "heal": {"steps": args.heal_steps, "config": "heal (the default)",
-                       "overrides": dict(parse_pair(item) for item in args.heal_set)}, "rows": rows}
+                       "overrides": heal_overrides(args)}, "rows": rows}
     searched = searched_rows(args.search, args) if args.search else []
     if searched:
         result["searched"] = {"search": str(args.search.resolve().relative_to(REPO)) if args.search.resolve().is_relative_to(REPO)
@@ -148,12 +148,11 @@ def write(args, rows: list[dict]) -> dict:
     return result
 
 
-def parse_pair(item: str) -> tuple[str, object]:
-    key, value = item.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+def heal_overrides(args) -> dict:
+    """--heal-set as `dus search --heal-set` reads it (values as YAML)."""
+    from dus.heal.config import parse_set_option
+
+    return dict(parse_set_option(item) for item in args.heal_set)
 
 
 def plot(rows: list[dict], correlation: dict, steps: int, searched: dict | None) -> None:

@@ -98,8 +98,7 @@ def main(argv=None) -> None:
 
     base = perplexity(model_dir.path)
     recipes = {"solar trim 8": solar(model, model_dir.num_layers, 8), args.name: parse_path(args.winner, model)}
-    out_file = args.out
-    kept = json.loads(out_file.read_text())["rows"] if out_file.is_file() else []
+    kept = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     if args.skip_solar:
         recipes.pop("solar trim 8")
     if args.skip_winner:
@@ -120,7 +119,7 @@ def main(argv=None) -> None:
     result = {"text": [str(f.relative_to(REPO)) for f in files], "tokens_per_file": args.tokens,
               "window": args.window, "heal": "the default (dus heal MODEL -o OUT)" + (f", --steps {args.steps}" if args.steps else ""),
               "source_perplexity": base, "rows": rows}
-    out_file.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'':18s} {'path':40s} {'unhealed':>9s} {'healed':>9s}  seam cost before -> after")
     for row in rows:
         print(f"{row['model']:18s} {row['path']:40s} {row['unhealed']:9.3f} {row['healed']:9.3f}  "

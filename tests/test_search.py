@@ -430,7 +430,7 @@ def test_the_found_recipe_builds_into_the_model_the_search_scored(tiny_models, t
     assert sorted(p.name for p in out.iterdir()) == ["optuna-journal.log", "rank-1.yaml", "rank-2.yaml", "search.json", "search.png"]
     data = json.loads((out / "search.json").read_text())
     assert data["seed"] == 0 and data["settings"]["optimizer"] == "tpe" and len(data["candidates"]) == 12
-    # an unhealed ranking says that healing reorders it, with the measured numbers, on screen and in the file
+    # an unhealed ranking says it does not predict the healed one, with the measured numbers, on screen and in the file
     assert "--heal-steps" in data["note"] and "MEASURED" not in data["note"]
     assert "note: ranked by the unhealed score" in result.stdout
     best = data["ranked"][0]

@@ -201,8 +201,7 @@ def plot(path: Path, setup, result_data: dict) -> None:
         curve.set_ylabel(f"best mean {best['metrics']['metric']} so far (lm-eval)")
     else:
         curve.set_ylabel("best perplexity so far" if "perplexity" in best["metrics"] else "best score so far (minimised)")
-    schedule = getattr(setup, "schedule", None)
-    curve.set_title("best so far" if schedule is None else f"best so far, after {schedule.steps} heal steps")
+    curve.set_title("best so far" if setup.schedule is None else f"best so far, after {setup.schedule.steps} heal steps")
     curve.grid(alpha=0.3)
     colours = {model: f"C{i}" for i, model in enumerate(setup.models)}
     for model in setup.models:
