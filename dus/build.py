@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from dus.checkpoint import atomic_directory, replace_only_dus_outputs
 from dus.config_rewrite import has_layer_fields, output_config, write_config
 from dus.errors import DusError
-from dus.hashing import checked_before, remember_checked, sha256_file
+from dus.hashing import checked_before, file_digest, remember_checked
 from dus.plan import LayerPlan
 from dus.recipe import Recipe, load_recipe
 from dus.resolve import resolve
@@ -56,10 +56,13 @@ def build_model(
     dry_run: bool = False,
     show_progress: bool = False,
     beside_copy: tuple = (),
+    verify_hashes: bool | None = None,
 ) -> BuildResult:
     """Resolve `recipe` and, unless `dry_run`, write the model into `output`.
     `beside_copy`: functions (of no arguments) the caller needs run later, run by the
-    helper threads while the kernel copies (the CLI imports its printer there)."""
+    helper threads while the kernel copies (the CLI imports its printer there).
+    `verify_hashes`: hash every source file's bytes, even those the hub cache names by
+    their sha256 (default: DUS_VERIFY_HASHES, dus.hashing)."""
     try:
         max_shard = parse_size(shard_size)
     except ValueError as error:
@@ -70,19 +73,34 @@ def build_model(
     # tokenizer.json (megabytes of JSON) is parsed beside the copy, which it stops if damaged
     later = () if dry_run else ("tokenizer.json",)
     resolved.warnings.extend(check_tokenizer_files(sources[plan.tokenizer_from].path, skip=later))
+    sources_read = [source.path for source in sources.values()]
+    if output is not None:  # a dry run with -o refuses the -o the build would refuse
+        check_build_output(Path(output), force, sources_read)
     if dry_run:
         return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
     if output is None:
         raise DusError("no output directory given; add -o DIR")
     output = Path(output)
-    sources_read = [source.path for source in sources.values()]
     with atomic_directory(output, replace_only_dus_outputs(force, sources_read)) as temporary:
         manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress,
-                                   beside_copy)
+                                   beside_copy, verify_hashes)
     return BuildResult(plan=plan, output=output, warnings=resolved.warnings, manifest=manifest, bytes_written=written)
 
 
-def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool, beside_copy=()):
+def check_build_output(output: Path, force: bool, sources_read: list) -> None:
+    """What the build refuses of -o, checked before any work (and by --dry-run): a path
+    that is, is inside or holds a source, and an existing path it may not replace."""
+    from dus.checkpoint import check_outside_models
+
+    check_outside_models(output, sources_read, "-o")
+    if output.exists() or output.is_symlink():
+        why_not = replace_only_dus_outputs(force, sources_read)(output)
+        if why_not:
+            raise DusError(why_not)
+
+
+def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool, beside_copy=(),
+           verify_hashes: bool | None = None):
     tensors = layout(plan, sources)
     total = sum(tensor.nbytes for tensor in tensors)
     used = _files_read(plan, sources)
@@ -100,7 +118,7 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         records_future = helpers.submit(_source_records, sources, directory)
         checks.append(records_future)
         checks += [helpers.submit(function) for function in beside_copy]
-        hashes = _Hashes(used)
+        hashes = _Hashes(used, verify_hashes)
         digests = hashes.futures
         try:
             with _progress_bar(total, show_progress) as advance, _switch_interval(SWITCH_INTERVAL):
@@ -116,9 +134,10 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
         write_config(config, directory, validate=has_layer_fields(config, sources[plan.config_from]))
         source_records = records_future.result()
         for name, source in sources.items():
-            source_records[name]["files"] = {
-                str(path.relative_to(source.path)): digests[path].result() for path in used if path.parent == source.path
-            }
+            mine = {str(path.relative_to(source.path)): digests[path].result() for path in used if path.parent == source.path}
+            source_records[name]["files"] = {relative: digest for relative, (digest, _) in mine.items()}
+            # which digests are the hub cache's blob names (not read) and which dus computed
+            source_records[name]["sha256_from"] = {relative: origin for relative, (_, origin) in mine.items()}
     from dus.manifest import build_manifest, model_card, write_manifest
 
     manifest = build_manifest(
@@ -131,12 +150,12 @@ def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, sho
 
 
 class _Hashes:
-    """sha256 of the files a build read, largest first: one helper thread hashes while the
+    """sha256 of the files a build read (each as (digest, origin), dus.hashing.file_digest), largest first: one helper thread hashes while the
     kernel copies (the copy has the other core to itself), and the build's own thread
     takes the files still waiting once its copy is done. Two hashing threads beside the
     copy left three busy threads on two cores, each slowed by the others."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], verify: bool | None = None):
         def size(path: Path) -> int:
             try:
                 return path.stat().st_size
@@ -144,6 +163,7 @@ class _Hashes:
                 return 0  # hashing it reports the error
 
         self._waiting = sorted(paths, key=size, reverse=True)
+        self._verify = verify
         self._lock = threading.Lock()
         self.futures: dict[Path, Future] = {path: Future() for path in paths}
         self._thread = threading.Thread(target=self._hash_waiting, name="dus-sha256", daemon=True)
@@ -158,7 +178,7 @@ class _Hashes:
             future = self.futures[path]
             future.set_running_or_notify_cancel()
             try:
-                future.set_result(sha256_file(path))
+                future.set_result(file_digest(path, self._verify))
             except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
                 future.set_exception(error)
 

@@ -1,9 +1,12 @@
 """sha256 of source files, for provenance, without paying for it twice.
 
-Hashes are cached by (path, size, mtime), and a file in the Hugging Face hub cache is a
-symlink to a blob named by its sha256, which is used as is. The same cache remembers
-checks a file passed (a tokenizer.json that parses), keyed alike. The build hashes in a
-background thread while the kernel copies bytes, so on two cores the two overlap.
+Hashes are cached by (path, size, mtime). A safetensors file in the Hugging Face hub
+cache is a symlink into `models--ORG--NAME/blobs/`, to a blob named by its sha256 (the hub
+checked the download against it): after cheap checks (hub_cache_digest) that name is the
+digest, and the file is not read. `DUS_VERIFY_HASHES=1` (or `dus build --verify-hashes`)
+reads and hashes every file anyway. The same cache remembers checks a file passed (a
+tokenizer.json that parses), keyed alike. The build hashes in a background thread while
+the kernel copies bytes, so on two cores the two overlap.
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import struct
 import threading
 from pathlib import Path
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 HASH_BUFFER = 1 << 20
+VERIFY_ENV = "DUS_VERIFY_HASHES"
+# where a digest came from, as the manifest records it
+HUB_CACHE = "hub-cache"  # the name of the hub cache's blob (the file was not read)
+COMPUTED = "computed"  # sha256 of the bytes, by dus (now, or cached from an earlier read of this size and mtime)
 _lock = threading.Lock()
 
 
@@ -69,17 +78,71 @@ def remember_checked(path: Path, check: str) -> None:
         pass
 
 
-def sha256_file(path: Path) -> str:
+def verify_requested() -> bool:
+    """DUS_VERIFY_HASHES set (not empty, not 0): every command hashes the bytes of the
+    files it checks or records, trusting neither the hub cache's names nor dus's cache."""
+    return os.environ.get(VERIFY_ENV, "").strip() not in ("", "0")
+
+
+def safetensors_extent(path: Path) -> int | None:
+    """The size a safetensors file's header implies (8 + header length + the largest data
+    end offset), or None when the header does not parse."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) != 8:
+                return None
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100 * 1024 * 1024:
+                return None
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if not all(isinstance(end, int) and not isinstance(end, bool) and end >= 0 for end in ends):
+        return None
+    return 8 + length + max(ends, default=0)
+
+
+def hub_cache_digest(path: Path) -> str | None:
+    """The sha256 of a safetensors file in the Hugging Face hub cache, from its blob's name,
+    without reading its data: `path` is a symlink that resolves to a regular file named by
+    64 hex digits in a `blobs` directory, beside `snapshots` in a `models--*` directory,
+    whose size is the one its safetensors header implies. None otherwise (the caller
+    hashes the file): a link elsewhere, another kind of file, or a blob whose size does
+    not match (cut short, or something appended)."""
     path = Path(path)
-    if path.is_symlink():
-        target = Path(os.readlink(path)).name
-        if HEX64.match(target):
-            return target
+    if path.suffix != ".safetensors" or not path.is_symlink():
+        return None
+    try:
+        real = path.resolve(strict=True)
+        info = os.stat(real)
+    except (OSError, RuntimeError):
+        return None
+    repo = real.parent.parent
+    if not (HEX64.match(real.name) and real.parent.name == "blobs" and repo.name.startswith("models--")
+            and (repo / "snapshots").is_dir() and stat.S_ISREG(info.st_mode)):
+        return None
+    if safetensors_extent(real) != info.st_size:
+        return None
+    return real.name
+
+
+def file_digest(path: Path, verify: bool | None = None) -> tuple[str, str]:
+    """(sha256, where it came from: HUB_CACHE or COMPUTED). `verify` (default: DUS_VERIFY_HASHES)
+    reads and hashes the file whatever the hub cache names it and dus's cache remembers."""
+    path = Path(path)
+    if verify is None:
+        verify = verify_requested()
+    if not verify:
+        named = hub_cache_digest(path)
+        if named:
+            return named, HUB_CACHE
     real = path.resolve()
     key = _key(real)
-    cached = _load_cache().get(key)
+    cached = None if verify else _load_cache().get(key)
     if cached:
-        return cached
+        return cached, COMPUTED
     import hashlib  # only now: a build whose sources are all cached never loads OpenSSL
 
     digest = hashlib.sha256()
@@ -92,4 +155,9 @@ def sha256_file(path: Path) -> str:
             digest.update(view[:count])
     result = digest.hexdigest()
     _store(key, result)
-    return result
+    return result, COMPUTED
+
+
+def sha256_file(path: Path, verify: bool | None = None) -> str:
+    """The file's sha256 (file_digest without where it came from)."""
+    return file_digest(path, verify)[0]

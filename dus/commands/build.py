@@ -20,6 +20,7 @@ def run(
     dtype: Optional[str] = None,
     dry_run: bool = False,
     quiet: bool = False,
+    verify_hashes: bool = False,
 ) -> None:
     """`dus build` itself, with its arguments parsed (by typer, or by dus.cli for a plain
     command line, without importing typer)."""
@@ -40,7 +41,8 @@ def run(
     plain = _plain_stdout()
     result = build_model(parsed, output, force=force, shard_size=shard_size, dry_run=dry_run,
                          show_progress=not quiet and sys.stderr.isatty(),
-                         beside_copy=() if quiet or plain else (_import_rich,))
+                         beside_copy=() if quiet or plain else (_import_rich,),
+                         verify_hashes=True if verify_hashes else None)
     if quiet and not result.warnings and not dry_run:
         return  # nothing to print: rich is not even imported
     if plain and not result.warnings and not dry_run:
@@ -120,8 +122,9 @@ def register(app) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); overrides the recipe."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan and write nothing."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (shown only on a terminal) or summary."),
+        verify_hashes: bool = typer.Option(False, "--verify-hashes", help="Hash every source file, even those the Hugging Face hub cache names by their sha256 (also: DUS_VERIFY_HASHES=1)."),
     ) -> None:
         """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
-        run(recipe, output, solar, trim, force, shard_size, dtype, dry_run, quiet)
+        run(recipe, output, solar, trim, force, shard_size, dtype, dry_run, quiet, verify_hashes)
 
     app.command("build")(build)
