@@ -212,7 +212,7 @@ def _run_typer(argv: list[str]) -> None:
     except no_args:  # bare `dus`: the help (printed as the error was made), as before
         sys.exit(2)
     except clicks.ClickException as error:
-        print(f"dus: error: {usage_line(error)}", file=sys.stderr)
+        print(f"dus: error: {usage_line(error, _command_of(app, argv))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except typer.Abort:
         print("Aborted!", file=sys.stderr)
@@ -230,9 +230,17 @@ def _click_exceptions():
     return exceptions
 
 
-def usage_line(error) -> str:
+def _command_of(app, argv: list[str]) -> str:
+    """`dus COMMAND` when the command line names one of the app's commands, else `dus`."""
+    names = {info.name for info in app.registered_commands if info.name}
+    return f"dus {argv[0]}" if argv and argv[0] in names else "dus"
+
+
+def usage_line(error, command: str = "dus") -> str:
     """A click usage error (unknown option, missing argument, bad value) on one line, with
-    where to find the help: `No such option: --foo (see dus build --help)`."""
+    where to find the help: `No such option: --foo (see dus build --help)`. An error click
+    raises while it parses a command's options has no context: `command` (the command the
+    line names) is the help to point to then, as it is for the errors that have one."""
     message = " ".join(error.format_message().split())
     ctx = getattr(error, "ctx", None)
-    return f"{message} (see {ctx.command_path if ctx is not None else 'dus'} --help)"
+    return f"{message} (see {ctx.command_path if ctx is not None else command} --help)"

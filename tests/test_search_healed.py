@@ -163,7 +163,7 @@ def test_the_cli_runs_a_healed_search(space, tmp_path, run_cli):
     ({"heal_steps": -3}, "--heal-steps -3: give at least 1 heal step"),
     ({"heal_rungs": 0}, "--heal-rungs 0: give at least 1 healed rung"),
     ({"halving": 1}, "--halving 1: successive halving keeps 1 in FACTOR"),
-    ({"heal_steps": 2, "heal_rungs": 3}, "the lowest rung would heal 0.5 steps"),
+    ({"heal_steps": 2, "heal_rungs": 3}, "the lowest rung would heal less than 1 step"),
     ({"optimizer": "cma"}, "--heal-steps with --optimizer cma"),
     ({"heal_config": "qlora"}, "cannot run there"),
     ({"heal_config": "full"}, "cannot run there"),
@@ -182,6 +182,24 @@ def test_a_healed_fitness_that_cannot_run_is_one_line_and_writes_nothing(space, 
         search([str(space / "source")], options(space, out, **overrides))
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("steps, rungs, halving, most", [
+    (2, 1000, 3, 1), (2, 3, 2, 2), (8, 3, 3, 2), (10 ** 6, 10 ** 9, 2, 20), (1, 2, 10 ** 40, 1),
+])
+def test_a_schedule_of_too_many_rungs_is_refused_with_a_readable_bound(steps, rungs, halving, most):
+    """However many rungs are asked for (--heal-rungs 1000 once printed a 477-digit step count),
+    the refusal names the most rungs the steps allow and stays a short line; that bound is
+    exact: one rung more is refused, it itself is accepted."""
+    from dus.search.healed import check_schedule
+
+    with pytest.raises(DusError) as error:
+        check_schedule(steps, rungs, halving)
+    line = str(error.value)
+    assert f"give --heal-rungs {most} or fewer" in line and len(line) < 300, line
+    check_schedule(steps, most, halving)
+    with pytest.raises(DusError):
+        check_schedule(steps, most + 1, halving)
 
 
 def test_two_workers_share_one_healed_search(space, tmp_path, run_cli):

@@ -77,10 +77,22 @@ def heal(
     if epochs is not None:
         overrides["sft.num_train_epochs"] = epochs
         overrides["sft.max_steps"] = max_steps if max_steps is not None else -1
+    # where each override came from, for an error about its value (never the shipped defaults)
+    options = {"mode": "--mode", "data.path": "--data", "data.format": "--format", "data.eval_path": "--eval-data",
+               "sft.learning_rate": "--lr", "sft.per_device_train_batch_size": "--batch-size",
+               "sft.max_length": "--max-length", "lora.r": "--lora-r", "seam.radius": "--radius",
+               "sft.report_to": "--report-to", "sft.seed": "--seed", "sft.save_steps": "--save-steps",
+               "merge": "--merge/--no-merge", "sft.max_steps": "--steps", "sft.num_train_epochs": "--epochs"}
+    origins = {key: options[key] for key in overrides if key in options}
     for item in settings:
         key, value = parse_set_option(item)
         overrides[key] = value
-    cfg = load_config(config, overrides)
+        origins[key] = f"--set {item.strip()}"
+    if config is None:
+        from dus.heal.config import default_config_for
+
+        config = default_config_for(model)
+    cfg = load_config(config, overrides, origins)
     result = run_heal(model, output, cfg, resume=resume, force=force, teacher=list(teacher) or None)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     if is_main_process():

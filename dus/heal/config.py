@@ -147,27 +147,40 @@ def resolve_config_path(config: str | Path) -> Path:
     )
 
 
-def load_config(config: str | Path | dict | None = None, overrides: dict[str, Any] | None = None) -> HealConfig:
+def load_config(config: str | Path | dict | None = None, overrides: dict[str, Any] | None = None,
+                origins: dict[str, str] | None = None) -> HealConfig:
     """Defaults, then the YAML (or dict), then CLI overrides given as dotted keys
-    (`{"sft.learning_rate": 1e-4}`); everything validated against TRL/PEFT fields."""
+    (`{"sft.learning_rate": 1e-4}`); everything validated against TRL/PEFT fields. A bad
+    value is blamed on where it came from (dus.heal.origins): `origins` names the option
+    of each override (default `--set KEY=VALUE`), a config file's values their line."""
+    from dus.heal.origins import blame, file_origins, set_origins
+
     raw = copy.deepcopy(DEFAULTS)
     source = f"built-in defaults (= {DEFAULT_CONFIG})"
+    located: dict[str, str] = {}
     if config is not None:
         if isinstance(config, dict):
             user, source = config, "dict"
         else:
             path = resolve_config_path(config)
+            text = read_user_text(path, "a YAML heal config")
             try:
-                user = yaml.safe_load(read_user_text(path, "a YAML heal config")) or {}
+                user = yaml.safe_load(text) or {}
             except yaml.YAMLError as error:
                 raise DusError(f"{path}: not valid YAML ({error.__class__.__name__}: {error})") from None
             source = str(path)
+            located = file_origins(text, path)
         if not isinstance(user, dict):
             raise DusError(f"{source}: a heal config is a mapping of sections (mode, data, sft, lora, ...)")
         _merge_into(raw, user, source)
     for dotted, value in (overrides or {}).items():
         _apply_override(raw, dotted, value)
-    _validate(raw, source)
+    located.update(set_origins(overrides or {}))
+    located.update(origins or {})
+    try:
+        _validate(raw, source)
+    except DusError as error:
+        raise blame(error, source, located) from None
     return HealConfig(raw=raw, source=source, overrides=dict(overrides or {}))
 
 

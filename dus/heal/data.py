@@ -77,6 +77,9 @@ def load_raw(spec: str, split: str | None = "train"):
                 f"data {spec}: unknown file type '{path.suffix}'; accepted: {', '.join(FILE_LOADERS)}"
                 " or a save_to_disk directory"
             )
+        if _blank(path):
+            raise DusError(f"data {spec}: the file is empty{' (only blank lines)' if path.stat().st_size else ''}; "
+                           "give a file of training examples (.jsonl: one JSON object per line)")
         kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
         try:
             return datasets.load_dataset(loader, data_files=str(path), split="train", **kwargs)
@@ -91,6 +94,30 @@ def load_raw(spec: str, split: str | None = "train"):
             f"data {spec}: not a local file or directory, and loading it from the Hugging Face Hub failed "
             f"({_first_line(error)}); give a local JSONL/JSON/parquet/CSV/TXT file or a save_to_disk directory"
         ) from None
+
+
+BLANK_CHECK_BYTES = 1 << 20
+
+
+def _blank(path: Path) -> bool:
+    """An empty file, or one of only whitespace (read only when small: a big file is not blank
+    in practice, and its loader says what is wrong with it)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > BLANK_CHECK_BYTES:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, for messages: `a list (['a', 'b'])`, `null`, `a number (3)`."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string"
+    kind = {list: "a list", tuple: "a list", dict: "an object", bool: "a boolean"}.get(type(value), "a number")
+    return f"{kind} ({str(value)[:40]})"
 
 
 def _first_line(error: Exception) -> str:
@@ -237,7 +264,11 @@ def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_sam
         if keep not in raw.column_names:
             raise DusError(f"data {spec}: routing reads each example's teacher from a `{keep}` field, which this data "
                            f"lacks; add it, or name the file's teacher: --data {spec}:TEACHER")
-        for row, value in zip(rows, raw[keep]):
+        for index, (row, value) in enumerate(zip(rows, raw[keep])):
+            if not isinstance(value, str) or not value:
+                raise DusError(f"data {spec}: row {index + 1}'s `{keep}` is {_kind(value)}, not a teacher's name; give "
+                               f"every row's `{keep}` as one teacher name (a string), or name the file's teacher: "
+                               f"--data {spec}:TEACHER")
             row[keep] = value
     if shape_of(found) == "text":
         rows = [row for row in rows if row["text"].strip()]

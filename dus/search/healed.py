@@ -66,10 +66,23 @@ def check_schedule(steps: int, rungs: int, factor: int) -> None:
         raise DusError(f"--heal-rungs {rungs}: give at least 1 healed rung")
     if factor < 2:
         raise DusError(f"--halving {factor}: successive halving keeps 1 in FACTOR trials per rung; give 2 or more")
-    if steps < factor ** (rungs - 1):
+    most = max_rungs(steps, factor)
+    if rungs > most:
+        readable = (rungs - 1) * math.log10(factor) < 16  # else the power, not its digits
+        need = f"{factor ** (rungs - 1):,}" if readable else f"{factor}^{rungs - 1}"
         raise DusError(f"--heal-steps {steps} with --heal-rungs {rungs} and --halving {factor}: the lowest rung would "
-                       f"heal {steps / factor ** (rungs - 1):.2g} steps; give --heal-steps >= {factor ** (rungs - 1)} "
-                       "or fewer rungs")
+                       f"heal less than 1 step (--heal-steps / {factor}^{rungs - 1}); give --heal-rungs {most} or fewer, "
+                       f"or --heal-steps >= {need}")
+
+
+def max_rungs(steps: int, factor: int) -> int:
+    """The most rungs a schedule of `steps` heal steps halved by `factor` can have: its lowest
+    rung heals steps // factor^(rungs - 1) >= 1 step (counted without forming a huge power)."""
+    rungs = 1
+    while steps >= factor:
+        steps //= factor
+        rungs += 1
+    return rungs
 
 
 def read_heal_inputs(schedule: HealSchedule, tokenizer):
@@ -119,7 +132,9 @@ def load_heal_config(schedule: HealSchedule, steps: int):
 
     overrides = {**dict(schedule.overrides), "sft.max_steps": steps, "sft.report_to": "none", "sft.save_strategy": "no",
                  "sft.disable_tqdm": True, "sft.logging_strategy": "no", "merge": False}
-    return load_config(schedule.config, overrides)
+    from dus.heal.origins import set_origins
+
+    return load_config(schedule.config, overrides, set_origins(dict(schedule.overrides), "--heal-set"))
 
 
 class CandidateHealer:
