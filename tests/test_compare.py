@@ -327,7 +327,8 @@ def test_lm_eval_hook_reports_scores_and_unreachable_datasets(monkeypatch):
     scores = {"results": {"hellaswag": {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "hellaswag"}}}
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=lambda **kwargs: scores))
     result = lm_eval_hook.run_tasks("/models/x", ["hellaswag"], "cpu", "float32")
-    assert result == {"status": "ok", "results": {"hellaswag": {"acc,none": 0.25, "acc_stderr,none": 0.01}}}
+    assert result == {"status": "ok", "results": {"hellaswag": {"acc,none": 0.25, "acc_stderr,none": 0.01}},
+                      "scores": {"hellaswag": {"acc,none": {"value": 0.25, "stderr": 0.01}}}}
 
 
 def test_wandb_offline_run_is_written(tiny_models, tmp_path, heldout, run_cli, monkeypatch):

@@ -41,8 +41,11 @@ def parse_tasks(tasks: str | None) -> list[str]:
     return [task.strip() for task in (tasks or "").split(",") if task.strip()]
 
 
-def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: int | None = None, batch_size: int = 1) -> dict:
-    """{"status": "ok", "results": {task: {metric: value}}} or {"status": ..., "message": ...}."""
+def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: int | None = None, batch_size: int = 1,
+              task_manager=None) -> dict:
+    """{"status": "ok", "results": {task: {metric: value}}, "scores": {task: {metric: {"value": v,
+    "stderr": s}}}} or {"status": ..., "message": ...}. `task_manager`: lm-eval's, with the
+    user's own tasks (dus.search.lm_eval_score.task_manager, as `dus search --tasks` uses)."""
     try:
         import lm_eval
     except ImportError:
@@ -55,6 +58,7 @@ def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: 
             device=device,
             batch_size=batch_size,
             limit=limit,
+            task_manager=task_manager,
         )
     except Exception as error:  # lm-eval raises many kinds; none of them should sink the comparison
         message = unreachable_message(error)
@@ -68,4 +72,17 @@ def run_tasks(model_dir: str, tasks: list[str], device: str, dtype: str, limit: 
         results[task] = {
             key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
-    return {"status": "ok", "results": results}
+    return {"status": "ok", "results": results, "scores": {task: with_stderr(metrics) for task, metrics in results.items()}}
+
+
+def with_stderr(metrics: dict) -> dict:
+    """lm-eval's flat metrics ("acc,none", "acc_stderr,none") as {"acc,none": {"value": v,
+    "stderr": s}}; stderr None where the harness gives none (it writes "N/A")."""
+    paired = {}
+    for key, value in metrics.items():
+        name, comma, rest = key.partition(",")
+        if name.endswith("_stderr"):
+            continue
+        stderr = metrics.get(f"{name}_stderr{comma}{rest}")
+        paired[key] = {"value": value, "stderr": stderr}
+    return paired

@@ -192,11 +192,23 @@ def _lm_eval_section(models, tasks, summary) -> list[str]:
         if result.get("status") != "ok" and result.get("message"):
             out.append(f"- {_cell(m['label'])}: {result['message']}")
     if scored:
-        keys = sorted({(task, metric) for _, results in scored for task, metrics in results.items() for metric in metrics})
-        out += ["", "| model | " + " | ".join(f"{task} {metric}" for task, metric in keys) + " |", "|---|" + "---:|" * len(keys)]
-        for label, results in scored:
-            out.append(f"| {_cell(label)} | " + " | ".join(_fmt(results.get(task, {}).get(metric)) for task, metric in keys) + " |")
+        from dus.compare.lm_eval_hook import with_stderr
+
+        scores = [(label, {task: with_stderr(metrics) for task, metrics in results.items()}) for label, results in scored]
+        keys = sorted({(task, metric) for _, results in scores for task, metrics in results.items() for metric in metrics})
+        out += ["", "Each score ± the standard error lm-eval gives for it.",
+                "", "| model | " + " | ".join(f"{task} {metric}" for task, metric in keys) + " |", "|---|" + "---:|" * len(keys)]
+        for label, results in scores:
+            out.append(f"| {_cell(label)} | " + " | ".join(_score(results.get(task, {}).get(metric)) for task, metric in keys) + " |")
     return out + [""]
+
+
+def _score(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    if entry.get("stderr") is None:
+        return _fmt(entry["value"])
+    return f"{_fmt(entry['value'])} ± {_fmt(entry['stderr'])}"
 
 
 def _time_section(models) -> list[str]:

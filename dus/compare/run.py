@@ -32,6 +32,7 @@ class CompareOptions:
     device: str = "auto"
     tasks: list[str] = field(default_factory=list)
     task_limit: int | None = None
+    tasks_include: Path | None = None  # the user's own lm-eval task directory, as `dus search --tasks-include`
     wandb: bool = False
     base: str | None = None  # label of the model healing should return to (default: the first)
     unhealed: str | None = None  # label of the model before healing (default: the second)
@@ -173,6 +174,10 @@ def check_options(options: CompareOptions, labels: list[str]) -> None:
     for label in options.parents:
         if label not in labels:
             raise DusError(f"--parents {label}: no model has that label; labels: {', '.join(labels)}")
+    if options.task_limit is not None and options.task_limit < 1:
+        raise DusError(f"--tasks-limit {options.task_limit}: give at least 1 document per task")
+    if options.tasks_include is not None and not options.tasks:
+        raise DusError("--tasks-include adds task definitions: name the tasks to run with --tasks")
 
 
 def report_files(options: CompareOptions) -> list[str]:
@@ -219,14 +224,22 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
     tokenizers = {label: model.tokenizer() for label, model in zip(labels, model_dirs)}
     if options.perplexity:
         check_same_tokenizer(tokenizers)
-    if options.tasks and not lm_eval_hook.available():
-        console.print(f"[yellow]--tasks ignored:[/] {lm_eval_hook.INSTALL_HINT}")
+    task_manager = None
+    if options.tasks:
+        from dus.search.lm_eval_score import check_include, task_manager as load_task_manager
+
+        check_include(options.tasks_include)
+        if lm_eval_hook.available():  # unknown tasks are one line now, before any model is loaded
+            task_manager = load_task_manager(options.tasks, options.tasks_include)
+        else:
+            console.print(f"[yellow]--tasks ignored:[/] {lm_eval_hook.INSTALL_HINT}")
 
     settings = {
         "window": window, "stride": stride, "max_tokens": options.max_tokens, "dtype": options.dtype,
         "device": str(device), "max_new_tokens": options.max_new_tokens,
         "prompts": str(prompts_path) if generate else None, "perplexity": options.perplexity,
         "tasks": options.tasks,
+        "tasks_include": str(Path(options.tasks_include).resolve()) if options.tasks and options.tasks_include else None,
     }
     metrics = {
         "dus_version": __version__,
@@ -248,7 +261,8 @@ def compare_models(model_dirs: list[str | Path], options: CompareOptions, consol
         if options.tasks:
             started = time.perf_counter()
             with console.status(f"lm-eval {','.join(options.tasks)} on {label}"):
-                measured["lm_eval"] = lm_eval_hook.run_tasks(str(path.path), options.tasks, str(device), options.dtype, options.task_limit)
+                measured["lm_eval"] = lm_eval_hook.run_tasks(str(path.path), options.tasks, str(device), options.dtype, options.task_limit,
+                                                               task_manager=task_manager)
             measured["seconds"]["lm_eval"] = time.perf_counter() - started
             if measured["lm_eval"]["status"] not in ("ok", "not-installed"):
                 console.print(f"[yellow]{label}:[/] {measured['lm_eval']['message']}")

@@ -79,6 +79,30 @@ def pick_metric(task: str, reported: dict, metric: str) -> str:
     raise DusError(f"--tasks-metric {metric}: task {task} does not report it (it reports {', '.join(names) or 'nothing'})")
 
 
+def check_include(include: Path | None) -> None:
+    """--tasks-include names a directory (of lm-eval task YAML files), or is not given."""
+    if include is not None and not Path(include).is_dir():
+        raise DusError(f"--tasks-include {include}: not a directory of lm-eval task YAML files")
+
+
+def task_manager(tasks: list[str], include: Path | None = None):
+    """lm-eval's TaskManager with the user's own task directory (`--tasks-include DIR`:
+    task YAML files and the local data they name) beside lm-eval's tasks, every task of
+    `tasks` checked to be one it knows: `dus search --tasks` and `dus compare --tasks` alike."""
+    check_include(include)
+    import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    with quiet():
+        manager = TaskManager(include_path=str(Path(include).resolve()) if include is not None else None)
+    known = set(manager.all_tasks)
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        where = f" (nor in --tasks-include {include})" if include else "; add your own with --tasks-include DIR"
+        raise DusError(f"--tasks: lm-eval has no task {', '.join(unknown)}{where}; `lm-eval ls tasks` lists them")
+    return manager
+
+
 class LmEvalScorer:
     """Mean of one metric over lm-eval tasks; the search minimises, so a metric that is
     better when higher (as lm-eval says it is) is negated. No prefix cache: lm-eval makes
@@ -94,20 +118,11 @@ class LmEvalScorer:
             raise DusError(f"--tasks-limit {limit}: give at least 1 document per task")
         if batch_size < 1:
             raise DusError(f"--tasks-batch-size {batch_size}: give at least 1")
-        if include is not None and not Path(include).is_dir():
-            raise DusError(f"--tasks-include {include}: not a directory of lm-eval task YAML files")
+        check_include(include)
         self.lm_eval = import_lm_eval()
-        from lm_eval.tasks import TaskManager
-
         self.tasks, self.metric, self.limit, self.batch_size = list(tasks), metric, limit, batch_size
         self.include = str(Path(include).resolve()) if include is not None else None
-        with quiet():
-            self.task_manager = TaskManager(include_path=self.include)
-        known = set(self.task_manager.all_tasks)
-        unknown = [task for task in self.tasks if task not in known]
-        if unknown:
-            where = f" (nor in --tasks-include {include})" if include else "; add your own with --tasks-include DIR"
-            raise DusError(f"--tasks: lm-eval has no task {', '.join(unknown)}{where}; `lm-eval ls tasks` lists them")
+        self.task_manager = task_manager(self.tasks, include)
 
     def settings(self) -> dict:
         from importlib.metadata import version
