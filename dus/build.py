@@ -73,16 +73,30 @@ def build_model(
     # tokenizer.json (megabytes of JSON) is parsed beside the copy, which it stops if damaged
     later = () if dry_run else ("tokenizer.json",)
     resolved.warnings.extend(check_tokenizer_files(sources[plan.tokenizer_from].path, skip=later))
+    sources_read = [source.path for source in sources.values()]
+    if output is not None:  # a dry run with -o refuses the -o the build would refuse
+        check_build_output(Path(output), force, sources_read)
     if dry_run:
         return BuildResult(plan=plan, output=None, warnings=resolved.warnings)
     if output is None:
         raise DusError("no output directory given; add -o DIR")
     output = Path(output)
-    sources_read = [source.path for source in sources.values()]
     with atomic_directory(output, replace_only_dus_outputs(force, sources_read)) as temporary:
         manifest, written = _write(parsed, plan, sources, resolved.warnings, temporary, max_shard, show_progress,
                                    beside_copy, verify_hashes)
     return BuildResult(plan=plan, output=output, warnings=resolved.warnings, manifest=manifest, bytes_written=written)
+
+
+def check_build_output(output: Path, force: bool, sources_read: list) -> None:
+    """What the build refuses of -o, checked before any work (and by --dry-run): a path
+    that is, is inside or holds a source, and an existing path it may not replace."""
+    from dus.checkpoint import check_outside_models
+
+    if output.exists() or output.is_symlink():
+        why_not = replace_only_dus_outputs(force, sources_read)(output)
+        if why_not:
+            raise DusError(why_not)
+    check_outside_models(output, sources_read, "-o")
 
 
 def _write(recipe, plan, sources, warnings, directory: Path, max_shard: int, show_progress: bool, beside_copy=(),

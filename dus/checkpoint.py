@@ -50,6 +50,10 @@ class ModelDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_file():
+            from dus.errors import file_not_model_directory
+
+            raise DusError(file_not_model_directory(self.path))
         if not self.path.is_dir():
             raise DusError(f"{self.path}: not a directory; pass a local Hugging Face model directory")
         if not (self.path / CONFIG_NAME).is_file():
@@ -337,3 +341,22 @@ def process_alive(pid: int) -> bool:
         return stat[stat.rfind(")") + 2] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def check_outside_models(output, models, flag: str = "-o") -> None:
+    """An output path is never a model the command reads, inside one, nor a directory holding
+    one (symbolic links and `..` resolved): a model directory stays the model alone, and a
+    replaced or cleared output never takes a source with it. One line, before any work."""
+    resolved = Path(os.path.abspath(output)).resolve()
+    for model in models:
+        source = Path(model).resolve()
+        if source == resolved:
+            where = "is"
+        elif source in resolved.parents:
+            where = "is inside"
+        elif resolved in source.parents:
+            where = "holds"
+        else:
+            continue
+        raise DusError(f"{flag} {output} {where} the model {model}, which this command reads; write the output "
+                       "outside every model's directory")

@@ -38,3 +38,13 @@ def output_disk_error(error: BaseException, output) -> DusError | None:
         return DusError(f"{output}: the write stopped part way ({short[1]} bytes requested, {short[2]} written: "
                         f"no space left on its disk?) and nothing was kept; {fix}")
     return None
+
+
+def file_not_model_directory(path) -> str:
+    """What to say of a file given where a model directory is wanted (`m/config.json`, a
+    weights file): it is a file, and the directory it is in is probably what was meant."""
+    from pathlib import Path
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) not in ("", ".") else Path.cwd()
+    return f"{path} is a file, not a model directory; give its directory: {parent}"

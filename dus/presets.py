@@ -18,6 +18,13 @@ def expand_preset(recipe: Recipe, sources: dict[str, SourceModel]) -> list[Slice
     def depth(model: str) -> int:
         return sources[model].num_layers
 
+    if recipe.kind == "stack":
+        lower, upper = spec["models"]
+        if sources[lower].path.resolve() == sources[upper].path.resolve():
+            raise DusError(f"{places['models']}: stack names one model twice ({lower}"
+                           f"{'' if lower == upper else f' and {upper}'}); a stack of a model on itself is the solar "
+                           f"preset: write `solar: {{model: {lower}, trim: {spec['trim']}}}` (dus build --solar MODEL "
+                           "--trim M), or give two different fine-tunes")
     if recipe.kind == "duplicate":
         return _duplicate(spec, places, depth, sources[spec["model"]].adapter.output_projections)
     builder = {

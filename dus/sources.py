@@ -77,7 +77,9 @@ def load_source(name: str, path_text: str, base_dir: Path | None = None) -> Sour
     if not path.is_dir():
         if path.suffix == ".gguf":
             raise DusError(f"model {name!r}: {path} is a GGUF file; convert it first with `dus import {path} -o DIR`")
-        raise DusError(f"model {name!r}: {path} is a file; give the model's directory")
+        from dus.errors import file_not_model_directory
+
+        raise DusError(f"model {name!r}: {file_not_model_directory(path)}")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise DusError(f"model {name!r}: {path} has no config.json; is it a Hugging Face model directory?")

@@ -120,6 +120,7 @@ def test_two_workers_on_one_journal_search_what_one_worker_searches_even_when_on
         process.wait()
     stderr = (notes / "stderr").read_text()
     assert "warning: worker" in stderr and "(signal 9) stopped" in stderr, stderr
+    assert "all 10 evaluations are done, nothing is left to run" in stderr and "rerun" not in stderr, stderr
     found = trials(out)
     assert Counter(t.state.name for t in found) == {"COMPLETE": 10, "FAIL": 1}
     failed = next(t for t in found if t.state.name == "FAIL")

@@ -48,7 +48,7 @@ def search(
     prefix_cache: int = typer.Option(512, "--prefix-cache", help="MB of hidden states kept after shared path prefixes, so a candidate runs only its layers after them (scores unchanged, bit for bit); 0: off."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the search's study, each with its share of the CPU threads and its own GPU where there are GPUs (tpe and random; cma runs in one)."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes on this machine sharing the search's study, each with its share of the CPU threads and its own GPU where there are GPUs (tpe and random; cma runs in one). At most the evaluations, the CPU cores (or the GPUs) and what memory holds; they end with the search, however it ends."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Database URL holding the search's study (sqlite:///search.db, postgresql://user@host/db): the same command on other machines joins it. Default: a journal file in -o."),
     heal_steps: int = typer.Option(0, "--heal-steps", help="Healed fitness: score promising candidates again after a heal of this many steps in memory (successive halving decides which; 0: the unhealed score only)."),
     heal_rungs: int = typer.Option(1, "--heal-rungs", help="Healed rungs above the unhealed score: rung k heals --heal-steps / halving^(rungs-k) steps."),
@@ -56,7 +56,13 @@ def search(
     heal_config: str = typer.Option("heal", "--heal-config", help="The heal config of the healed fitness (as dus heal -c; its max_steps is the rung's)."),
     heal_set: list[str] = typer.Option([], "--heal-set", help="KEY=VALUE over the heal config (as dus heal --set), repeatable."),
 ) -> None:
-    """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
+    """Find the recipe: score candidate layer paths in memory, write the best.
+
+    Example: dus search MODEL --data my.txt --depth 44 --scale 0.5:1 -o runs/search
+
+    Paths over the sources' layers (depth, order, repeats, other models' layers, output scales),
+    scored without writing a model; -o gets rank-1.yaml ... for dus build. Guide: docs/search.md.
+    """
     from dus.compare.lm_eval_hook import parse_tasks
     from dus.errors import DusError
     from dus.heal.config import parse_set_option

@@ -117,3 +117,28 @@ class HiddenMatch:
             total = error.sum() if total is None else total + error.sum()
         self.kept = {}
         return total / len(self.points)
+
+
+def hidden_width(config: dict) -> int | None:
+    """A model's hidden size from its (text) config: hidden_size, or GPT-2's n_embd."""
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def check_hidden_sizes(model_dir, teachers, points: list[tuple[int, int]]) -> None:
+    """Every pairing the term compares: the model's hidden state at each point against each
+    teacher's at its depth (a teacher's states are all of its hidden size), in one line for the
+    first teacher whose hidden size is not the model's, before anything is loaded."""
+    from dus.checkpoint import ModelDir
+
+    own = hidden_width(ModelDir(model_dir).text_config)
+    for teacher in teachers:
+        width = hidden_width(ModelDir(teacher.path).text_config)
+        if own is not None and width is not None and width != own:
+            position, depth = points[0]
+            raise DusError(f"distill.hidden matches hidden states, and teacher {teacher.name} ({teacher.path}) has hidden "
+                           f"size {width} where the model's is {own} (at layer {position} against the teacher's depth "
+                           f"{depth}, and every other point); drop that teacher, or set distill.hidden: 0 "
+                           "(--set distill.hidden=0) to distil the logits only")

@@ -31,6 +31,10 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
     if model == resolved or resolved in model.parents:
         raise DusError(f"-o {out} {'is' if model == resolved else 'holds'} the input model {model_dir}; "
                        "write the healed model elsewhere")
+    from dus.checkpoint import check_outside_models
+
+    # inside the model, a teacher or a plan's source (any directory the run reads) as build refuses it
+    check_outside_models(out, [model_dir, *(path for path in reads if (Path(path) / "config.json").is_file())], "-o")
     marker = out / RUN_MARKER
     previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
     if resume:

@@ -44,7 +44,18 @@ def data_specs(value) -> list[DataSpec]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(item, str) and item for item in items):
         raise DusError(f"data.path must be a data file (or a list of them, each FILE or FILE:TEACHER), got {value!r}")
-    return [parse_data_spec(item) for item in items]
+    specs = [parse_data_spec(item) for item in items]
+    seen: dict = {}
+    for spec in specs:
+        key = Path(spec.path).expanduser().resolve() if Path(spec.path).expanduser().exists() else spec.path
+        if key in seen:
+            first = seen[key]
+            routed = (f" (routed to {first.teacher} and to {spec.teacher})" if first.teacher and spec.teacher
+                      and first.teacher != spec.teacher else "")
+            raise DusError(f"data {spec.path} is given twice{routed}; give each file once (one file teaches with one "
+                           "teacher: split it into one file per teacher to route its parts)")
+        seen[key] = spec
+    return specs
 
 
 def prepare_routed(dataset, prepare, seed: int):

@@ -406,10 +406,11 @@ def check_hidden(model_dir: ModelDir, cfg: HealConfig, teachers) -> None:
     """Activation matching needs the plan (which teacher layer each layer corresponds to)."""
     if cfg.mode != "distill" or not teachers or not cfg.section("distill")["hidden"]:
         return
-    from dus.heal.hidden import hidden_points
+    from dus.heal.hidden import check_hidden_sizes, hidden_points
 
     plan = model_dir.manifest.plan if model_dir.manifest else None
-    hidden_points(plan, cfg.section("distill")["hidden_layers"], len(plan.layers) if plan else 0)
+    points = hidden_points(plan, cfg.section("distill")["hidden_layers"], len(plan.layers) if plan else 0)
+    check_hidden_sizes(model_dir.path, teachers, points)
     if cfg.section("distill")["logits"] != "chunked":
         raise DusError("distill.hidden (activation matching) works with distill.logits: chunked; drop one of them")
 

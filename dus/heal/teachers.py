@@ -62,6 +62,10 @@ def _named(plan, text: str) -> Teacher:
                            "pass --teacher PATH to its directory")
         return Teacher(text, path)  # named: the user's choice, not checked against the build's record
     path = Path(text).expanduser()
+    if path.is_file():
+        from dus.errors import file_not_model_directory
+
+        raise DusError(f"teacher {file_not_model_directory(path)}")
     if not (path / "config.json").is_file():
         known = f"; the build's sources are: {', '.join(plan.models)}" if plan is not None else ""
         raise DusError(f"teacher {text}: not a model directory (no config.json){known}")

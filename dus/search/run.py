@@ -142,6 +142,9 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         if not models:
             raise DusError("name the model(s) to search over, or use --graft BASE --donor DONOR --size N")
         paths = model_paths(models)
+        if len(paths) < len(models):
+            raise DusError(f"{', '.join(map(str, models))}: a source model is given twice (the same directory); give "
+                           "each once (a path may repeat a model's layers by itself)")
         space, grafts = build_space(paths, options), []
         if options.evals < 1:
             raise DusError(f"--evals {options.evals}: give at least 1 evaluation")
@@ -150,8 +153,17 @@ def prepare(models: list, options: SearchOptions) -> Setup:
         check_optimizer(options.optimizer, options.workers)
     if options.workers < 1:
         raise DusError(f"--workers {options.workers}: give at least 1 worker process")
+    from dus.search.workers import check_count
+
+    if options.graft:
+        check_count(options.workers, len(grafts), "grafts to score", paths, options.device)
+    else:
+        check_count(options.workers, options.evals, "evaluations (--evals)", paths, options.device)
     if options.top < 1:
         raise DusError(f"--top {options.top}: write at least 1 recipe")
+    from dus.checkpoint import check_outside_models
+
+    check_outside_models(options.output, paths, "-o")
     check_minutes(options.minutes)
     schedule = heal_schedule(options)
     from dus.measure.text import check_max_tokens
@@ -598,11 +610,11 @@ def search(models: list, options: SearchOptions, console=None) -> dict | None:
 
         for warning in setup.warnings:
             console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)  # one line, as build prints it
+    # refuse a directory that is not a search's before loading anything; a dry run refuses what the run would
+    journal.check_output(options.output, options.storage)
     if options.dry_run:
         report.print_space(Console(), setup)
         return None
-    # refuse a directory that is not a search's, and a database that cannot be opened, before loading anything
-    journal.check_output(options.output, options.storage)
     where = journal.describe_storage(options.output, options.storage)
     storage = journal.open_storage(options.output, options.storage, create=False)
     several = options.workers > 1
