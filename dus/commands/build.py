@@ -124,7 +124,14 @@ def register(app) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (shown only on a terminal) or summary."),
         verify_hashes: bool = typer.Option(False, "--verify-hashes", help="Hash every source file, even those the Hugging Face hub cache names by their sha256 (also: DUS_VERIFY_HASHES=1)."),
     ) -> None:
-        """Build a depth up-scaled model from RECIPE (or --solar MODEL --trim M)."""
+        """Build a deeper model from layers of existing ones: a RECIPE or --solar.
+
+        Example: dus build recipes/solar.yaml -o out/solar
+
+        RECIPE is mergekit passthrough YAML or a dus preset (solar, duplicate, interleave, stack,
+        graft, expand); --dry-run prints the layer plan and writes nothing; --solar MODEL --trim M
+        needs no YAML. Guide: docs/build.md.
+        """
         run(recipe, output, solar, trim, force, shard_size, dtype, dry_run, quiet, verify_hashes)
 
     app.command("build")(build)

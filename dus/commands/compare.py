@@ -35,7 +35,13 @@ def compare(
     parents: list[str] = typer.Option([], "--parents", help="Labels of the parents, comma-separated or repeated: every model is also shown against the parent with the lowest perplexity on each text."),
     force: bool = typer.Option(False, "--force", help="Replace a previous dus report in --output (never files dus did not write)."),
 ) -> None:
-    """Perplexity, per-layer angular distance and norm (seams marked), and greedy generations, side by side."""
+    """Compare models side by side: held-out perplexity, layer curves, generations.
+
+    Example: dus compare BASE out/solar out/solar-healed -l base -l unhealed -l healed -o reports/solar
+
+    Perplexity per held-out text with the recovery healing won, per-layer angular distance and norm
+    (seams marked), greedy generations; report.md, plots and metrics.json in -o. Guide: docs/compare.md.
+    """
     from dus.compare.lm_eval_hook import parse_tasks
     from dus.compare.run import CompareOptions, compare_models, default_heldout_files
     from dus.errors import DusError

@@ -25,7 +25,12 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (and its imatrix file)."),
     ollama: bool = typer.Option(False, "--ollama", help="Also write OUT.Modelfile for `ollama create`."),
 ) -> None:
-    """Write MODEL as one GGUF file that llama.cpp runs like the checkpoint (streamed, atomic)."""
+    """Export MODEL as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+    Example: dus export out/solar-healed -o solar.q4_k_m.gguf --type q4_k_m --imatrix default
+
+    llama.cpp runs it like the checkpoint; streamed, atomic. Guide: docs/export.md.
+    """
     from rich.console import Console
     from rich.markup import escape
 

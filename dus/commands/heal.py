@@ -15,35 +15,41 @@ def heal(
         None, "-c", "--config", help="Heal YAML, or a name in train/ (heal, band, lora-seam, full, qlora, expand, "
         "distill). Default: train/heal.yaml (calibrate, then distil the source into the seam band, in memory)."
     ),
-    mode: Optional[str] = typer.Option(None, "--mode", help="distill | band | lora | qlora | full | expand"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="distill | band | lora | qlora | full | expand (default: distill)."),
     data: List[str] = typer.Option([], "--data", help="Training data: file, save_to_disk dir or hub name; repeat "
                                    "for several files; FILE:TEACHER routes a file to one teacher (distill.combine "
-                                   "route)."),
+                                   "route). Default: data/text/train.jsonl (data.path)."),
     data_format: Optional[str] = typer.Option(
-        None, "--format", help="auto | messages | alpaca | sharegpt | prompt-completion | text"
+        None, "--format", help="auto | messages | alpaca | sharegpt | prompt-completion | text (default: auto)."
     ),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out data evaluated during training."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Training steps (sft.max_steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Training steps (sft.max_steps; default: 60)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Train for epochs instead of steps."),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", "--learning-rate", help="sft.learning_rate"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sft.per_device_train_batch_size"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="sft.max_length (tokens per sequence)"),
-    rank: Optional[int] = typer.Option(None, "--lora-r", "--rank", help="LoRA rank (lora.r)"),
-    radius: Optional[int] = typer.Option(None, "--radius", help="Seam band: layers within this many of a seam."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="wandb | none | tensorboard ..."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="sft.seed"),
-    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", "--learning-rate", help="Learning rate (sft.learning_rate; default: 5.0e-4)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step and device (sft.per_device_train_batch_size; default: 4)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per sequence (sft.max_length; default: 256)."),
+    rank: Optional[int] = typer.Option(None, "--lora-r", "--rank", help="LoRA rank (lora.r; default: 16)."),
+    radius: Optional[int] = typer.Option(None, "--radius", help="Seam band: layers within this many of a seam (seam.radius; default: 8, 16 layers)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="wandb | none | tensorboard ... (sft.report_to; default: wandb, offline unless logged in)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the heal (sft.seed; default: 42)."),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps (sft.save_steps; default: 100)."),
     teacher: List[str] = typer.Option([], "--teacher", help="Distill: a teacher (model directory or a source "
-                                      "name of the build); repeat for several. Default: every source of the build "
-                                      "that tokenizes as the model."),
+                                      "name of the build); repeat for several. Default: auto, every source of the "
+                                      "build that tokenizes as the model (distill.teachers)."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Write a standalone model with LoRA "
-                                         "merged in (default on)."),
+                                         "merged in (default: true)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier heal output in OUT."),
     settings: List[str] = typer.Option([], "--set", help="Any config key: --set sft.warmup_steps=0 (repeatable)."),
 ) -> None:
-    """Heal MODEL: train the layers around its seams with TRL + PEFT (by default distilling its source
-    model, on the build plan executed in memory); write OUT."""
+    """Heal MODEL's seams: calibrate, then distil its source into the layers around them.
+
+    Example: dus heal out/solar -o out/solar-healed
+
+    TRL + PEFT on the build plan executed in memory. Every default is in train/heal.yaml
+    (train/parents.yaml for a parents build; -c picks another config from train/); any key can be
+    set with --set section.key=value. Guide: docs/heal.md.
+    """
     from dus.heal.config import load_config, parse_set_option
     from dus.heal.run import heal as run_heal
     from dus.heal.run import is_main_process

