@@ -17,6 +17,16 @@ Stages (each skipped when its output exists, so the script resumes):
     python benchmarks/bench_two_parents.py --stage parents     # ~15 min, two jobs at one thread
     python benchmarks/bench_two_parents.py                      # everything left
 Results: benchmarks/results/two-parents.json and docs/two-parents.png.
+
+Constructions that start at a parent (issue 40), on the same parents and the same heal tokens:
+  constructions   `parents` preset builds, `method: gated` (A whole, B's run behind closed
+                  gates) and `method: swap` (layer swapping), beside the stack; each scored
+                  unhealed, after a gates-only heal (distill.student: gates) and after the band
+                  heal with gates (gates.train: true), both teachers (ensemble logprob); the
+                  best on the dev texts healed again for --long-factor times the steps
+
+    python benchmarks/bench_two_parents.py --stage constructions --heal-steps 40
+Results: benchmarks/results/two-parents-constructions.json and docs/two-parents-constructions.png.
 """
 
 from __future__ import annotations
@@ -204,6 +214,83 @@ def choose_and_match(run: Path, tokens: int) -> list:
     return pending_heals(run, "stack", {f"{best} + hidden": [*HEALS[best], "--set", "distill.hidden=1.0"]})
 
 
+CONSTRUCTIONS = {  # name -> the `parents` preset's method (stack: the reference, as built above)
+    "gated": "gated",
+    "swap": "swap",
+    "stack": None,
+}
+CONSTRUCTION_HEALS = {  # every heal: both parents as teachers (the default ensemble, logprob average)
+    "gates only": ["--set", "distill.student=gates"],
+    "band + gates": ["--set", "gates.train=true"],
+}
+
+
+def stage_constructions(run: Path, steps: int, long_factor: int, tokens: int) -> None:
+    """Build the `parents` children, heal each construction two ways, then the dev winner longer."""
+    for name, method in CONSTRUCTIONS.items():
+        if method is None or (run / name / "model.safetensors").is_file():
+            continue
+        recipe = {"name": f"two-parents-{name}",
+                  "parents": {"models": [str(run / "A"), str(run / "B")], "base": str(BASE), "method": method}}
+        path = run / f"{name}.yaml"
+        path.write_text(json.dumps(recipe))
+        wait_all([sh([sys.executable, "-m", "dus", "build", str(path), "-o", str(run / name), "--force"],
+                     run / "logs" / f"build-{name}.log", threads=2)])
+    queue = [item for child in CONSTRUCTIONS for item in pending_heals(run, child, CONSTRUCTION_HEALS)]
+    run_heals(run, queue, steps)
+    dev_models = {f"{c}, {h}": run / f"{c}-{slug(h)}" for c in CONSTRUCTIONS for h in CONSTRUCTION_HEALS}
+    dev = score(dev_models, DEV, tokens, run / "scores.json")
+    mean = {name: sum(math.log(v) for v in row.values()) / len(row) for name, row in dev.items()}
+    best = min(dev, key=mean.get)
+    child, heal = best.split(", ", 1)
+    print(f"best construction on dev text: {best}", flush=True)
+    (run / "constructions-choice.json").write_text(json.dumps({"dev": dev, "best": best}, indent=1))
+    long_name = f"{child}-{slug(heal)}-x{long_factor}"
+    if long_factor > 1 and not (run / long_name / "model.safetensors").is_file():
+        run_heals(run, [(long_name, run / child, CONSTRUCTION_HEALS[heal])], steps * long_factor)
+    report_constructions(run, tokens, best, long_factor, steps)
+
+
+def report_constructions(run: Path, tokens: int, best: str, long_factor: int, steps: int) -> None:
+    child, heal = best.split(", ", 1)
+    models = {"base": BASE, "A (docstrings)": run / "A", "B (prose)": run / "B"}
+    for c in CONSTRUCTIONS:
+        models[f"{c} unhealed"] = run / c
+        for h in CONSTRUCTION_HEALS:
+            models[f"{c}, {h}"] = run / f"{c}-{slug(h)}"
+    long_dir = run / f"{child}-{slug(heal)}-x{long_factor}"
+    if long_factor > 1 and long_dir.is_dir():
+        models[f"{best}, {long_factor}x steps"] = long_dir
+    held = score(models, HELD_OUT, tokens, run / "scores.json")
+    better_parent = {text: min(held["A (docstrings)"][text], held["B (prose)"][text]) for text in HELD_OUT}
+    own = {"A's kind (docstrings)": "A (docstrings)", "B's kind (KJV)": "B (prose)"}
+    result = {"tokens_per_text": tokens, "heal_steps": steps, "long_factor": long_factor, "held_out": HELD_OUT,
+              "dev_best": best, "perplexity": held,
+              "vs_better_parent": {m: {t: row[t] / better_parent[t] - 1 for t in HELD_OUT} for m, row in held.items()},
+              "vs_own_parent": {m: {t: row[t] / held[p][t] - 1 for t, p in own.items()} for m, row in held.items()},
+              "vs_base": {m: {t: row[t] / held["base"][t] - 1 for t in HELD_OUT} for m, row in held.items()},
+              "gates": gate_records(models)}
+    out = ROOT / "benchmarks" / "results" / "two-parents-constructions.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    print(markdown_table(result))
+    plot(result, ROOT / "docs" / "two-parents-constructions.png",
+         "Constructions that start at a parent: SmolLM2-135M fine-tuned on docstrings (A) and prose (B)")
+
+
+def gate_records(models: dict[str, Path]) -> dict:
+    """The learned gates of each healed child (from its heal record), for the docs."""
+    found = {}
+    for label, path in models.items():
+        manifest = Path(path) / "dus-manifest.json"
+        if not manifest.is_file():
+            continue
+        for record in json.loads(manifest.read_text()).get("history", []):
+            if isinstance(record, dict) and record.get("stage") == "heal" and (record.get("record") or record).get("gates"):
+                found[label] = (record.get("record") or record)["gates"]["final"]
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "two-parents")
@@ -213,12 +300,19 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored per text and model")
     parser.add_argument("--interleave", action="store_true", help="also heal the interleave (one teacher, ensemble)")
+    parser.add_argument("--long-factor", type=int, default=4, help="constructions: the dev winner healed again this many times longer")
     parser.add_argument("--table", action="store_true", help="print README's table from the results file and stop")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(json.loads((ROOT / "benchmarks" / "results" / "two-parents.json").read_text())))
         return
     started, run = time.time(), args.run
+    if args.stage == "constructions":
+        stage_parents(run, args.parent_steps, args.parent_lr)
+        stage_builds(run)
+        stage_constructions(run, args.heal_steps, args.long_factor, args.tokens)
+        print(f"done in {time.time() - started:.0f} s")
+        return
     if args.stage in ("parents", "all"):
         stage_parents(run, args.parent_steps, args.parent_lr)
     if args.stage in ("builds", "all"):
@@ -266,7 +360,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +379,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(min(-15, min(values) - 2), min(max(values) + 5, 80))
     axes[0].set_yticks(range(len(models)), models, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("Two parents, one child: SmolLM2-135M fine-tuned on docstrings (A) and prose (B), stacked 44 layers")
+    fig.suptitle(title or "Two parents, one child: SmolLM2-135M fine-tuned on docstrings (A) and prose (B), stacked 44 layers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -61,6 +61,12 @@ class Manifest:
         found = [r["calibration"] for r in self.history if isinstance(r, dict) and r.get("calibration")]
         return found[-1] if found else None
 
+    @property
+    def gates(self) -> dict | None:
+        """The learned gates of the latest heal that trained them (dus.heal.gates), if any."""
+        found = [r["gates"] for r in self.history if isinstance(r, dict) and r.get("gates")]
+        return found[-1] if found else None
+
     def with_record(self, record: dict) -> "Manifest":
         """A copy with one more history entry (a heal record)."""
         extended = copy.deepcopy(self)

@@ -20,7 +20,7 @@ from dus.errors import DusError
 from dus.safetensors_io import DTYPE_ALIASES
 from dus.yaml_located import load_located, load_located_file, plain, where
 
-PRESETS = ("solar", "stack", "duplicate", "interleave", "graft", "expand")
+PRESETS = ("solar", "stack", "parents", "duplicate", "interleave", "graft", "expand")
 TOP_LEVEL_KEYS = {
     "slices", "merge_method", "dtype", "out_dtype", "base_model", "tokenizer_source",
     "parameters", "name", "description", "non_layer_from", "seam_smoothing", *PRESETS,
@@ -28,6 +28,7 @@ TOP_LEVEL_KEYS = {
 PRESET_KEYS = {
     "solar": ({"model", "trim"}, {"model", "trim"}),
     "stack": ({"models", "trim"}, {"models", "trim"}),
+    "parents": ({"models", "base", "method", "layers", "min_run", "blend", "trim", "block", "step"}, {"models", "base"}),
     "duplicate": ({"model", "layers", "times", "scale"}, {"model", "layers"}),
     "interleave": ({"models", "block", "step", "first", "last"}, {"models", "block"}),
     "graft": ({"base", "donor", "layers"}, {"base", "donor", "layers"}),
@@ -85,6 +86,8 @@ class Recipe:
             candidates = [s.model for s in self.slices]
         elif self.kind in ("interleave", "stack"):
             candidates = list(self.preset["models"])
+        elif self.kind == "parents":
+            candidates = [*self.preset["models"], self.preset["base"]]
         elif self.kind == "graft":
             candidates = [self.preset["base"], self.preset["donor"]]
         else:
@@ -316,6 +319,25 @@ def _smoothing(value, place: str) -> SeamSmoothing:
     return SeamSmoothing(method=method, width=width, factors=factors, where=place)
 
 
+def _check_parents(value: dict, places: dict) -> None:
+    from dus.parents import METHODS
+
+    models = value["models"]
+    if not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) and m for m in models):
+        count = f"{len(models)} models" if isinstance(models, list) else repr(plain(models))
+        raise DusError(f"{places['models']}: `parents.models` must list exactly two fine-tunes of the base, A then B "
+                       f"(got {count}); for more models use `interleave`")
+    if models[0] == models[1]:
+        raise DusError(f"{places['models']}: `parents.models` names {models[0]!r} twice; give two different fine-tunes")
+    method = value.get("method", "gated")
+    if method not in METHODS:
+        raise DusError(f"{places.get('method')}: `parents.method` {plain(method)!r} is unknown; use one of "
+                       f"{', '.join(METHODS)}")
+    if "blend" in value and not (_is_number(value["blend"]) and 0 <= value["blend"] <= 0.5):
+        raise DusError(f"{places['blend']}: `parents.blend` must be a number in [0, 0.5] (how far a layer next to a "
+                       f"change of parent moves towards the other parent), got {plain(value['blend'])!r}")
+
+
 def _preset(kind: str, value, place: str) -> tuple[dict, dict]:
     allowed, required = PRESET_KEYS[kind]
     if not isinstance(value, dict):
@@ -341,7 +363,9 @@ def _preset(kind: str, value, place: str) -> tuple[dict, dict]:
         if not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) and m for m in models):
             raise DusError(f"{places['models']}: `stack.models` must list two model paths: the lower part's, then the "
                            "upper part's")
-    for key in ("trim", "times", "block", "step", "first", "last", "every"):
+    if kind == "parents":
+        _check_parents(value, places)
+    for key in ("trim", "times", "block", "step", "first", "last", "every", "min_run"):
         if key in value:
             number = value[key]
             minimum = 0 if key == "trim" else 1

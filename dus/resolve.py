@@ -38,8 +38,13 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
         sources = {name: load_source(name, name, base_dir) for name in names}
         check_compatible(list(sources.values()))
 
+    after, preset_notes = None, []
     if recipe.kind == "slices":
         slices = recipe.slices
+    elif recipe.kind == "parents":
+        from dus.parents import expand_parents
+
+        slices, preset_notes, after = expand_parents(recipe.preset, recipe.preset_where, sources)
     else:
         slices = expand_preset(recipe, sources)
     for spec in slices:
@@ -55,7 +60,9 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
         raise DusError(f"{slices[0].where}: the recipe builds {depth} layers, more than {MAX_OUTPUT_LAYERS}; "
                        "check the layer ranges and repeat counts")
     layers = [layer for spec in slices for layer in _slice_layers(spec, recipe.parameters)]
-    notes: list[str] = []
+    notes: list[str] = list(preset_notes)
+    if after is not None:
+        layers = after(layers)
     if recipe.seam_smoothing:
         layers = _smooth_seams(layers, recipe.seam_smoothing, sources, notes)
 
@@ -73,8 +80,12 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
     config_from = recipe.base_model or recipe.non_layer_from or first
     tokenizer_from = recipe.tokenizer_source or recipe.base_model or recipe.non_layer_from or first
 
+    used = {layer.model for layer in layers} | {layer.blend.model for layer in layers if layer.blend}
+    used |= {embeddings.model, head.model, config_from, tokenizer_from}
     plan = LayerPlan(
-        models={name: str(source.path) for name, source in sources.items()},
+        # every named model, except a `parents` base that gives the child nothing (it only chose the layers)
+        models={name: str(source.path) for name, source in sources.items()
+                if recipe.kind != "parents" or name in used},
         layers=layers,
         embeddings=embeddings,
         head=head,

@@ -27,6 +27,8 @@ def scan(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     force: bool = typer.Option(False, "--force", help="Replace a previous dus scan report in --output and earlier dus scan proposals in --write-recipes (never files dus did not write)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Instead of the redundancy scan: how much MODEL (and each --parent) moved each layer from this base model, a table (and changes.json + a plot with -o). Choose a parents recipe's layers by it."),
+    parent: list[Path] = typer.Option([], "--parent", help="With --base: another fine-tune of the base, reported beside MODEL."),
 ) -> None:
     """Find the most redundant layers and propose the cut that should hurt least.
 
@@ -35,6 +37,15 @@ def scan(
     Angular distance between layer inputs (Gromov et al. 2024) and block influence (ShortGPT);
     the proposals as recipes for dus build. Guide: docs/scan.md.
     """
+    if base is not None:
+        from dus.scan.changes import scan_changes
+
+        scan_changes([model, *parent], base, output, force)
+        return
+    if parent:
+        from dus.errors import DusError
+
+        raise DusError("--parent compares fine-tunes against a base: give --base BASE too")
     from dus.compare.run import default_data_file
     from dus.scan.run import ScanOptions
     from dus.scan.run import scan as run_scan

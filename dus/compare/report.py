@@ -72,6 +72,12 @@ def _models_section(models) -> list[str]:
             f"{', '.join(map(str, m['seams'])) or '-'} | {', '.join(map(str, m['new_layers'])) or '-'} |"
         )
     for m in models:
+        gates = (m.get("built") or {}).get("gates")
+        if gates:
+            moved = [f"{i}.{'attn' if b == 'attention' else 'mlp'} {gates['initial'][i][b]:g}->{v:.3f}"
+                     for i, row in gates["final"].items() for b, v in row.items() if int(i) in gates["trained_layers"]]
+            out += ["", f"{_cell(m['label'])} learned per-layer gates while healing (the output of o_proj / down_proj "
+                    f"times a trained scalar, folded into the weights): {', '.join(moved)}."]
         calibration = (m.get("built") or {}).get("calibration")
         if calibration:
             scores = ", ".join(f"x{factor}: {value:.2f}" for factor, value in calibration["scores"].items())

@@ -144,6 +144,8 @@ def seams_of(model) -> tuple[list[int], list[int], dict | None]:
     calibration = manifest.calibration
     if calibration and calibration.get("layers"):
         built["calibration"] = {k: calibration[k] for k in ("layers", "factor", "scores")}
+    if manifest.gates:
+        built["gates"] = {k: manifest.gates[k] for k in ("trained_layers", "initial", "final")}
     return manifest.seams, manifest.new_layers, built
 
 

@@ -23,7 +23,7 @@ import yaml
 from dus.errors import DusError, read_user_text
 
 MODES = ("lora", "qlora", "full", "band", "expand", "distill")
-DISTILL_STUDENTS = ("lora", "qlora", "full", "band", "expand")
+DISTILL_STUDENTS = ("lora", "qlora", "full", "band", "expand", "gates")
 
 DEFAULT_CONFIG = "train/heal.yaml"
 
@@ -46,6 +46,7 @@ DUS_SECTIONS = {
     "seam": "dus seam selection",
     "distill": "dus distillation",
     "calibrate": "dus seam calibration",
+    "gates": "dus learned per-layer gates",
     "wandb": "dus W&B placement",
 }
 SCALARS = {"mode", "merge", "in_memory"}
@@ -89,6 +90,11 @@ class HealConfig:
         return "lora" if trains == "qlora" else trains
 
     @property
+    def gates_train(self) -> bool:
+        """Per-layer gates train: alone (distill.student: gates) or beside the weights (gates.train)."""
+        return self.trains == "gates" or bool(self.raw["gates"]["train"])
+
+    @property
     def quantized(self) -> bool:
         """The frozen weights load in 4 bits (mode qlora, or a distillation's qlora student),
         as the `quantization` section says."""
@@ -126,6 +132,22 @@ def _unknown_key(key: str, section: str, known: set[str], what: str) -> DusError
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; see the {what} documentation for valid keys"
     return DusError(f"unknown key '{key}' in section '{section}' ({what}){hint}")
+
+
+PARENTS_CONFIG = "parents"  # train/parents.yaml: the heal of a `parents` build when no -c is given
+
+
+def default_config_for(model_dir: str | Path) -> str | None:
+    """The heal config a model gets without -c: train/parents.yaml for a child of two
+    fine-tunes (its manifest's recipe kind is `parents`), else None (train/heal.yaml)."""
+    import json
+
+    manifest = Path(model_dir) / "dus-manifest.json"
+    try:
+        kind = json.loads(manifest.read_text())["plan"]["recipe_kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return PARENTS_CONFIG if kind == "parents" else None
 
 
 def resolve_config_path(config: str | Path) -> Path:
@@ -265,6 +287,7 @@ def _validate(raw: dict, source: str) -> None:
     _validate_sft_values(raw["sft"], source)
     _validate_lora_values(raw["lora"], source)
     _validate_calibrate(raw["calibrate"], source)
+    _validate_gates(raw, source)
     for key in ("max_samples", "eval_max_samples"):
         value = raw["data"][key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -355,6 +378,24 @@ def _validate_calibrate(section: dict, source: str) -> None:
             f"{source}: calibrate.factors must be a non-empty list of numbers in [{MIN_FACTOR}, 1] "
             f"(a repeated layer keeps at least {MIN_FACTOR} of its source norm), got {factors!r}"
         )
+
+
+def _validate_gates(raw: dict, source: str) -> None:
+    gates = raw["gates"]
+    if not isinstance(gates["train"], bool):
+        raise DusError(f"{source}: gates.train must be true or false, got {gates['train']!r}")
+    lr = gates["lr"]
+    if isinstance(lr, str):
+        try:
+            lr = gates["lr"] = float(lr)
+        except ValueError:
+            pass
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise DusError(f"{source}: gates.lr must be a positive finite number, got {gates['lr']!r}")
+    trains = raw["distill"]["student"] if raw["mode"] == "distill" else raw["mode"]
+    if gates["train"] and trains in ("lora", "qlora", "full"):
+        raise DusError(f"{source}: gates.train works with the band, expand or gates students (the in-memory plan), "
+                       f"not {trains}; use distill.student band or gates, or drop the gates (gates.train: false)")
 
 
 def parse_set_option(item: str) -> tuple[str, Any]:

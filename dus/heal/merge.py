@@ -86,6 +86,19 @@ def _teachers_line(record: dict) -> str:
     return f"- teachers: {names}; rule: {how}{extra}\n"
 
 
+def _gates_line(record: dict) -> str:
+    """The card's line on the learned gates (folded into o_proj / down_proj), when they trained."""
+    gates = record.get("gates")
+    if not gates:
+        return ""
+    moved = [(int(i), b, gates["initial"][i][b], v) for i, row in gates["final"].items() for b, v in row.items()
+             if int(i) in gates["trained_layers"]]
+    shown = ", ".join(f"{i}.{'attn' if b == 'attention' else 'mlp'} {a:g}->{v:.3f}" for i, b, a, v in moved[:12])
+    more = f" (+{len(moved) - 12} more)" if len(moved) > 12 else ""
+    return (f"- learned gates (attention and MLP output of each trained layer, folded into o_proj / down_proj): "
+            f"{shown}{more}\n")
+
+
 def model_card(source_dir: Path, record: dict) -> str:
     """The source's card (front matter and text kept) with a section on the healing."""
     from dus.cards import card_text, read_card
@@ -100,6 +113,7 @@ def model_card(source_dir: Path, record: dict) -> str:
         + f"- data: {record['data']['path']} ({record['data']['rows']} rows, {record['data']['format']})\n"
         + f"- steps: {record['steps']}, final training loss: {loss_text}\n"
         + _teachers_line(record)
+        + _gates_line(record)
         + "- full record: the last entry of `history` in dus-manifest.json\n"
     )
     if source is None:

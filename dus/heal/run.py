@@ -157,6 +157,9 @@ def announce(run: "HealRun", student: "Student") -> None:
     evaluation = f"; eval: {inputs.eval_data.describe()}" if inputs.eval_data else ""
     say(f"  data: {inputs.train_data.describe()}{evaluation}")
     say(f"  layers trained: {targets.layers}  ({targets.reason})")
+    sft = cfg.section("sft")
+    say(f"  steps: {sft.get('max_steps')} of {sft.get('per_device_train_batch_size')} x {sft.get('max_length')} tokens "
+        f"per process, lr {sft.get('learning_rate')}" + (f", gates lr {cfg.section('gates')['lr']}" if cfg.gates_train else ""))
     if targets.linear_modules:
         say(f"  LoRA r={student.peft_config.r} on: {', '.join(targets.linear_modules)}")
     if student.teacher_dir:
@@ -455,6 +458,16 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     resumed_from = str(last_complete_checkpoint(out / CHECKPOINTS, say)) if run.resume else None
     if resumed_from:
         say(f"  resuming from {resumed_from}")
+    if student.in_memory and not sharded:
+        from dus.heal.gates import has_aliased_tensors, save_only_what_trains
+
+        if student.gates is not None or has_aliased_tensors(student.model):
+            save_only_what_trains(trainer)
+    if student.gates is not None:
+        from dus.heal.gates import BoundGates, GateGroup
+
+        GateGroup.add(trainer, student.gates, float(cfg.section("gates")["lr"]))
+        trainer.add_callback(BoundGates(student.gates))
     counter = StepCounter()
     trainer.add_callback(counter)
     trainer.add_callback(StopWhenNotFinite())
@@ -484,6 +497,8 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
         "seconds": round(seconds, 1),
         "notes": inputs.notes,
         "calibration": student.calibration.to_dict() if student.calibration else None,
+        "gates": ({**student.gates.record(), "lr": float(cfg.section("gates")["lr"])}
+                  if student.gates is not None else None),
         "in_memory": student.in_memory,
         "built_because": student.built_because,
         "logits": ("chunked" if getattr(trainer, "chunked", False) else "whole") if student.teacher_model else None,

@@ -68,6 +68,8 @@ def write_model(run, student, model, record: dict) -> None:
     """The healed model into OUT: streamed from the plan when the student was assembled in
     memory, else saved whole by transformers (LoRA merged in)."""
     tokenizer = run.inputs.tokenizer
+    if student.gates is not None:
+        fold_gates(student)
     if student.in_memory:
         write_streamed(student, tokenizer, run.model_dir.path, run.out, run.manifest, record)
     else:
@@ -75,6 +77,23 @@ def write_model(run, student, model, record: dict) -> None:
         if manifest is not None and student.calibration is not None and student.calibration.plan is not None:
             manifest = replace(manifest, plan=student.calibration.plan)
         write_healed_model(model, tokenizer, run.model_dir.path, run.out, manifest, record, dtype=student.saved_dtype)
+
+
+def fold_gates(student) -> None:
+    """The learned gates into the plan (shared layers' scale rules) and into the trained
+    layers' tensors (dus.heal.gates): the model and plan then describe a plain checkpoint."""
+    from dus.heal.gates import fold_into_model, fold_into_plan, projection_params
+
+    gates, sources = student.gates, student.sources
+    values = gates.values()
+
+    def names_of(index):
+        layer = student.plan.layers[index]
+        return projection_params(decoder(sources[layer.model]).layers[layer.layer])
+
+    fold_into_model(gates, set(student.own))  # only private copies are multiplied; shared weights never
+    student.plan = fold_into_plan(student.gated_plan, values, names_of)
+    student.gates = None
 
 
 def reload_trained(model_dir, trained_dir: Path, is_adapter: bool, calibration=None):
@@ -155,7 +174,7 @@ def write_streamed(student, tokenizer, built_dir: Path, out_dir: Path, manifest,
     from dus.writer import layout, write_shards
 
     plan = student.plan
-    own = student.targets.layers if student.peft_config is None else []
+    own = sorted(student.own) if student.peft_config is None else []  # the private copies: what trained
     values, deltas = trained_tensors(student.model, plan, own)
     headers = {name: load_source(name, path) for name, path in plan.models.items()}
     tensors = layout(plan, headers)

@@ -57,6 +57,9 @@ class Student:
     built_because: str | None = None  # why the checkpoint as built is trained instead
     hidden_match: object | None = None  # dus.heal.hidden.HiddenMatch, when distill.hidden > 0
     hidden_points: list | None = None  # its (output layer, teacher depth) pairs
+    gates: object | None = None  # dus.heal.gates.Gates, when gates train
+    gated_plan: LayerPlan | None = None  # the plan stripped of the factors the gates carry
+    own: frozenset = frozenset()  # in memory: the output layers that are private copies
 
     @property
     def in_memory(self) -> bool:
@@ -111,6 +114,9 @@ def load_student(run, say) -> Student:
             student = _in_memory_student(run, say)
         except NotInMemory as error:
             obstacle = str(error)
+    if student is None and run.cfg.gates_train:
+        raise DusError(f"learned gates live on the in-memory model, and this run cannot heal in memory: {obstacle}; "
+                       "heal a dus build whose sources are in place, or drop the gates (gates.train: false)")
     if student is None:
         say(f"  healing the checkpoint as built: {obstacle}")
         student = _built_student(run, say)
@@ -175,14 +181,24 @@ def _in_memory_student(run, say, sources=None) -> Student:
         plan = calibration.plan
     targets = trained_layers(plan.num_layers, cfg, run.manifest)
     own = set(targets.layers) if cfg.trains in ("band", "expand") else set()
-    model = assemble(plan, sources, own, config)
+    gated_plan, factors = (gate_factors(plan, sources) if cfg.gates_train else (None, None))
+    model = assemble(gated_plan or plan, sources, own, config)
     targets, peft_config = select_trainable(model, cfg, run.manifest, targets)
+    gates = None
+    if cfg.gates_train:
+        from dus.heal.gates import install_gates
+
+        gates = install_gates(decoder(model).layers, factors, targets.layers, gate_floor(plan))
     recompute_activations(decoder(model).layers)  # bitwise the same step, less kept for backward
     recompute_norms(decoder(model).layers)  # bf16 norms: bitwise the same step, less kept for backward
     if cfg.trains in ("expand", "band") and run.args.gradient_checkpointing:
         model.enable_input_require_grads()
     saved_dtype = run.model_dir.stored_dtype or str(model.dtype).replace("torch.", "")
-    student = Student(model, targets, peft_config, saved_dtype, calibration, plan=plan, sources=sources)
+    student = Student(model, targets, peft_config, saved_dtype, calibration, plan=plan, sources=sources,
+                      gates=gates, gated_plan=gated_plan, own=frozenset(own))
+    if gates is not None:
+        say(f"  gates: {len(gates.parameters())} trained (attention and MLP output of layers {targets.layers}), "
+            f"{len(gates.modules) - len(gates.parameters())} fixed; lr {cfg.section('gates')['lr']:g}")
     say(f"  in memory: {len(plan.models)} source(s) loaded once; {len(own)} of {plan.num_layers} layers are copies")
     if run.teachers:
         student.teacher_models, student.shareds = [], []
@@ -274,7 +290,7 @@ def quantization_config(cfg: HealConfig):
 def trained_layers(num_layers: int, cfg: HealConfig, manifest: Manifest | None) -> HealTargets:
     """Which output layers train, decided from the config and the plan before any model exists."""
     trains = cfg.trains
-    if trains in ("lora", "band"):
+    if trains in ("lora", "band", "gates"):
         seam = cfg.section("seam")
         return choose_layers(num_layers, manifest, seam["radius"], seam["layers"])
     if trains == "expand":
@@ -300,6 +316,10 @@ def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, targets:
             explicit = lora.layers_to_transform
             targets.layers = [explicit] if isinstance(explicit, int) else list(explicit)
         return targets, lora
+    if trains == "gates":
+        model.requires_grad_(False)
+        targets.reason += " (their gates only: no weight trains)"
+        return targets, None
     if trains in ("band", "expand"):
         train_only_layers(model, targets.layers)
         if trains == "band":
@@ -307,6 +327,33 @@ def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, targets:
         return targets, None
     model.requires_grad_(True)
     return targets, None
+
+
+def gate_factors(plan: LayerPlan, sources):
+    """The plan without its output-projection factors, and those factors (the gates' start)."""
+    from dus.assemble import decoder
+    from dus.heal.gates import plan_factors, projection_params, strip_factors
+
+    def names_of(index):
+        layer = plan.layers[index]
+        return projection_params(decoder(sources[layer.model]).layers[layer.layer])
+
+    return strip_factors(plan, names_of), plan_factors(plan, names_of)
+
+
+def gate_floor(plan: LayerPlan):
+    """The lowest value each gate may take (dus.heal.gates' docstring): calibration's floor
+    for an inherited layer of a one-model build, 0 for a closed gate or several parents."""
+    from dus.heal.calibrate import MIN_FACTOR
+
+    one_model = len({layer.model for layer in plan.layers}) == 1
+
+    def floor(_index: int, initial: float) -> float:
+        if one_model and initial > 0:
+            return min(MIN_FACTOR, initial)
+        return 0.0
+
+    return floor
 
 
 def train_only_layers(model, layers: list[int]) -> None:
