@@ -56,7 +56,13 @@ def search(
     heal_config: str = typer.Option("heal", "--heal-config", help="The heal config of the healed fitness (as dus heal -c; its max_steps is the rung's)."),
     heal_set: list[str] = typer.Option([], "--heal-set", help="KEY=VALUE over the heal config (as dus heal --set), repeatable."),
 ) -> None:
-    """Search layer paths (depth, order, repeats, other models' layers, output scales) for the best score, in memory."""
+    """Find the recipe: score candidate layer paths in memory, write the best.
+
+    Example: dus search MODEL --data my.txt --depth 44 --scale 0.5:1 -o runs/search
+
+    Paths over the sources' layers (depth, order, repeats, other models' layers, output scales),
+    scored without writing a model; -o gets rank-1.yaml ... for dus build. Guide: docs/search.md.
+    """
     from dus.compare.lm_eval_hook import parse_tasks
     from dus.errors import DusError
     from dus.heal.config import parse_set_option
