@@ -266,7 +266,7 @@ def test_a_route_field_that_is_not_a_teacher_name_names_the_file_and_row(tmp_pat
     with pytest.raises(DusError) as error:
         load_data(str(path), keep="teacher")
     line = str(error.value)
-    assert line.startswith(f"data {path}: row 3's `teacher` is {kind}"), line
+    assert line.startswith(f"data {path}: row 2's `teacher` is {kind}"), line  # from 0, as every data row
     assert f"--data {path}:TEACHER" in line and "\n" not in line
 
 
@@ -277,7 +277,7 @@ def test_a_mixed_route_field_is_one_line_from_the_cli(family, tmp_path, run_cli)
     out = tmp_path / "out"
     line = one_line(run_cli("heal", family / "stack", "-o", out, "--data", path, "--set", "distill.combine=route",
                             "--steps", "1"))
-    assert f"data {path}: row 2's `teacher` is a list" in line and not out.exists()
+    assert f"data {path}: row 1's `teacher` is a list" in line and not out.exists()
 
 
 @pytest.mark.parametrize("name, content", [

@@ -264,9 +264,9 @@ def load_data(spec: str, fmt: str = "auto", split: str | None = "train", max_sam
         if keep not in raw.column_names:
             raise DusError(f"data {spec}: routing reads each example's teacher from a `{keep}` field, which this data "
                            f"lacks; add it, or name the file's teacher: --data {spec}:TEACHER")
-        for index, (row, value) in enumerate(zip(rows, raw[keep])):
+        for index, (row, value) in enumerate(zip(rows, raw[keep])):  # rows counted from 0, as _convert's
             if not isinstance(value, str) or not value:
-                raise DusError(f"data {spec}: row {index + 1}'s `{keep}` is {_kind(value)}, not a teacher's name; give "
+                raise DusError(f"data {spec}: row {index}'s `{keep}` is {_kind(value)}, not a teacher's name; give "
                                f"every row's `{keep}` as one teacher name (a string), or name the file's teacher: "
                                f"--data {spec}:TEACHER")
             row[keep] = value
