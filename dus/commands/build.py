@@ -129,7 +129,7 @@ def register(app) -> None:
         Example: dus build recipes/solar.yaml -o out/solar
 
         RECIPE is mergekit passthrough YAML or a dus preset (solar, duplicate, interleave, stack,
-        graft, expand); --dry-run prints the layer plan and writes nothing; --solar MODEL --trim M
+        parents, graft, expand); --dry-run prints the layer plan and writes nothing; --solar MODEL --trim M
         needs no YAML. Guide: docs/build.md.
         """
         run(recipe, output, solar, trim, force, shard_size, dtype, dry_run, quiet, verify_hashes)
