@@ -30,7 +30,10 @@ def _app():
 
         _APP = typer.Typer(
             name="dus",
-            help="Depth up-scaling for Hugging Face decoder-only models: build, heal, compare.",
+            help="Make a decoder-only model deeper from its own layers, heal the seam, measure.\n\n"
+            "Example: dus build recipes/solar.yaml -o out/solar\n\n"
+            "Then dus heal out/solar -o out/solar-healed, and dus compare them. "
+            "Each command's --help starts with what it is for and an example; the docs are in docs/ (mkdocs serve).",
             no_args_is_help=True,
             add_completion=False,
             pretty_exceptions_enable=False,

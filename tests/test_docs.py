@@ -345,19 +345,32 @@ def test_the_heal_guide_lists_every_option():
 # --help: what the command is for, and an example
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+def _help_at_80_columns(*args: str) -> list[str]:
+    from typer.testing import CliRunner
+
+    from dus.cli import _app
+
+    result = CliRunner().invoke(_app(), list(args), prog_name="dus", env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    return [line.strip() for line in result.output.splitlines()]
+
+
+@pytest.mark.parametrize("name", ("",) + COMMANDS)
 def test_help_opens_with_the_purpose_and_an_example(name):
-    text = _help(name)
-    lines = [line.strip(" │") for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Usage:")]
-    purpose = lines[0]
-    assert purpose.endswith("."), f"dus {name} --help should open with one sentence of purpose: {purpose!r}"
-    examples = [line for line in lines[:12] if re.match(rf"(Example: )?dus {name}\b", line)]
-    assert examples, f"dus {name} --help shows no `dus {name} ...` example on its first screen:\n{text}"
-    known = _option_names(name)
-    for example in examples:
-        for option in option_tokens(shlex.split(example.removeprefix("Example: "))[2:]):
-            assert option in known, f"dus {name} --help's example uses {option}, which it does not take"
+    """On an 80-column terminal, the first screen of `dus [NAME] --help`: the usage line, then one
+    line saying what the command is for, then `Example: dus ...` on one line of its own."""
+    args = [name, "--help"] if name else ["--help"]
+    lines = [line for line in _help_at_80_columns(*args) if line]
+    assert lines[0].startswith("Usage: dus"), lines[:3]
+    purpose, example = lines[1], lines[2]
+    assert purpose.endswith(".") and not purpose.startswith(("Example", "╭")), \
+        f"dus {name} --help: the purpose should be one line ending in a full stop, then the example: {lines[1:4]}"
+    assert example.startswith(f"Example: dus {name}".rstrip()), f"dus {name} --help: no example after the purpose: {lines[1:4]}"
+    command = shlex.split(example.removeprefix("Example: "))
+    sub = command[1] if name == "" else name
+    assert sub in _commands(), example
+    known = _option_names(sub)
+    for option in option_tokens(command[2:]):
+        assert option in known, f"dus {name} --help's example uses {option}, which dus {sub} does not take"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def compare(
 ) -> None:
     """Compare models side by side: held-out perplexity, layer curves, generations.
 
-    Example: dus compare BASE out/solar out/solar-healed -l base -l unhealed -l healed -o reports/solar
+    Example: dus compare BASE out/solar out/solar-healed -o reports/solar
 
     Perplexity per held-out text with the recovery healing won, per-layer angular distance and norm
     (seams marked), greedy generations; report.md, plots and metrics.json in -o. Guide: docs/compare.md.

@@ -27,7 +27,7 @@ def export_command(
 ) -> None:
     """Export MODEL as one GGUF file for llama.cpp, Ollama and LM Studio.
 
-    Example: dus export out/solar-healed -o solar.q4_k_m.gguf --type q4_k_m --imatrix default
+    Example: dus export out/solar-healed -o solar.q8_0.gguf --type q8_0
 
     llama.cpp runs it like the checkpoint; streamed, atomic. Guide: docs/export.md.
     """

@@ -42,7 +42,7 @@ def heal(
     force: bool = typer.Option(False, "--force", help="Replace an earlier heal output in OUT."),
     settings: List[str] = typer.Option([], "--set", help="Any config key: --set sft.warmup_steps=0 (repeatable)."),
 ) -> None:
-    """Heal MODEL's seams: calibrate, then distil its source into the layers around them.
+    """Heal the seam: calibrate, then distil the source into the layers around it.
 
     Example: dus heal out/solar -o out/solar-healed
 

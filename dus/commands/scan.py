@@ -32,7 +32,7 @@ def scan(
 ) -> None:
     """Find the most redundant layers and propose the cut that should hurt least.
 
-    Example: dus scan MODEL --data data/heldout.txt --write-recipes recipes/proposed --rank 3
+    Example: dus scan MODEL --write-recipes recipes/proposed --rank 3
 
     Angular distance between layer inputs (Gromov et al. 2024) and block influence (ShortGPT);
     the proposals as recipes for dus build. Guide: docs/scan.md.

@@ -58,7 +58,7 @@ def search(
 ) -> None:
     """Find the recipe: score candidate layer paths in memory, write the best.
 
-    Example: dus search MODEL --data my.txt --depth 44 --scale 0.5:1 -o runs/search
+    Example: dus search MODEL --data my.txt --depth 44 -o runs/search
 
     Paths over the sources' layers (depth, order, repeats, other models' layers, output scales),
     scored without writing a model; -o gets rank-1.yaml ... for dus build. Guide: docs/search.md.
