@@ -31,10 +31,6 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
     if model == resolved or resolved in model.parents:
         raise DusError(f"-o {out} {'is' if model == resolved else 'holds'} the input model {model_dir}; "
                        "write the healed model elsewhere")
-    from dus.checkpoint import check_outside_models
-
-    # inside the model, a teacher or a plan's source (any directory the run reads) as build refuses it
-    check_outside_models(out, [model_dir, *(path for path in reads if (Path(path) / "config.json").is_file())], "-o")
     marker = out / RUN_MARKER
     previous = read_json(marker, "the heal run marker", f"delete {out} to start afresh") if marker.is_file() else None
     if resume:
@@ -42,6 +38,7 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
         if last_complete_checkpoint(checkpoints) is None:
             raise DusError(f"--resume: no checkpoint in {checkpoints} that was saved to the end; run without --resume "
                            "to start afresh")
+        _check_outside_models(out, model_dir, reads)
         return previous
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -56,7 +53,16 @@ def prepare_output(out: Path, model_dir: Path, resume: bool, force: bool, reads=
             if read == resolved or resolved in read.parents:
                 raise DusError(f"--force: {out} holds {path}, which this run reads; move it out of {out} "
                                "or choose another -o")
+    _check_outside_models(out, model_dir, reads)
     return None
+
+
+def _check_outside_models(out: Path, model_dir: Path, reads) -> None:
+    """OUT inside the model, a teacher or a build source (a model directory the run reads),
+    as every command refuses it (after the checks above, which name --force's cases)."""
+    from dus.checkpoint import check_outside_models
+
+    check_outside_models(out, [model_dir, *(path for path in reads if (Path(path) / "config.json").is_file())], "-o")
 
 
 def last_complete_checkpoint(checkpoints: Path, say=None) -> Path | None:
