@@ -244,3 +244,29 @@ def test_a_parents_recipe_that_cannot_be_built_is_one_line(family, tmp_path, cha
     with pytest.raises(DusError, match=message):
         build_model({"parents": spec}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_scan_base_reports_each_fine_tunes_change_as_a_table_and_a_plot(family, tmp_path, run_cli):
+    result = run_cli("scan", family / "A", "--base", family / "base", "--parent", family / "B", "-o", tmp_path / "r")
+    assert result.code == 0, result
+    changes = json.loads((tmp_path / "r" / "changes.json").read_text())["changes"]
+    a, b = changes[str(family / "A")], changes[str(family / "B")]
+    assert a[0] > b[0] and a[1] > b[1] and b[2] > a[2] and b[3] > a[3]  # A moved 0-1, B moved 2-3
+    assert a[2] == 0.0 and b[0] == 0.0
+    assert (tmp_path / "r" / "changes.png").stat().st_size > 1000
+    assert "change against the base" in result.stdout
+    assert run_cli("scan", family / "A", "--parent", family / "B").code == 2  # --parent needs --base
+
+
+def test_a_parents_child_is_healed_with_train_parents_yaml_unless_told_otherwise(family, tmp_path, run_cli):
+    build_model(parents(family, method="gated", layers=[1, 3]), tmp_path / "gated")
+    fast = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    result = run_cli("heal", tmp_path / "gated", "-o", tmp_path / "healed", "--data", family / "text.txt", *fast)
+    assert result.code == 0, result
+    assert "parents.yaml" in result.stderr and "gates:" in result.stderr and "steps:" in result.stderr
+    record = json.loads((tmp_path / "healed" / "dus-manifest.json").read_text())["history"][-1]
+    assert record["gates"] and record["teacher_rule"]["rule"] == "ensemble"
+    assert len(record["teachers"]) == 2
+    plain = run_cli("heal", tmp_path / "gated", "-o", tmp_path / "plain", "-c", "heal", "--data", family / "text.txt", *fast)
+    assert plain.code == 0, plain
+    assert json.loads((tmp_path / "plain" / "dus-manifest.json").read_text())["history"][-1]["gates"] is None
