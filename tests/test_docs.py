@@ -253,6 +253,22 @@ def test_each_guide_lists_every_option_with_the_default_help_shows(name):
     assert not problems, "\n".join(problems)
 
 
+def test_defaults_the_guides_state_in_words_are_the_help_s():
+    """`--max-tokens` (default 2048) in a guide's prose says what --help shows."""
+    problems, checked = [], 0
+    for name in COMMANDS:
+        shown = {spelling: default for names, default, _, _ in help_options(name) for spelling in names}
+        text = " ".join((DOCS / f"{name}.md").read_text(encoding="utf-8").split())
+        for option, value in re.findall(r"`(--[\w-]+)[^`]*`[^.;`|]{0,20}?\(default:? `?([\w./*-]+)`?[),:; ]", text):
+            if option not in shown or shown[option] is None:
+                continue  # an option of another command, or a default --help states in words
+            checked += 1
+            if value != shown[option].lstrip("-"):
+                problems.append(f"docs/{name}.md: {option} (default {value}), dus {name} --help: {shown[option]}")
+    assert not problems, "\n".join(problems)
+    assert checked >= 3
+
+
 # ---------------------------------------------------------------------------------------------
 # heal: the defaults are train/heal.yaml's
 
