@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Nothing measured is lost: every figure in README.md and docs/*.md at a base commit (numbers
-with a decimal point, a % or an x) must still appear somewhere in README.md or docs/ now.
+with a decimal point, a % or an x, and whole numbers with a unit) must still appear somewhere in README.md or docs/ now.
 
     python scripts/check-figures.py [BASE]     # BASE: a commit, e599915 by default (before issue 41)
 
@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURE = re.compile(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?(?:%|x\b)|(?<![\w.])[+-]?\d[\d,]*\.\d+(?:e-?\d+)?")
+FIGURE = re.compile(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?(?:%|x\b)|(?<![\w.])[+-]?\d[\d,]*\.\d+(?:e-?\d+)?"
+                    # and whole numbers with a unit: 93 MB, 431 s, 61K tokens, 1.48B parameters
+                    r"|(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:MB|GB|KB|MiB|GiB|KiB|TB|s|ms|min|minutes|seconds|tokens|"
+                    r"steps|layers|words|passages|conversations|evaluations|candidates|rows|parameters|B|M|K)\b")
 
 
 def figures(text: str) -> list[tuple[int, str]]:
@@ -27,7 +30,7 @@ def figures(text: str) -> list[tuple[int, str]]:
 
 
 def normal(figure: str) -> str:
-    return figure.lstrip("+")
+    return figure.lstrip("+").replace(" ", "")
 
 
 def main() -> int:
