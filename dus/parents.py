@@ -199,8 +199,8 @@ def plot_changes(changes: dict[str, list[float]], path, title: str = "") -> None
 
 
 def expand_parents(spec: dict, places: dict, sources: dict):
-    """(slices, notes for the dry run, a function applied to the resolved layers) for the
-    `parents` preset. Everything is checked here, before anything is written."""
+    """(slices, notes for the dry run, a function applied to the resolved layers, the model
+    giving the non-layer tensors or None for the slices' default) for the `parents` preset. Everything is checked here, before anything is written."""
     from dus.presets import _interleave, _stack
 
     changes = parent_changes(spec, places, sources)
@@ -226,4 +226,6 @@ def expand_parents(spec: dict, places: dict, sources: dict):
         step = spec.get("step", max(1, round(block * 3 / 4)))
         slices = _interleave({"models": spec["models"], "block": block, "step": step},
                              {k: places.get(k, places["models"]) for k in ("models", "block", "step", "last")}, depth)
-    return slices, notes, after
+    # the gated child is A: its embeddings, final norm and head too, wherever B's run goes
+    non_layer = spec["models"][0] if method == "gated" else None
+    return slices, notes, after, non_layer

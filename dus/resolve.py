@@ -38,13 +38,14 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
         sources = {name: load_source(name, name, base_dir) for name in names}
         check_compatible(list(sources.values()))
 
-    after, preset_notes = None, []
+    after, preset_notes, non_layer_from = None, [], recipe.non_layer_from
     if recipe.kind == "slices":
         slices = recipe.slices
     elif recipe.kind == "parents":
         from dus.parents import expand_parents
 
-        slices, preset_notes, after = expand_parents(recipe.preset, recipe.preset_where, sources)
+        slices, preset_notes, after, chosen = expand_parents(recipe.preset, recipe.preset_where, sources)
+        non_layer_from = non_layer_from or chosen
     else:
         slices = expand_preset(recipe, sources)
     for spec in slices:
@@ -67,9 +68,9 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
         layers = _smooth_seams(layers, recipe.seam_smoothing, sources, notes)
 
     first, last = slices[0].model, slices[-1].model
-    if recipe.non_layer_from:
+    if non_layer_from:
         global_rules = _rules_at(recipe.parameters, 0.0)
-        embeddings = head = NonLayerSource(recipe.non_layer_from, global_rules)
+        embeddings = head = NonLayerSource(non_layer_from, global_rules)
     else:
         # mergekit: embeddings from the first slice's model, norm and lm_head from the
         # last slice's, each with that slice's parameters evaluated at t = 0.
@@ -77,8 +78,8 @@ def resolve(recipe: Recipe, opened: dict[str, SourceModel] | None = None) -> Res
         head = NonLayerSource(last, _slice_rules(slices[-1], recipe.parameters, 0.0))
         if embeddings.scale or head.scale:
             notes.append("scale settings of the first/last slice also apply to embeddings/head, as in mergekit")
-    config_from = recipe.base_model or recipe.non_layer_from or first
-    tokenizer_from = recipe.tokenizer_source or recipe.base_model or recipe.non_layer_from or first
+    config_from = recipe.base_model or non_layer_from or first
+    tokenizer_from = recipe.tokenizer_source or recipe.base_model or non_layer_from or first
 
     used = {layer.model for layer in layers} | {layer.blend.model for layer in layers if layer.blend}
     used |= {embeddings.model, head.model, config_from, tokenizer_from}

@@ -84,6 +84,13 @@ def test_a_gated_child_before_healing_gives_exactly_parent_as_logits(family, tmp
         assert torch.equal(model(IDS).logits, logits_of(family / "A", IDS))
 
 
+def test_a_gated_child_whose_run_ends_at_the_top_is_still_a_with_as_head(family, tmp_path):
+    build_model(parents(family, method="gated", layers=[2, 4]), tmp_path / "top")
+    plan = json.loads((tmp_path / "top" / "dus-manifest.json").read_text())["plan"]
+    assert plan["layers"][-1]["model"].endswith("/B") and plan["head"]["model"].endswith("/A")
+    assert torch.equal(logits_of(tmp_path / "top", IDS), logits_of(family / "A", IDS))
+
+
 def test_the_gated_run_defaults_to_where_b_moved_more(family, tmp_path):
     build_model(parents(family, method="gated"), tmp_path / "gated")
     plan = json.loads((tmp_path / "gated" / "dus-manifest.json").read_text())["plan"]
