@@ -141,7 +141,7 @@ def test_workers_die_with_a_search_killed_by_sigkill(scored, tmp_path):
     notes.mkdir()
     (tmp_path / "sleepy.py").write_text(SLEEPY_SCORE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "DUS_TEST_NOTES": str(notes)}
+           "DUS_TEST_NOTES": str(notes), "CUDA_VISIBLE_DEVICES": ""}  # two workers on one GPU are refused
     command = [sys.executable, "-m", "dus", "search", str(model), "--score", f"{tmp_path / 'sleepy.py'}:score",
                "--depth", "8", "--evals", "4", "--workers", "2", "--optimizer", "random", "-o", str(tmp_path / "out")]
     with open(tmp_path / "stderr", "wb") as stderr:
@@ -153,10 +153,11 @@ def test_workers_die_with_a_search_killed_by_sigkill(scored, tmp_path):
             pids[:] = [int(p.name.split("-")[1]) for p in notes.glob("worker-*")]
             return len(pids) == 2
 
-        wait_until(both_scoring, 120, "the two workers never started scoring")
+        wait_until(both_scoring, 600, "the two workers never started scoring")  # a bound, for a loaded machine
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        wait_until(lambda: all(gone(pid) for pid in pids), 15, f"workers {pids} outlived their killed parent")
+        # well within the 120 s each worker would otherwise sleep on (and then search on alone)
+        wait_until(lambda: all(gone(pid) for pid in pids), 30, f"workers {pids} outlived their killed parent")
     finally:
         parent.kill()
         parent.wait()
@@ -192,7 +193,7 @@ def test_the_portable_watcher_ends_a_worker_whose_parent_is_gone(tmp_path):
         assert not gone(child)
         middle.kill()
         middle.wait()
-        wait_until(lambda: gone(child), 15, "the worker outlived its parent")
+        wait_until(lambda: gone(child), 30, "the worker outlived its parent")  # it would sleep 120 s
     finally:
         middle.kill()
         middle.wait()

@@ -174,8 +174,11 @@ def test_the_cli_runs_a_healed_search(space, tmp_path, run_cli):
     ({"heal_set": {"data.path": "/nonexistent/heal.jsonl"}, "workers": 2}, "/nonexistent/heal.jsonl"),
     ({"heal_set": {"distill.combine": "route"}}, "a search's candidates have no named teachers"),
 ])
-def test_a_healed_fitness_that_cannot_run_is_one_line_and_writes_nothing(space, tmp_path, overrides, message):
+def test_a_healed_fitness_that_cannot_run_is_one_line_and_writes_nothing(space, tmp_path, overrides, message,
+                                                                         monkeypatch):
     from dus.search.run import search
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two workers need two GPUs where there are GPUs: the CPU's bound
 
     out = tmp_path / "refused"
     with pytest.raises(DusError, match=None) as error:
@@ -202,9 +205,10 @@ def test_a_schedule_of_too_many_rungs_is_refused_with_a_readable_bound(steps, ru
         check_schedule(steps, most + 1, halving)
 
 
-def test_two_workers_share_one_healed_search(space, tmp_path, run_cli):
+def test_two_workers_share_one_healed_search(space, tmp_path, run_cli, monkeypatch):
     """The pruner's rungs live in the study, so two worker processes halve one search: every
     trial recorded once, some pruned, some healed, both workers scoring."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two workers need two GPUs where there are GPUs: on the CPU here
     from collections import Counter
 
     from dus.search import journal

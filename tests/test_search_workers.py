@@ -55,6 +55,8 @@ def setting(tmp_path, tiny_models, monkeypatch):
     from dus.search import journal
 
     monkeypatch.setattr(journal, "SETTINGS_WAIT", 0.2)
+    # --workers 2 needs two GPUs where there are GPUs (one each): these searches run on the CPU, bounded by its cores
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     notes = tmp_path / "notes"
     notes.mkdir()
     (tmp_path / "weights.py").write_text(SCORE)
