@@ -230,6 +230,7 @@ CONSTRUCTION_HEALS = {  # every heal: both parents as teachers (the default ense
 
 GATED_EXTRA = {  # the gated child starts at A: does a per-token teacher choice beat the ensemble there?
     "band + gates, best": ["--set", "gates.train=true", "--set", "distill.combine=best"],
+    "band + gates, route": ["--set", "gates.train=true", "--set", "distill.combine=route"],
 }
 
 
