@@ -219,12 +219,6 @@ def test_a_recipe_scale_that_is_not_finite_is_refused_before_anything_is_written
     assert not (tmp_path / "out").exists()
 
 
-def other_base(family, tmp_path, **overrides):
-    from dus.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path / "other", "llama", seed=9, **overrides)
-
-
 @pytest.mark.parametrize("change, message", [
     ({"models": ["{A}"]}, "must list exactly two fine-tunes"),
     ({"models": ["{A}", "{B}", "{A}"]}, "must list exactly two fine-tunes"),

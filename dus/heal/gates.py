@@ -68,6 +68,17 @@ def projection_modules(layer: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return found
 
 
+def names_in_plan(plan: LayerPlan, sources):
+    """`names_of(index)`: projection_params of output layer `index`'s source layer."""
+    from dus.assemble import decoder
+
+    def names_of(index: int) -> dict[str, list[str]]:
+        layer = plan.layers[index]
+        return projection_params(decoder(sources[layer.model]).layers[layer.layer])
+
+    return names_of
+
+
 def plan_factors(plan: LayerPlan, names_of) -> dict[int, dict[str, float]]:
     """Each output layer's factor per branch, as the plan scales its output projection.
 

@@ -331,13 +331,9 @@ def select_trainable(model, cfg: HealConfig, manifest: Manifest | None, targets:
 
 def gate_factors(plan: LayerPlan, sources):
     """The plan without its output-projection factors, and those factors (the gates' start)."""
-    from dus.assemble import decoder
-    from dus.heal.gates import plan_factors, projection_params, strip_factors
+    from dus.heal.gates import names_in_plan, plan_factors, strip_factors
 
-    def names_of(index):
-        layer = plan.layers[index]
-        return projection_params(decoder(sources[layer.model]).layers[layer.layer])
-
+    names_of = names_in_plan(plan, sources)
     return strip_factors(plan, names_of), plan_factors(plan, names_of)
 
 
