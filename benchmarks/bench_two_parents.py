@@ -326,7 +326,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print README's table from the results file and stop")
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(json.loads((ROOT / "benchmarks" / "results" / "two-parents.json").read_text())))
+        name = "two-parents-constructions.json" if args.stage == "constructions" else "two-parents.json"
+        print(markdown_table(json.loads((ROOT / "benchmarks" / "results" / name).read_text())))
         return
     started, run = time.time(), args.run
     if args.stage == "constructions":

@@ -28,7 +28,7 @@ from dus.errors import DusError
 from dus.recipe import SliceSpec
 
 METHODS = ("gated", "swap", "stack", "interleave")
-DEFAULT_METHOD = "gated"  # measured best (benchmarks/bench_two_parents.py, docs/two-parents.md)
+DEFAULT_METHOD = "swap"  # measured best on the dev texts (benchmarks/bench_two_parents.py, docs/two-parents.md)
 # A fine-tune moves a layer's weights by a few percent at most; an unrelated model (another
 # pretraining run) differs by about sqrt(2) of their norm. Beyond this the "base" is not one.
 MAX_CHANGE = 0.5

@@ -320,7 +320,7 @@ def _smoothing(value, place: str) -> SeamSmoothing:
 
 
 def _check_parents(value: dict, places: dict) -> None:
-    from dus.parents import METHODS
+    from dus.parents import DEFAULT_METHOD, METHODS
 
     models = value["models"]
     if not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) and m for m in models):
@@ -329,7 +329,7 @@ def _check_parents(value: dict, places: dict) -> None:
                        f"(got {count}); for more models use `interleave`")
     if models[0] == models[1]:
         raise DusError(f"{places['models']}: `parents.models` names {models[0]!r} twice; give two different fine-tunes")
-    method = value.get("method", "gated")
+    method = value.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise DusError(f"{places.get('method')}: `parents.method` {plain(method)!r} is unknown; use one of "
                        f"{', '.join(METHODS)}")
