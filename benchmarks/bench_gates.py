@@ -135,7 +135,7 @@ def main() -> None:
                      for split, table in (("dev", dev), ("held_out", held))},
         "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
         "seconds_per_step": {name: seconds_per_step(r) for name, r in records.items()},
-        "gates": {name: (r or {}).get("gates", {}).get("final") for name, r in records.items()},
+        "gates": {name: ((r or {}).get("gates") or {}).get("final") for name, r in records.items()},
         "calibration": {name: ((r or {}).get("calibration") or {}).get("factor") for name, r in records.items()},
     }
     result["aims"] = {"gates at least as good as the grid on every held-out text":
