@@ -458,7 +458,7 @@ def train_and_save(run: HealRun, student: Student, callbacks) -> dict:
     resumed_from = str(last_complete_checkpoint(out / CHECKPOINTS, say)) if run.resume else None
     if resumed_from:
         say(f"  resuming from {resumed_from}")
-    if student.in_memory and not sharded:
+    if student.in_memory and not sharded and student.peft_config is None:  # PEFT saves its adapter alone
         from dus.heal.gates import has_aliased_tensors, save_only_what_trains
 
         if student.gates is not None or has_aliased_tensors(student.model):
