@@ -82,14 +82,10 @@ def write_model(run, student, model, record: dict) -> None:
 def fold_gates(student) -> None:
     """The learned gates into the plan (shared layers' scale rules) and into the trained
     layers' tensors (dus.heal.gates): the model and plan then describe a plain checkpoint."""
-    from dus.heal.gates import fold_into_model, fold_into_plan, projection_params
+    from dus.heal.gates import fold_into_model, fold_into_plan, names_in_plan
 
     gates, values = student.gates, student.gates.values()
-
-    def names_of(index):
-        layer = student.plan.layers[index]
-        return projection_params(decoder(student.sources[layer.model]).layers[layer.layer])
-
+    names_of = names_in_plan(student.plan, student.sources)
     fold_into_model(gates, set(student.own))  # only private copies are multiplied; shared weights never
     student.plan = fold_into_plan(student.gated_plan, values, names_of)
     student.gates = None
